@@ -1,0 +1,282 @@
+"""Typed settings and their one parser.
+
+Precedence, lowest first: built-in defaults, the TOML file, ``KMSD_*``
+environment variables, command-line flags. Nothing else in kmsd reads the
+environment or a config file: the settings object is passed in.
+
+The root key itself is never part of the settings: only *where* it comes from
+(``RootKeySource``). The vault process reads it; the daemon does not keep it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .errors import KMSError
+
+__all__ = [
+    "ConfigError",
+    "DatabaseURL",
+    "RootKeySource",
+    "Settings",
+    "load_settings",
+    "parse_database_url",
+    "parse_listen",
+]
+
+
+class ConfigError(KMSError):
+    """Invalid configuration: reported at startup, never over HTTP."""
+
+    code = "config"
+    default_message = "invalid configuration"
+
+
+@dataclass(frozen=True)
+class DatabaseURL:
+    scheme: str  # "sqlite" or "mysql"
+    path: str = ""  # sqlite file
+    host: str = "127.0.0.1"
+    port: int = 3306
+    user: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    database: str = "kms"
+    unix_socket: str | None = None
+
+    def masked(self) -> str:
+        if self.scheme == "sqlite":
+            return f"sqlite:///{self.path}"
+        auth = f"{self.user}:***@" if self.user else ""
+        tail = f"?unix_socket={self.unix_socket}" if self.unix_socket else ""
+        return f"mysql://{auth}{self.host}:{self.port}/{self.database}{tail}"
+
+
+@dataclass(frozen=True)
+class RootKeySource:
+    """Where the vault finds the root key: a file, or the daemon's ``ROOT_KEY``
+    variable (handed over through an in-memory file, see vault.py), or, under
+    ``--dev`` only, a key generated into ``dev_file`` on first start."""
+
+    file: str | None = None
+    from_env: bool = False
+    dev_file: str | None = None
+
+    def describe(self) -> str:
+        if self.file:
+            return f"file {self.file}"
+        if self.from_env:
+            return "environment variable ROOT_KEY"
+        if self.dev_file:
+            return f"development key file {self.dev_file}"
+        return "none"
+
+
+@dataclass(frozen=True)
+class Settings:
+    socket: str = "/run/kmsd/kmsd.sock"
+    socket_mode: int = 0o660
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 8000),)
+    database: DatabaseURL = DatabaseURL("sqlite", path="/var/lib/kmsd/kmsd.db")
+    dev: bool = False
+    root_key: RootKeySource = RootKeySource()
+    issuer: str = "kmsd"
+    audience: str = "kmsd"
+    token_lifetime: int = 3600
+    admin_uids: tuple[int, ...] = (0,)
+    admin_gids: tuple[int, ...] = ()
+    # Admin routes over TCP: callers there are anonymous, so this is off by
+    # default, and --dev does not change it.
+    allow_admin_over_tcp: bool = False
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    vault_user: str | None = None  # None: "kmsd-vault" if it exists, else "nobody"
+    vault_timeout: float = 2.0
+    max_body_size: int = 1024 * 1024
+    log_level: str = "info"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"listen address must be HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    try:
+        port_num = int(port)
+    except ValueError:
+        raise ConfigError(f"listen port must be a number, got {value!r}") from None
+    if not 0 <= port_num <= 65535:
+        raise ConfigError(f"listen port out of range in {value!r}")
+    return host, port_num
+
+
+def parse_database_url(url: str) -> DatabaseURL:
+    """``sqlite:///relative.db``, ``sqlite:////absolute.db``, or
+    ``mysql://user:pass@host:port/db[?unix_socket=/path]``."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigError("sqlite URL needs a path: sqlite:///file.db or sqlite:////abs/file.db")
+        return DatabaseURL("sqlite", path=path)
+    if parts.scheme in ("mysql", "mariadb"):
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        try:
+            port = parts.port or 3306
+        except ValueError:
+            raise ConfigError("database port must be a number") from None
+        return DatabaseURL(
+            "mysql",
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            user=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+            database=parts.path.lstrip("/") or "kms",
+            unix_socket=unquote(query["unix_socket"]) if "unix_socket" in query else None,
+        )
+    raise ConfigError(f"unsupported database URL scheme {parts.scheme!r}")
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be a boolean")
+
+
+def _as_int(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer") from None
+
+
+def _as_int_list(value: Any, name: str) -> tuple[int, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list of integers")
+    return tuple(_as_int(v, name) for v in value)
+
+
+def _as_str_list(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a list of strings")
+
+
+# Setting name -> (converter). Every one also reads KMSD_<NAME upper-cased>.
+_CONVERTERS: dict[str, Any] = {
+    "socket": str,
+    "socket_mode": lambda v, n: int(v, 8) if isinstance(v, str) else _as_int(v, n),
+    "listen": lambda v, n: tuple(parse_listen(x) for x in _as_str_list(v, n)),
+    "database_url": lambda v, n: parse_database_url(str(v)),
+    "dev": _as_bool,
+    "root_key_file": str,
+    "issuer": str,
+    "audience": str,
+    "token_lifetime": _as_int,
+    "admin_uids": _as_int_list,
+    "admin_gids": _as_int_list,
+    "allow_admin_over_tcp": _as_bool,
+    "allowed_hosts": lambda v, n: tuple(_as_str_list(v, n)),
+    "vault_user": str,
+    "vault_timeout": lambda v, n: float(v),
+    "max_body_size": _as_int,
+    "log_level": str,
+}
+
+
+def _convert(name: str, value: Any) -> Any:
+    conv = _CONVERTERS[name]
+    if conv is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string")
+        return value
+    try:
+        return conv(value, name)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid value for {name}") from None
+
+
+def load_settings(
+    *,
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from defaults, file, environment and flags."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    config_file = config_file or env.get("KMSD_CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+        unknown = set(doc) - set(_CONVERTERS)
+        if unknown:
+            raise ConfigError(f"unknown settings in {config_file}: {', '.join(sorted(unknown))}")
+        raw.update(doc)
+    for name in _CONVERTERS:
+        env_name = "KMSD_" + name.upper()
+        if env_name in env:
+            raw[name] = env[env_name]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+
+    values = {name: _convert(name, value) for name, value in raw.items()}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "database_url":
+            kwargs["database"] = value
+        elif name == "root_key_file":
+            continue
+        else:
+            kwargs[name] = value
+    settings = Settings(**kwargs)
+
+    if settings.token_lifetime <= 0:
+        raise ConfigError("token_lifetime must be positive")
+    if settings.max_body_size <= 0:
+        raise ConfigError("max_body_size must be positive")
+
+    # Where the vault gets the root key, most explicit first.
+    key_file = values.get("root_key_file")
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if key_file:
+        source = RootKeySource(file=key_file)
+    elif env.get("ROOT_KEY"):
+        source = RootKeySource(from_env=True)
+    elif creds and Path(creds, "root-key").exists():
+        source = RootKeySource(file=str(Path(creds, "root-key")))
+    elif settings.dev:
+        base = (
+            Path(settings.database.path).parent
+            if settings.database.scheme == "sqlite"
+            else Path(settings.socket).parent
+        )
+        source = RootKeySource(dev_file=str(base / "root-key.dev"))
+    else:
+        raise ConfigError(
+            "no root key configured: set KMSD_ROOT_KEY_FILE, ROOT_KEY or a systemd "
+            "credential 'root-key' (or use --dev to generate a development key)"
+        )
+    return dataclasses.replace(settings, root_key=source)

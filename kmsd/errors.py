@@ -1,0 +1,134 @@
+"""The one exception hierarchy of kmsd, shared by the daemon and the client.
+
+Each class carries the HTTP status it maps to and a stable ``code`` that goes
+into every error response, so that the client can rebuild the same class from
+the wire (``error_for_code``). Messages are fixed, short and never carry a
+payload: authentication and decryption failures never say why.
+
+This module must stay standard-library only: the client imports it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KMSError",
+    "BadRequest",
+    "Unauthorized",
+    "Forbidden",
+    "NotFound",
+    "MethodNotAllowed",
+    "Conflict",
+    "PayloadTooLarge",
+    "DecryptionFailed",
+    "Unavailable",
+    "InternalError",
+    "ERRORS_BY_CODE",
+    "error_for_code",
+]
+
+
+class KMSError(Exception):
+    """Base of every error kmsd raises on purpose."""
+
+    status: int = 500
+    code: str = "internal"
+    default_message: str = "internal error"
+
+    def __init__(self, message: str | None = None, *, extra: dict[str, object] | None = None) -> None:
+        self.message = message or self.default_message
+        # Fields a route's documented error shape adds next to "error"
+        # (e.g. ``{"valid": false}`` for /verify). Never a payload.
+        self.extra = extra or {}
+        super().__init__(self.message)
+
+
+class BadRequest(KMSError):
+    status = 400
+    code = "bad_request"
+    default_message = "bad request"
+
+
+class Unauthorized(KMSError):
+    status = 401
+    code = "unauthorized"
+    default_message = "invalid or missing token"
+
+
+class Forbidden(KMSError):
+    status = 403
+    code = "forbidden"
+    default_message = "forbidden"
+
+
+class NotFound(KMSError):
+    status = 404
+    code = "not_found"
+    default_message = "not found"
+
+
+class MethodNotAllowed(KMSError):
+    status = 405
+    code = "method_not_allowed"
+    default_message = "method not allowed"
+
+
+class Conflict(KMSError):
+    status = 409
+    code = "conflict"
+    default_message = "conflict"
+
+
+class PayloadTooLarge(KMSError):
+    status = 413
+    code = "too_large"
+    default_message = "request body too large"
+
+
+class DecryptionFailed(KMSError):
+    """A ciphertext did not authenticate: tampered, truncated, moved to another
+    owner, or wrapped under a key that is gone. Never says which."""
+
+    status = 422
+    code = "decryption_failed"
+    default_message = "decryption failed"
+
+
+class Unavailable(KMSError):
+    """A dependency (vault, database, audit trail) is down; retry later."""
+
+    status = 503
+    code = "unavailable"
+    default_message = "service unavailable"
+
+
+class InternalError(KMSError):
+    status = 500
+    code = "internal"
+    default_message = "internal error"
+
+
+ERRORS_BY_CODE: dict[str, type[KMSError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        PayloadTooLarge,
+        DecryptionFailed,
+        Unavailable,
+        InternalError,
+    )
+}
+
+
+def error_for_code(code: str | None, status: int) -> type[KMSError]:
+    """The error class for a wire ``code``, falling back on the HTTP status."""
+    if code in ERRORS_BY_CODE:
+        return ERRORS_BY_CODE[code]
+    for cls in ERRORS_BY_CODE.values():
+        if cls.status == status:
+            return cls
+    return KMSError

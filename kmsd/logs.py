@@ -1,0 +1,71 @@
+"""One structlog configuration for the daemon: JSON lines when stdout is not
+a terminal (journald), console rendering otherwise, and a redaction
+processor just before the renderer so that no secret reaches a log line
+even if a caller binds one by mistake."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+__all__ = ["REDACTED_KEYS", "configure_logging", "redact", "get_logger"]
+
+# Field names that may carry secrets: their values are never rendered.
+REDACTED_KEYS = frozenset(
+    {
+        "data",
+        "dek",
+        "token",
+        "access_token",
+        "authorization",
+        "password",
+        "root_key",
+        "key_material",
+        "encrypted_key",
+        "encrypted_dek",
+        "secret",
+    }
+)
+
+
+def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if key.lower() in REDACTED_KEYS:
+            event[key] = "<redacted>"
+    return event
+
+
+def processors(json_output: bool) -> list[Any]:
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+        renderer,
+    ]
+
+
+def configure_logging(level: str = "info", *, json_output: bool | None = None) -> None:
+    if json_output is None:
+        json_output = not sys.stdout.isatty()
+    structlog.configure(
+        processors=processors(json_output),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(**initial: Any) -> Any:
+    return structlog.get_logger(**initial)

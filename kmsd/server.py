@@ -1,0 +1,438 @@
+"""The HTTP face of kmsd: app factory, routes, the one error middleware, and
+the listeners (a Unix socket and loopback TCP side by side).
+
+The only module that imports ``aiohttp.web``. Handlers validate input at
+the edge and call the service; every error is an exception rendered once,
+in ``error_middleware``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .auth import Claims, Peer, PeerPolicy, TokenService, peer_from_socket
+from .config import Settings
+from .errors import (
+    BadRequest,
+    Forbidden,
+    InternalError,
+    KMSError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from .logs import get_logger
+from .service import KMS
+from .store import Store, open_store
+from .vault import VaultClient
+
+__all__ = ["AppState", "STATE", "create_app", "serve"]
+
+MAX_USER_ID = 64
+DEK_HEX_LENGTH = 64
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Store
+    vault: VaultClient
+    kms: KMS
+    policy: PeerPolicy
+    log: Any
+
+
+STATE = web.AppKey("state", AppState)
+PEER = "kmsd.peer"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- input validation -------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 4xx."""
+    limit = request.app[STATE].settings.max_body_size
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge() from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes
+        return False
+
+
+def require_str(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None:
+        raise BadRequest(f"{name} is required")
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    if not value:
+        raise BadRequest(f"{name} must not be empty")
+    if not _utf8(value):
+        raise BadRequest(f"{name} must be valid Unicode")
+    return value
+
+
+def require_user_id(body: dict[str, Any], name: str = "user_id") -> str:
+    value = require_str(body, name)
+    if len(value) > MAX_USER_ID:
+        raise BadRequest(f"{name} must be at most {MAX_USER_ID} characters")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+        raise BadRequest(f"{name} must not contain control characters")
+    return value
+
+
+def require_base64(body: dict[str, Any], name: str) -> bytes:
+    value = require_str(body, name)
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise BadRequest(f"{name} must be standard base64") from None
+
+
+def require_dek(body: dict[str, Any], name: str = "dek") -> bytes:
+    value = require_str(body, name)
+    if len(value) != DEK_HEX_LENGTH:
+        raise BadRequest(f"{name} must be 32 bytes as 64 hex digits")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be 32 bytes as 64 hex digits") from None
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized()
+    return token.strip()
+
+
+async def caller_claims(request: web.Request, *, required: bool) -> Claims | None:
+    token = bearer_token(request)
+    if token is None:
+        if required:
+            raise Unauthorized("missing bearer token")
+        return None
+    return await request.app[STATE].kms.verify_token(token)
+
+
+def peer_of(request: web.Request) -> Peer:
+    peer = request.get(PEER)
+    if peer is None:
+        peer = peer_from_socket(request.transport.get_extra_info("socket") if request.transport else None)
+        request[PEER] = peer
+    return peer
+
+
+def require_admin(request: web.Request) -> Peer:
+    peer = peer_of(request)
+    if not request.app[STATE].policy.is_admin(peer):
+        raise Forbidden("admin operation: requires an admin peer on the Unix socket")
+    return peer
+
+
+# -- middleware --------------------------------------------------------------------
+
+_HTTP_ERRORS: dict[int, type[KMSError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+def _error_response(exc: KMSError) -> web.Response:
+    return web.json_response({**exc.extra, "error": exc.message, "code": exc.code}, status=exc.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error as JSON, check the Host of TCP requests, and log
+    one line per request (never a body, a token or a header value)."""
+    state = request.app[STATE]
+    started = time.perf_counter()
+    peer = peer_of(request)
+    try:
+        if peer.transport == "tcp":
+            _check_host(request, state.settings.allowed_hosts)
+        response = await handler(request)
+    except KMSError as exc:
+        response = _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        cls = _HTTP_ERRORS.get(exc.status)
+        err = cls() if cls else BadRequest(exc.reason)
+        if cls is None and exc.status >= 500:
+            err = InternalError()
+        err.status = exc.status if cls is None else err.status
+        response = _error_response(err)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        state.log.exception("unhandled_error", path=request.path, method=request.method)
+        response = _error_response(InternalError())
+    state.log.info(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=response.status,
+        ms=round((time.perf_counter() - started) * 1000, 2),
+        **peer.describe(),
+    )
+    return response
+
+
+def _check_host(request: web.Request, allowed: tuple[str, ...]) -> None:
+    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 may
+    reach the TCP listener, but it cannot choose the Host header."""
+    host = request.headers.get("Host", "")
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() not in allowed:
+        raise Forbidden("host not allowed")
+
+
+# -- routes ------------------------------------------------------------------------
+
+routes = web.RouteTableDef()
+
+
+def _kms(request: web.Request) -> KMS:
+    return request.app[STATE].kms
+
+
+@routes.post("/issue")
+async def issue(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    user_id = require_user_id(body, "id")
+    if not request.app[STATE].policy.is_admin(peer_of(request)):
+        # A non-admin may only renew a token for its own subject.
+        claims = await caller_claims(request, required=False)
+        if claims is None or claims.subject != user_id:
+            raise Forbidden("issuing a token for an arbitrary id requires an admin peer")
+    return web.json_response({"token": await _kms(request).issue_token(user_id)})
+
+
+@routes.post("/verify")
+async def verify(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    token = body.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("token is required", extra={"valid": False})
+    try:
+        claims = await _kms(request).verify_token(token)
+    except Unauthorized:
+        raise Unauthorized("invalid token", extra={"valid": False}) from None
+    return web.json_response({"valid": True, "payload": claims.payload})
+
+
+@routes.post("/api/keys")
+async def store_key(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    user_id = require_user_id(body)
+    data = require_str(body, "data")
+    claims = await caller_claims(request, required=False)
+    replace = claims is not None and claims.subject == user_id
+    try:
+        token = await _kms(request).store_record(user_id, data, replace=replace)
+    except KMSError as exc:
+        if exc.code == "conflict":
+            raise type(exc)("user_id already has a stored key; present its token to replace it") from None
+        raise
+    return web.json_response({"message": "Key stored successfully", "access_token": token})
+
+
+@routes.get("/api/keys")
+async def fetch_key(request: web.Request) -> web.Response:
+    claims = await caller_claims(request, required=True)
+    assert claims is not None
+    return web.json_response({"data": await _kms(request).fetch_record(claims.subject)})
+
+
+@routes.delete("/api/keys")
+async def delete_key(request: web.Request) -> web.Response:
+    claims = await caller_claims(request, required=True)
+    assert claims is not None
+    await _kms(request).delete_record(claims.subject)
+    return web.json_response({"message": "Key deleted successfully"})
+
+
+@routes.post("/api/encrypt")
+async def encrypt(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    data = require_base64(body, "data")
+    dek = require_dek(body)
+    claims = await caller_claims(request, required=False)
+    if body.get("user_id") is not None:
+        owner = require_user_id(body)
+    elif claims is not None:
+        owner = claims.subject
+    else:
+        raise BadRequest("user_id or a bearer token is required to bind the DEK to its owner")
+    encrypted_key, encrypted_dek = await _kms(request).encrypt(data, dek, owner)
+    return web.json_response({"encrypted_key": encrypted_key, "encrypted_dek": encrypted_dek})
+
+
+@routes.post("/api/decrypt-dek")
+async def decrypt_dek(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    encrypted_dek = require_str(body, "encrypted_dek")
+    claims = await caller_claims(request, required=True)
+    assert claims is not None
+    dek = await _kms(request).decrypt_dek(encrypted_dek, claims.subject)
+    return web.json_response({"dek": dek.hex()})
+
+
+@routes.get("/api/rotate-mk")
+async def rotation_status(request: web.Request) -> web.Response:
+    require_admin(request)
+    return web.json_response(_kms(request).key_status())
+
+
+@routes.post("/api/rotate-mk")
+async def rotate(request: web.Request) -> web.Response:
+    require_admin(request)
+    return web.json_response(await _kms(request).rotate_master_key())
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    checks = await _kms(request).readiness()
+    ready = all(checks.values())
+    body: dict[str, Any] = {"ready": ready, "checks": checks}
+    if not ready:
+        body.update(error="not ready", code="unavailable")
+    return web.json_response(body, status=200 if ready else 503)
+
+
+@routes.get("/.well-known/jwks.json")
+async def jwks(request: web.Request) -> web.Response:
+    return web.json_response(_kms(request).tokens.jwks())
+
+
+# -- app and listeners ---------------------------------------------------------------
+
+
+def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
+    log = get_logger(process="daemon")
+    store = store or open_store(settings.database)
+    vault = VaultClient(
+        settings.root_key,
+        user=settings.vault_user,
+        timeout=settings.vault_timeout,
+        log=lambda event, **kw: log.warning(event, **kw),
+    )
+    tokens = TokenService(
+        issuer=settings.issuer, audience=settings.audience, lifetime=settings.token_lifetime
+    )
+    kms = KMS(store, vault, tokens, log=log)
+    policy = PeerPolicy(settings.admin_uids, settings.admin_gids, settings.allow_admin_over_tcp)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
+    app[STATE] = AppState(settings, store, vault, kms, policy, log)
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_vault_ctx)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.store.open()
+    yield
+    await state.store.close()
+
+
+async def _vault_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.vault.start()
+    if state.vault.is_passphrase:
+        state.log.warning(
+            "root_key_is_passphrase",
+            warning="the root key is a passphrase, not 32 random bytes; run `kmsd root-key rotate`",
+        )
+    if state.settings.root_key.dev_file:
+        state.log.warning(
+            "development_root_key",
+            path=state.settings.root_key.dev_file,
+            warning="--dev: using a generated development root key; never use this in production",
+        )
+    yield
+    await state.vault.close()
+
+
+async def start_listeners(app: web.Application, settings: Settings) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    await runner.setup()
+    if settings.socket:
+        directory = os.path.dirname(os.path.abspath(settings.socket))
+        os.makedirs(directory, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(settings.socket) and not os.path.isdir(settings.socket):
+                os.unlink(settings.socket)
+        site: web.BaseSite = web.UnixSite(runner, settings.socket)
+        await site.start()
+        os.chmod(settings.socket, settings.socket_mode)
+    for host, port in settings.listen:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    return runner
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, then shut down gracefully."""
+    log = get_logger(process="daemon")
+    app = create_app(settings)
+    runner = await start_listeners(app, settings)
+    addresses = [settings.socket] + [f"{h}:{p}" for h, p in settings.listen]
+    log.info(
+        "kmsd_started",
+        listen=addresses,
+        database=settings.database.masked(),
+        root_key_source=settings.root_key.describe(),
+        vault_pid=app[STATE].vault.pid,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("kmsd_stopping")
+        await runner.cleanup()
+        log.info("kmsd_stopped")

@@ -1,0 +1,216 @@
+"""What kmsd does, independent of HTTP: store and read records, wrap and
+unwrap DEKs, issue tokens, manage master keys. It joins the store, the vault
+and the token service; server.py only validates input and renders output."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import envelope as env
+from .auth import TokenService, random_kid
+from .errors import Conflict, DecryptionFailed, NotFound, Unavailable
+from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc
+from .vault import DEK, UnknownKey, VaultClient
+
+__all__ = ["KMS", "KeyState"]
+
+
+@dataclass(frozen=True)
+class KeyState:
+    active_key_id: str | None
+    master_keys: tuple[MasterKeyRow, ...]
+
+
+class KMS:
+    def __init__(
+        self,
+        store: Store,
+        vault: VaultClient,
+        tokens: TokenService,
+        *,
+        clock: Callable[[], float] = time.time,
+        log: Any = None,
+    ) -> None:
+        self.store = store
+        self.vault = vault
+        self.tokens = tokens
+        self._clock = clock
+        self._log = log
+        self.keys = KeyState(None, ())
+        self._key_lock = asyncio.Lock()
+        self._last_load = float("-inf")
+        vault.on_start = self.load_keys
+
+    # -- keys ----------------------------------------------------------------
+
+    async def load_keys(self) -> None:
+        """Give the vault every master key and the signing key from the
+        store, creating the first ones on a new database. Runs at every
+        vault (re)start and after a rotation."""
+        async with self._key_lock:
+            rows = await self.store.list_master_keys()
+            if not rows:
+                await self._create_master_key(description="first master key")
+                rows = await self.store.list_master_keys()
+            active = next((r.key_id for r in rows if r.status == "active"), None)
+            await self.vault.load_master_keys(active, [(r.key_id, r.key_material) for r in rows])
+            self.keys = KeyState(active, tuple(rows))
+
+            signing = await self.store.list_signing_keys()
+            if not any(s.status == "active" for s in signing):
+                kid = random_kid()
+                wrapped, public = await self.vault.new_signing_key(kid)
+                await self.store.add_signing_key(
+                    SigningKeyRow(kid, base64.b64encode(public).decode(), wrapped, "active", now_utc())
+                )
+                signing = await self.store.list_signing_keys()
+            current = next(s for s in signing if s.status == "active")
+            await self.vault.load_signing_key(current.kid, current.key_material)
+            self.tokens.set_public_keys((s.kid, s.public_key) for s in signing)
+            self._last_load = time.monotonic()
+
+    async def _reload_if_stale(self) -> bool:
+        """Reload key rows when something names a key this daemon has not
+        loaded; at most once a second, so garbage input cannot turn into a
+        database query per request."""
+        if time.monotonic() - self._last_load < 1.0:
+            return False
+        await self.load_keys()
+        return True
+
+    async def _create_master_key(self, description: str | None) -> str:
+        # key-<unix ms> as the original named them; a clash within one
+        # millisecond takes the next one.
+        ms = int(self._clock() * 1000)
+        for attempt in range(5):
+            key_id = f"key-{ms + attempt}"
+            wrapped = await self.vault.new_master_key(key_id)
+            try:
+                await self.store.add_master_key(
+                    MasterKeyRow(key_id, wrapped, "active", now_utc(), description)
+                )
+                return key_id
+            except Conflict:
+                continue
+        raise Conflict("could not allocate a master key id")
+
+    async def rotate_master_key(self) -> dict[str, Any]:
+        """A new active master key; every other key stays loaded (retired),
+        so everything wrapped before still decrypts."""
+        previous = self.keys.active_key_id
+        async with self._key_lock:
+            key_id = await self._create_master_key(description="rotation")
+        await self.load_keys()
+        return {"message": "Master key rotated", "active_key_id": key_id, "previous_key_id": previous}
+
+    def key_status(self) -> dict[str, Any]:
+        return {
+            "active_key_id": self.keys.active_key_id,
+            "master_keys": [
+                {"key_id": r.key_id, "status": r.status, "created_at": r.created_at}
+                for r in self.keys.master_keys
+            ],
+        }
+
+    # -- tokens --------------------------------------------------------------
+
+    async def issue_token(self, user_id: str) -> str:
+        return await self.vault.sign_jwt(self.tokens.claims_for(user_id))
+
+    async def verify_token(self, token: str) -> Any:
+        if not self.tokens.has_key(token):
+            # Signed with a key this daemon has not loaded (another daemon
+            # may have added one): reload, then judge.
+            await self._reload_if_stale()
+        return self.tokens.verify(token)
+
+    # -- records -------------------------------------------------------------
+
+    async def store_record(self, user_id: str, data: str, *, replace: bool) -> str:
+        """Encrypt ``data`` under a new DEK and store it; the answer is a
+        token for ``user_id``. Without ``replace`` an existing user id is
+        ``Conflict``; with it the row is replaced in one statement."""
+        # Sign first: a write that succeeded must not be followed by a
+        # failure that makes the client believe it did not.
+        token = await self.issue_token(user_id)
+        dek = await self.vault.new_dek(user_id, env.Purpose.RECORD)
+        record = Record(
+            user_id,
+            env.b64e(env.encrypt_data(dek.key, data.encode("utf-8"), user_id)),
+            env.b64e(dek.wrapped),
+            now_utc(),
+        )
+        if replace:
+            await self.store.upsert_record(record)
+        else:
+            await self.store.insert_record(record)
+        return token
+
+    async def fetch_record(self, user_id: str) -> str:
+        record = await self.store.get_record(user_id)
+        if record is None:
+            raise NotFound("no key stored for this user")
+        try:
+            wrapped = env.b64d(record.encrypted_dek or "")
+            blob = env.b64d(record.encrypted_key or "")
+        except env.InvalidToken:
+            raise DecryptionFailed() from None
+        dek = await self._unwrap(user_id, env.Purpose.RECORD, wrapped)
+        try:
+            if dek.legacy:
+                plain = env.legacy_decrypt(dek.key, blob)
+            else:
+                plain = env.decrypt_data(dek.key, blob, user_id)
+            return plain.decode("utf-8")
+        except (env.InvalidToken, UnicodeDecodeError):
+            raise DecryptionFailed() from None
+
+    async def delete_record(self, user_id: str) -> None:
+        if not await self.store.delete_record(user_id):
+            raise NotFound("no key stored for this user")
+
+    async def _unwrap(self, owner: str, purpose: env.Purpose, wrapped: bytes) -> DEK:
+        try:
+            return await self.vault.unwrap_dek(owner, purpose, wrapped)
+        except UnknownKey:
+            pass
+        # A master key this daemon has not seen yet (added by another
+        # daemon): reload the key rows, then try once more.
+        if not await self._reload_if_stale():
+            raise DecryptionFailed()
+        try:
+            return await self.vault.unwrap_dek(owner, purpose, wrapped)
+        except UnknownKey:
+            raise DecryptionFailed() from None
+
+    # -- envelope API ----------------------------------------------------------
+
+    async def encrypt(self, data: bytes, dek: bytes, owner: str) -> tuple[str, str]:
+        wrapped = await self.vault.wrap_dek(owner, env.Purpose.ENVELOPE, dek)
+        return env.b64e(env.encrypt_data(dek, data, owner)), env.b64e(wrapped)
+
+    async def decrypt_dek(self, encrypted_dek: str, owner: str) -> bytes:
+        try:
+            wrapped = env.b64d(encrypted_dek)
+        except env.InvalidToken:
+            raise DecryptionFailed() from None
+        return (await self._unwrap(owner, env.Purpose.ENVELOPE, wrapped)).key
+
+    # -- health ----------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, bool]:
+        store_ok = True
+        try:
+            await asyncio.wait_for(self.store.ping(), 1.0)
+        except (Unavailable, asyncio.TimeoutError):
+            store_ok = False
+        return {
+            "vault": self.vault.is_up,
+            "store": store_ok,
+            "active_master_key": self.keys.active_key_id is not None,
+        }

@@ -1,0 +1,395 @@
+"""Storage: one interface, and its embedded default on SQLite.
+
+The schema is the original system's (``master_keys``, ``kms_keys``, same
+column names and meaning) plus additive tables and columns, applied by
+numbered migrations recorded in ``kmsd_schema_migrations``.
+
+Durability rule: a write method returns only once its change is committed
+to disk (SQLite: WAL with ``synchronous=FULL``). Concurrent writes are
+group-committed: one transaction, one fsync, for every write that arrived
+while the previous commit ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import aiosqlite
+
+from .errors import Conflict, KMSError, Unavailable
+
+__all__ = [
+    "MasterKeyRow",
+    "Record",
+    "SigningKeyRow",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "now_utc",
+    "open_store",
+]
+
+T = TypeVar("T")
+
+
+class StoreError(Unavailable):
+    """The database failed; the request may be retried later."""
+
+    default_message = "storage unavailable"
+
+
+def now_utc() -> str:
+    """DATETIME text, as the original stored it (UTC, second precision)."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True, repr=False)
+class Record:
+    """A ``kms_keys`` row: encrypted data and its wrapped DEK (base64 text)."""
+
+    user_id: str
+    encrypted_key: str
+    encrypted_dek: str
+    created_at: str
+
+    def __repr__(self) -> str:
+        return f"Record(user_id={self.user_id!r}, created_at={self.created_at!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class MasterKeyRow:
+    key_id: str
+    key_material: str  # wrapped under the root key; never the plaintext key
+    status: str  # 'active' | 'retired'
+    created_at: str
+    description: str | None = None
+
+    def __repr__(self) -> str:
+        return f"MasterKeyRow(key_id={self.key_id!r}, status={self.status!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class SigningKeyRow:
+    kid: str
+    public_key: str  # base64 raw Ed25519 public key
+    key_material: str  # wrapped private key
+    status: str
+    created_at: str
+
+    def __repr__(self) -> str:
+        return f"SigningKeyRow(kid={self.kid!r}, status={self.status!r})"
+
+
+class Store(Protocol):
+    """What kmsd needs from a database.
+
+    Every method raises ``StoreError`` (HTTP 503) when the database cannot
+    be reached or fails; the methods that say so raise ``Conflict``.
+    Write methods return only after the change is durable.
+    """
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreError`` unless the database answers."""
+
+    async def get_record(self, user_id: str) -> Record | None:
+        """The row whose ``user_id`` is exactly this one (binary comparison)."""
+
+    async def insert_record(self, record: Record) -> None:
+        """Insert a new row; ``Conflict`` if the user id exists."""
+
+    async def upsert_record(self, record: Record) -> None:
+        """Insert, or replace the existing row's ciphertexts atomically."""
+
+    async def delete_record(self, user_id: str) -> bool:
+        """Delete the row; False when there was none."""
+
+    async def list_master_keys(self) -> list[MasterKeyRow]:
+        """All master keys, oldest first."""
+
+    async def add_master_key(self, row: MasterKeyRow) -> None:
+        """Insert ``row`` as the active key and retire every other one, in
+        one transaction. ``Conflict`` if the key id exists."""
+
+    async def list_signing_keys(self) -> list[SigningKeyRow]: ...
+
+    async def add_signing_key(self, row: SigningKeyRow) -> None:
+        """Insert as the active signing key, retiring the others."""
+
+
+def open_store(database: Any) -> Store:
+    """The store for a parsed ``DatabaseURL``."""
+    if database.scheme == "sqlite":
+        return SQLiteStore(database.path)
+    raise KMSError(f"database backend {database.scheme!r} is not available")
+
+
+# -- SQLite ----------------------------------------------------------------------
+
+_SQLITE_MIGRATIONS: Sequence[str] = (
+    # 1: the original schema (column names and meaning kept), plus kmsd's
+    # signing keys. user_id compares exactly: SQLite's default BINARY collation.
+    """
+    CREATE TABLE IF NOT EXISTS master_keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id VARCHAR(64) UNIQUE NOT NULL,
+        key_material TEXT NOT NULL,
+        created_at DATETIME NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'retired')),
+        description TEXT
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS master_keys_one_active
+        ON master_keys (status) WHERE status = 'active';
+    CREATE TABLE IF NOT EXISTS kms_keys (
+        user_id VARCHAR(64) PRIMARY KEY,
+        encrypted_key TEXT,
+        encrypted_dek TEXT,
+        created_at DATETIME
+    );
+    CREATE TABLE IF NOT EXISTS kmsd_signing_keys (
+        kid VARCHAR(64) PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        key_material TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'retired')),
+        created_at DATETIME NOT NULL
+    );
+    """,
+)
+
+_WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+# Errors that mean "the database is not usable right now", as opposed to a
+# constraint the caller violated.
+_SQLITE_DOWN = (sqlite3.OperationalError, sqlite3.DatabaseError, sqlite3.ProgrammingError, ValueError)
+
+
+class SQLiteStore:
+    """SQLite in WAL mode. One writer connection with group commit, a few
+    reader connections that read in parallel with it."""
+
+    def __init__(self, path: str, *, readers: int = 2, max_batch: int = 256) -> None:
+        self.path = path
+        self._n_readers = readers
+        self._max_batch = max_batch
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._reader_cycle: itertools.cycle[aiosqlite.Connection] | None = None
+        self._queue: asyncio.Queue[tuple[_WriteOp, bool, asyncio.Future[Any]]] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        try:
+            self._writer = await self._connect()
+            await self._writer.execute("PRAGMA journal_mode=WAL")
+            await self._migrate(self._writer)
+            for _ in range(self._n_readers):
+                self._readers.append(await self._connect())
+        except _SQLITE_DOWN as exc:
+            await self.close()
+            raise StoreError(f"cannot open SQLite database: {type(exc).__name__}") from exc
+        self._reader_cycle = itertools.cycle(self._readers)
+        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        # FULL: with WAL, a commit is on disk (fsync of the WAL) before it returns.
+        await conn.execute("PRAGMA synchronous=FULL")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS kmsd_schema_migrations ("
+            " version INTEGER PRIMARY KEY, applied_at DATETIME NOT NULL)"
+        )
+        rows = await conn.execute_fetchall("SELECT version FROM kmsd_schema_migrations")
+        done = {r[0] for r in rows}
+        for version, script in enumerate(_SQLITE_MIGRATIONS, start=1):
+            if version in done:
+                continue
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, script.split(";")):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO kmsd_schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, now_utc()),
+                )
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        if self._writer_task:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            self._writer_task = None
+        while not self._queue.empty():
+            _, _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(StoreError())
+        for conn in [*self._readers, *([self._writer] if self._writer else [])]:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._readers, self._writer = [], None
+
+    # -- reads ---------------------------------------------------------------
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._reader_cycle is None:
+            raise StoreError()
+        try:
+            return list(await next(self._reader_cycle).execute_fetchall(sql, params))
+        except _SQLITE_DOWN as exc:
+            raise StoreError() from exc
+
+    async def ping(self) -> None:
+        await self._read("SELECT 1")
+
+    async def get_record(self, user_id: str) -> Record | None:
+        rows = await self._read(
+            "SELECT user_id, encrypted_key, encrypted_dek, created_at FROM kms_keys WHERE user_id = ?",
+            (user_id,),
+        )
+        return Record(*rows[0]) if rows else None
+
+    async def list_master_keys(self) -> list[MasterKeyRow]:
+        rows = await self._read(
+            "SELECT key_id, key_material, status, created_at, description FROM master_keys ORDER BY id"
+        )
+        return [MasterKeyRow(*r) for r in rows]
+
+    async def list_signing_keys(self) -> list[SigningKeyRow]:
+        rows = await self._read(
+            "SELECT kid, public_key, key_material, status, created_at FROM kmsd_signing_keys"
+            " ORDER BY created_at, kid"
+        )
+        return [SigningKeyRow(*r) for r in rows]
+
+    # -- writes (group commit) -------------------------------------------------
+
+    async def _write(self, op: _WriteOp, *, multi: bool = False) -> Any:
+        """Queue ``op`` for the next group commit and wait until it is on disk.
+        ``multi`` ops run under a savepoint so a failure undoes all of them."""
+        if self._writer_task is None or self._writer_task.done():
+            raise StoreError()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, multi, fut))
+        return await asyncio.shield(fut)
+
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        conn = self._writer
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            results: list[tuple[bool, Any]] = []
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                for op, multi, _ in batch:
+                    results.append(await self._run_op(conn, op, multi))
+                await conn.execute("COMMIT")
+            except _SQLITE_DOWN as exc:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                error = StoreError()
+                error.__cause__ = exc
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(error)
+                continue
+            for (_, _, fut), (ok, value) in zip(batch, results):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    @staticmethod
+    async def _run_op(conn: aiosqlite.Connection, op: _WriteOp, multi: bool) -> tuple[bool, Any]:
+        if multi:
+            await conn.execute("SAVEPOINT op")
+        try:
+            value = await op(conn)
+        except sqlite3.IntegrityError:
+            if multi:
+                await conn.execute("ROLLBACK TO op")
+                await conn.execute("RELEASE op")
+            return False, Conflict()
+        except KMSError as exc:
+            if multi:
+                await conn.execute("ROLLBACK TO op")
+                await conn.execute("RELEASE op")
+            return False, exc
+        if multi:
+            await conn.execute("RELEASE op")
+        return True, value
+
+    async def insert_record(self, record: Record) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO kms_keys (user_id, encrypted_key, encrypted_dek, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+            )
+
+        await self._write(op)
+
+    async def upsert_record(self, record: Record) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO kms_keys (user_id, encrypted_key, encrypted_dek, created_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+                " encrypted_key = excluded.encrypted_key, encrypted_dek = excluded.encrypted_dek,"
+                " created_at = excluded.created_at",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+            )
+
+        await self._write(op)
+
+    async def delete_record(self, user_id: str) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute("DELETE FROM kms_keys WHERE user_id = ?", (user_id,))
+            return cur.rowcount > 0
+
+        return bool(await self._write(op))
+
+    async def add_master_key(self, row: MasterKeyRow) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("UPDATE master_keys SET status = 'retired' WHERE status = 'active'")
+            await conn.execute(
+                "INSERT INTO master_keys (key_id, key_material, created_at, status, description)"
+                " VALUES (?, ?, ?, 'active', ?)",
+                (row.key_id, row.key_material, row.created_at, row.description),
+            )
+
+        await self._write(op, multi=True)
+
+    async def add_signing_key(self, row: SigningKeyRow) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("UPDATE kmsd_signing_keys SET status = 'retired' WHERE status = 'active'")
+            await conn.execute(
+                "INSERT INTO kmsd_signing_keys (kid, public_key, key_material, status, created_at)"
+                " VALUES (?, ?, ?, 'active', ?)",
+                (row.kid, row.public_key, row.key_material, row.created_at),
+            )
+
+        await self._write(op, multi=True)

@@ -1,0 +1,665 @@
+"""The vault: a separate, privilege-dropped process that holds the root key,
+the master keys and the JWT signing key, and the daemon's client for it.
+
+Both sides share one small codec. A frame is::
+
+    u32 length | u8 version | u8 op-or-status | u32 request id | fields
+
+where each field is ``u32 length | bytes``. Requests are pipelined: the
+daemon may have many in flight and matches answers by request id.
+
+The vault never opens a network socket or the database: the daemon hands it
+wrapped key rows and it answers wrap / unwrap / generate / sign requests.
+Plaintext master keys and the root key never leave it; plaintext DEKs do,
+because the daemon encrypts data with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import enum
+import json
+import os
+import pwd
+import resource
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from .config import RootKeySource
+from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
+
+__all__ = ["Op", "Status", "VaultClient", "VaultError", "WrongRootKey", "UnknownKey", "DEK"]
+
+PROTOCOL_VERSION = 1
+_HEADER = struct.Struct(">IBBI")
+_FIELD = struct.Struct(">I")
+MAX_FRAME = 16 * 1024 * 1024
+
+
+class Op(enum.IntEnum):
+    PING = 1
+    LOAD_MASTER_KEYS = 2
+    NEW_MASTER_KEY = 3
+    NEW_DEK = 4
+    WRAP_DEK = 5
+    UNWRAP_DEK = 6
+    NEW_SIGNING_KEY = 7
+    LOAD_SIGNING_KEY = 8
+    SIGN_JWT = 9
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    INVALID = 1  # a ciphertext did not authenticate
+    UNKNOWN_KEY = 2  # names a master key the vault has not been given
+    WRONG_ROOT_KEY = 3  # a master key row does not unwrap under this root key
+    BAD_REQUEST = 4
+    INTERNAL = 5
+    NO_KEY = 6  # no active master key or signing key loaded yet
+
+
+class VaultError(KMSError):
+    """The vault refused a request for a reason the daemon must handle."""
+
+
+class UnknownKey(VaultError):
+    """The ciphertext names a master key the vault does not hold (yet)."""
+
+
+class WrongRootKey(VaultError):
+    default_message = "a master key does not unwrap under the configured root key"
+
+
+def encode_frame(op_or_status: int, req_id: int, fields: Sequence[bytes]) -> bytes:
+    body = b"".join(_FIELD.pack(len(f)) + f for f in fields)
+    return _HEADER.pack(_HEADER.size - 4 + len(body), PROTOCOL_VERSION, op_or_status, req_id) + body
+
+
+def decode_body(body: bytes) -> tuple[int, int, list[bytes]]:
+    """Decode a frame without its length prefix."""
+    version, code, req_id = struct.unpack_from(">BBI", body)
+    if version != PROTOCOL_VERSION:
+        raise ValueError("vault protocol version mismatch")
+    fields: list[bytes] = []
+    pos = 6
+    while pos < len(body):
+        (n,) = _FIELD.unpack_from(body, pos)
+        pos += 4
+        if pos + n > len(body):
+            raise ValueError("truncated field")
+        fields.append(body[pos : pos + n])
+        pos += n
+    return code, req_id, fields
+
+
+@dataclass(frozen=True, repr=False)
+class DEK:
+    """A plaintext data key and its wrapped form. Never printed."""
+
+    key: bytes
+    wrapped: bytes
+    legacy: bool = False
+
+    def __repr__(self) -> str:
+        return "<DEK redacted>"
+
+
+# -- daemon side -----------------------------------------------------------------
+
+
+class VaultClient:
+    """Starts, supervises and talks to the vault process.
+
+    ``on_start`` runs after every (re)start, before the vault counts as up:
+    the daemon loads the key rows into it there. While the vault is down
+    every call fails at once with ``Unavailable``; calls in flight when it
+    dies fail as soon as its end of the socket closes.
+    """
+
+    def __init__(
+        self,
+        root_key: RootKeySource,
+        *,
+        user: str | None = None,
+        timeout: float = 2.0,
+        on_start: Callable[[], Awaitable[None]] | None = None,
+        log: Callable[..., None] | None = None,
+    ) -> None:
+        self._source = root_key
+        self._user = user
+        self._timeout = timeout
+        self.on_start = on_start
+        self._log = log or (lambda *a, **k: None)
+        self._env_fd: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[tuple[int, list[bytes]]]] = {}
+        self._next_id = 0
+        self._up = False
+        self._ready_event = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+        self.restarts = 0
+        self.is_passphrase = False
+        self._first_error: BaseException | None = None
+        if root_key.from_env:
+            self._env_fd = _stash_env_root_key()
+
+    @property
+    def is_up(self) -> bool:
+        return self._up
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self) -> None:
+        """Start the vault and wait until it is up (or raise why it is not)."""
+        self._supervisor = asyncio.create_task(self._supervise(), name="vault-supervisor")
+        waiter = asyncio.ensure_future(self._ready_event.wait())
+        await asyncio.wait({waiter, self._supervisor}, return_when=asyncio.FIRST_COMPLETED)
+        if not self._up:
+            waiter.cancel()
+            if self._supervisor.done() and self._supervisor.exception():
+                raise self._supervisor.exception()  # type: ignore[misc]
+            raise Unavailable("vault did not start")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._supervisor:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor
+        await self._stop_process()
+        if self._env_fd is not None:
+            os.close(self._env_fd)
+            self._env_fd = None
+
+    async def _stop_process(self) -> None:
+        proc = self._proc
+        if proc and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 2)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    async def _supervise(self) -> None:
+        backoff = 0.05
+        first = True
+        while not self._closing:
+            started = time.monotonic()
+            try:
+                loop_task = await self._spawn()
+            except WrongRootKey:
+                raise
+            except Exception as exc:
+                if first:
+                    raise
+                self._log("vault_start_failed", error=type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            first = False
+            try:
+                await loop_task
+            finally:
+                self._up = False
+                self._ready_event.clear()
+                self._fail_pending()
+                await self._stop_process()
+            if self._closing:
+                return
+            self.restarts += 1
+            self._log("vault_exited", returncode=self._proc.returncode if self._proc else None)
+            # A vault that ran for a while restarts at once; one that keeps
+            # dying backs off so it does not spin.
+            backoff = 0.05 if time.monotonic() - started > 5 else min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff)
+
+    async def _spawn(self) -> asyncio.Future[None]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = [sys.executable, "-I", "-m", "kmsd.vault", "--fd", str(child.fileno())]
+        fds = [child.fileno()]
+        if self._source.file:
+            args += ["--root-key-file", self._source.file]
+        elif self._env_fd is not None:
+            args += ["--root-key-fd", str(self._env_fd)]
+            fds.append(self._env_fd)
+        elif self._source.dev_file:
+            args += ["--dev-key-file", self._source.dev_file]
+        if self._user:
+            args += ["--user", self._user]
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *args, pass_fds=fds, env={}, stdin=asyncio.subprocess.DEVNULL, close_fds=True
+            )
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
+        self._writer = writer
+        # The vault says hello once its root key is loaded and it has dropped
+        # its privileges: one field, JSON, with what it wants the daemon to know.
+        try:
+            code, _, fields = await asyncio.wait_for(self._read_frame(reader), 30)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            await self._stop_process()
+            raise Unavailable("vault exited during startup (see its log)") from None
+        if code != Status.OK:
+            await self._stop_process()
+            raise Unavailable("vault failed to start")
+        hello = json.loads(fields[0])
+        self.is_passphrase = bool(hello.get("passphrase"))
+        loop_task = asyncio.ensure_future(self._read_loop(reader))
+        try:
+            if self.on_start:
+                self._up = True  # calls from on_start must go through
+                await self.on_start()
+        except BaseException:
+            self._up = False
+            loop_task.cancel()
+            self._fail_pending()
+            await self._stop_process()
+            raise
+        self._up = True
+        self._ready_event.set()
+        self._log("vault_started", pid=self._proc.pid if self._proc else None)
+        return loop_task
+
+    @staticmethod
+    async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, int, list[bytes]]:
+        (length,) = _FIELD.unpack(await reader.readexactly(4))
+        if length > MAX_FRAME:
+            raise ConnectionError("oversized vault frame")
+        return decode_body(await reader.readexactly(length))
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ValueError):
+            while True:
+                code, req_id, fields = await self._read_frame(reader)
+                fut = self._pending.pop(req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((code, fields))
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("vault unavailable"))
+
+    async def call(self, op: Op, *fields: bytes) -> list[bytes]:
+        if not self._up or self._writer is None:
+            raise Unavailable("vault unavailable")
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        req_id = self._next_id
+        fut: asyncio.Future[tuple[int, list[bytes]]] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        try:
+            self._writer.write(encode_frame(op, req_id, fields))
+        except (ConnectionError, RuntimeError):
+            self._pending.pop(req_id, None)
+            raise Unavailable("vault unavailable") from None
+        try:
+            code, out = await asyncio.wait_for(fut, self._timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(req_id, None)
+            # A vault that does not answer is as good as dead: kill it so
+            # the supervisor starts a fresh one.
+            self._log("vault_timeout", op=op.name)
+            if self._proc and self._proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+            raise Unavailable("vault timed out") from None
+        if code == Status.OK:
+            return out
+        if code == Status.INVALID:
+            raise DecryptionFailed()
+        if code == Status.UNKNOWN_KEY:
+            raise UnknownKey("unknown master key")
+        if code == Status.WRONG_ROOT_KEY:
+            raise WrongRootKey(out[0].decode() if out else None)
+        if code == Status.NO_KEY:
+            raise Unavailable("no active key loaded in the vault")
+        raise InternalError("vault error")
+
+    # Typed operations -------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self.call(Op.PING)
+
+    async def load_master_keys(self, active: str | None, rows: Sequence[tuple[str, str]]) -> None:
+        fields = [(active or "").encode()]
+        for key_id, material in rows:
+            fields += [key_id.encode(), material.encode()]
+        await self.call(Op.LOAD_MASTER_KEYS, *fields)
+
+    async def new_master_key(self, key_id: str) -> str:
+        (wrapped,) = await self.call(Op.NEW_MASTER_KEY, key_id.encode())
+        return wrapped.decode()
+
+    async def new_dek(self, owner: str, purpose: int) -> DEK:
+        key, wrapped = await self.call(Op.NEW_DEK, owner.encode(), bytes([purpose]))
+        return DEK(key, wrapped)
+
+    async def wrap_dek(self, owner: str, purpose: int, dek: bytes) -> bytes:
+        (wrapped,) = await self.call(Op.WRAP_DEK, owner.encode(), bytes([purpose]), dek)
+        return wrapped
+
+    async def unwrap_dek(self, owner: str, purpose: int, wrapped: bytes) -> DEK:
+        key, legacy = await self.call(Op.UNWRAP_DEK, owner.encode(), bytes([purpose]), wrapped)
+        return DEK(key, wrapped, legacy == b"\x01")
+
+    async def new_signing_key(self, kid: str) -> tuple[str, bytes]:
+        wrapped, public = await self.call(Op.NEW_SIGNING_KEY, kid.encode())
+        return wrapped.decode(), public
+
+    async def load_signing_key(self, kid: str, wrapped: str) -> None:
+        await self.call(Op.LOAD_SIGNING_KEY, kid.encode(), wrapped.encode())
+
+    async def sign_jwt(self, claims: dict[str, object]) -> str:
+        (token,) = await self.call(Op.SIGN_JWT, json.dumps(claims).encode())
+        return token.decode()
+
+
+def _stash_env_root_key() -> int:
+    """Move ``ROOT_KEY`` out of the daemon's environment into a sealed
+    in-memory file that only the vault reads, so every vault restart can
+    get it without the daemon keeping it in its own memory or environment."""
+    import fcntl
+
+    value = os.environ.pop("ROOT_KEY", "")
+    fd = os.memfd_create("kmsd-root-key", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, value.encode("utf-8"))
+    fcntl.fcntl(
+        fd,
+        fcntl.F_ADD_SEALS,
+        fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
+    )
+    del value
+    return fd
+
+
+# -- vault side --------------------------------------------------------------------
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+MCL_CURRENT = 1
+
+
+def drop_privileges(user: str | None) -> None:
+    """No core files, no new privileges, a dedicated user when root, not
+    dumpable (so neither ptrace nor /proc/PID/mem by the same uid)."""
+    libc = _libc()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if os.geteuid() == 0:
+        # Lock what is mapped now while we may; later growth stays unlocked
+        # rather than failing allocations under a small RLIMIT_MEMLOCK.
+        libc.mlockall(MCL_CURRENT)
+        name = user or ("kmsd-vault" if _user_exists("kmsd-vault") else "nobody")
+        pw = pwd.getpwnam(name)
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        if os.getuid() == 0 or os.geteuid() == 0:
+            raise SystemExit("vault: failed to drop root")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise SystemExit("vault: PR_SET_NO_NEW_PRIVS failed")
+    # After setuid: changing credentials resets the dumpable flag.
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise SystemExit("vault: PR_SET_DUMPABLE failed")
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _read_root_key(args: argparse.Namespace) -> str:
+    if args.root_key_file:
+        with open(args.root_key_file, encoding="utf-8") as fh:
+            return fh.read()
+    if args.root_key_fd is not None:
+        size = os.fstat(args.root_key_fd).st_size
+        text = os.pread(args.root_key_fd, size, 0).decode("utf-8")
+        os.close(args.root_key_fd)
+        return text
+    if args.dev_key_file:
+        path = args.dev_key_file
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(os.urandom(32).hex() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            _vault_log("dev_root_key_generated", path=path,
+                       warning="development root key generated: do not use in production")
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    raise SystemExit("vault: no root key source")
+
+
+def _vault_log(event: str, **fields: object) -> None:
+    # The vault has no structlog configuration of its own worth the import
+    # time; one JSON line on stderr in the daemon's shape is enough.
+    line = {"event": event, "process": "vault", "level": "info", **fields}
+    sys.stderr.write(json.dumps(line) + "\n")
+    sys.stderr.flush()
+
+
+class _Vault:
+    """The key-holding state machine of the vault process."""
+
+    def __init__(self, root: object) -> None:
+        from .envelope import RootKey
+
+        assert isinstance(root, RootKey)
+        self.root = root
+        self.master: dict[str, bytes] = {}
+        self.order: list[str] = []  # active first, then the retired, newest first
+        self.active: str | None = None
+        self.signing: tuple[str, object] | None = None
+
+    def handle(self, op: int, f: list[bytes]) -> tuple[int, list[bytes]]:
+        from . import envelope as env
+
+        if op == Op.PING:
+            return Status.OK, []
+        if op == Op.LOAD_MASTER_KEYS:
+            active = f[0].decode() or None
+            keys: dict[str, bytes] = {}
+            for i in range(1, len(f) - 1, 2):
+                key_id = f[i].decode()
+                if key_id in self.master:
+                    keys[key_id] = self.master[key_id]
+                    continue
+                try:
+                    keys[key_id] = self._unwrap_mk(key_id, f[i + 1].decode())
+                except env.InvalidToken:
+                    return Status.WRONG_ROOT_KEY, [key_id.encode()]
+            if active is not None and active not in keys:
+                return Status.BAD_REQUEST, []
+            self.master = keys
+            self.active = active
+            ordered = [k for k in f[1::2][::-1] if k.decode() != active]
+            self.order = ([active] if active else []) + [k.decode() for k in ordered]
+            return Status.OK, []
+        if op == Op.NEW_MASTER_KEY:
+            key_id = f[0].decode()
+            mk = os.urandom(32)
+            wrapped = env.wrap_master_key(self.root.kek, key_id, mk)
+            self.master[key_id] = mk
+            return Status.OK, [env.b64e(wrapped).encode()]
+        if op in (Op.NEW_DEK, Op.WRAP_DEK):
+            if self.active is None:
+                return Status.NO_KEY, []
+            owner, purpose = f[0].decode(), env.Purpose(f[1][0])
+            dek = os.urandom(32) if op == Op.NEW_DEK else f[2]
+            if len(dek) != 32:
+                return Status.BAD_REQUEST, []
+            wrapped = env.wrap_dek(self.master[self.active], self.active, dek, owner, purpose)
+            return Status.OK, ([dek, wrapped] if op == Op.NEW_DEK else [wrapped])
+        if op == Op.UNWRAP_DEK:
+            owner, purpose, blob = f[0].decode(), env.Purpose(f[1][0]), f[2]
+            return self._unwrap_dek(owner, purpose, blob)
+        if op == Op.NEW_SIGNING_KEY:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            kid = f[0].decode()
+            key = Ed25519PrivateKey.generate()
+            seed = key.private_bytes(
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+            public = key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+            wrapped = env.wrap_master_key(self.root.kek, "jwt:" + kid, seed)
+            return Status.OK, [env.b64e(wrapped).encode(), public]
+        if op == Op.LOAD_SIGNING_KEY:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            kid = f[0].decode()
+            try:
+                seed = env.unwrap_master_key(self.root.kek, "jwt:" + kid, env.b64d(f[1].decode()))
+            except env.InvalidToken:
+                return Status.WRONG_ROOT_KEY, [("jwt:" + kid).encode()]
+            self.signing = (kid, Ed25519PrivateKey.from_private_bytes(seed))
+            return Status.OK, []
+        if op == Op.SIGN_JWT:
+            import jwt
+
+            if self.signing is None:
+                return Status.NO_KEY, []
+            kid, key = self.signing
+            token = jwt.encode(json.loads(f[0]), key, algorithm="EdDSA", headers={"kid": kid})  # type: ignore[arg-type]
+            return Status.OK, [token.encode()]
+        return Status.BAD_REQUEST, []
+
+    def _unwrap_mk(self, key_id: str, material: str) -> bytes:
+        from . import envelope as env
+
+        blob = env.b64d(material)
+        if len(blob) == 64:  # the original system's layout (LEGACY_FORMAT.md)
+            mk = env.legacy_decrypt(self.root.legacy_key, blob, layers=1)
+            if len(mk) != 32:
+                raise env.InvalidToken
+            return mk
+        return env.unwrap_master_key(self.root.kek, key_id, blob)
+
+    def _unwrap_dek(self, owner: str, purpose: object, blob: bytes) -> tuple[int, list[bytes]]:
+        from . import envelope as env
+
+        try:
+            key_id = env.dek_key_id(blob)
+        except env.InvalidToken:
+            key_id = None
+        if key_id is not None:
+            mk = self.master.get(key_id)
+            if mk is None:
+                return Status.UNKNOWN_KEY, []
+            try:
+                return Status.OK, [env.unwrap_dek(mk, blob, owner, purpose), b"\x00"]  # type: ignore[arg-type]
+            except env.InvalidToken:
+                pass
+        # Original-system rows carry no key id and no owner binding; they are
+        # only ever records, and a reader tries every master key, the active first.
+        if purpose == env.Purpose.RECORD and len(blob) == 80:
+            for kid in self.order:
+                try:
+                    dek = env.legacy_decrypt(self.master[kid], blob)
+                except env.InvalidToken:
+                    continue
+                if len(dek) == 32:
+                    return Status.OK, [dek, b"\x01"]
+        return Status.INVALID, []
+
+
+def _preload() -> None:
+    """Import everything the vault will use while it still can: after the
+    privilege drop the interpreter's own directories may be unreadable (an
+    interpreter under /root, for one)."""
+    import jwt  # noqa: F401
+    import jwt.algorithms  # noqa: F401
+    from cryptography.hazmat.primitives import serialization  # noqa: F401
+    from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: F401
+
+    from . import envelope  # noqa: F401
+
+    jwt.encode({"x": 1}, ed25519.Ed25519PrivateKey.generate(), algorithm="EdDSA")
+    b"".decode("utf-8")
+    "".encode("ascii")
+
+
+def vault_main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kmsd-vault")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--root-key-file")
+    parser.add_argument("--root-key-fd", type=int)
+    parser.add_argument("--dev-key-file")
+    parser.add_argument("--user")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+
+    from .envelope import RootKey
+
+    try:
+        text = _read_root_key(args)
+        root = RootKey(text)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        _vault_log("root_key_unreadable", level="error", error=type(exc).__name__)
+        sock.sendall(encode_frame(Status.INTERNAL, 0, [b"root key unreadable"]))
+        raise SystemExit(2) from None
+    del text
+    _preload()
+    drop_privileges(args.user)
+    if root.is_passphrase:
+        _vault_log(
+            "root_key_is_passphrase",
+            level="warning",
+            warning="ROOT_KEY is a passphrase, not 32 random bytes: derived with scrypt; "
+            "replace it with `kmsd root-key rotate`",
+        )
+    vault = _Vault(root)
+    sock.sendall(encode_frame(Status.OK, 0, [json.dumps({"passphrase": root.is_passphrase}).encode()]))
+    stream = sock.makefile("rb")
+    while True:
+        header = stream.read(4)
+        if len(header) < 4:
+            return  # the daemon went away
+        (length,) = _FIELD.unpack(header)
+        if length > MAX_FRAME:
+            return
+        body = stream.read(length)
+        if len(body) < length:
+            return
+        try:
+            op, req_id, fields = decode_body(body)
+            status, result = vault.handle(op, fields)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not kill the vault
+            _vault_log("vault_request_failed", level="error", error=type(exc).__name__)
+            status, result, req_id = Status.INTERNAL, [], struct.unpack_from(">BBI", body)[2]
+        sock.sendall(encode_frame(status, req_id, result))
+
+
+if __name__ == "__main__":
+    vault_main()
