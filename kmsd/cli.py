@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -49,7 +50,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def _move_root_key_out_of_environment() -> None:
+    """``ROOT_KEY`` (the original system's way) must not stay in the daemon:
+    /proc/PID/environ shows the environment a process was started with, so
+    unsetting is not enough. Put it into a sealed memfd and re-execute."""
+    from .vault import stash_root_key
+
+    value = os.environ.get("ROOT_KEY")
+    if not value:
+        return
+    fd = stash_root_key(value)
+    env = {k: v for k, v in os.environ.items() if k != "ROOT_KEY"}
+    env["KMSD_ROOT_KEY_FD"] = str(fd)
+    os.execve(sys.executable, [sys.executable, "-m", "kmsd", *sys.argv[1:]], env)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _move_root_key_out_of_environment()
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:

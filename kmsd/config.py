@@ -60,19 +60,20 @@ class DatabaseURL:
 
 @dataclass(frozen=True)
 class RootKeySource:
-    """Where the vault finds the root key: a file, or the daemon's ``ROOT_KEY``
-    variable (handed over through an in-memory file, see vault.py), or, under
-    ``--dev`` only, a key generated into ``dev_file`` on first start."""
+    """Where the vault finds the root key: a file; or an inherited sealed
+    in-memory file descriptor holding what was ``ROOT_KEY`` (see
+    ``kmsd.cli``: the daemon re-executes itself without that variable); or,
+    under ``--dev`` only, a key generated into ``dev_file`` on first start."""
 
     file: str | None = None
-    from_env: bool = False
+    fd: int | None = None
     dev_file: str | None = None
 
     def describe(self) -> str:
         if self.file:
             return f"file {self.file}"
-        if self.from_env:
-            return "environment variable ROOT_KEY"
+        if self.fd is not None:
+            return "environment variable ROOT_KEY (moved out of the environment)"
         if self.dev_file:
             return f"development key file {self.dev_file}"
         return "none"
@@ -263,8 +264,10 @@ def load_settings(
     creds = env.get("CREDENTIALS_DIRECTORY")
     if key_file:
         source = RootKeySource(file=key_file)
+    elif env.get("KMSD_ROOT_KEY_FD"):
+        source = RootKeySource(fd=_as_int(env["KMSD_ROOT_KEY_FD"], "KMSD_ROOT_KEY_FD"))
     elif env.get("ROOT_KEY"):
-        source = RootKeySource(from_env=True)
+        raise ConfigError("ROOT_KEY must be moved out of the environment first (kmsd serve does this)")
     elif creds and Path(creds, "root-key").exists():
         source = RootKeySource(file=str(Path(creds, "root-key")))
     elif settings.dev:

@@ -401,20 +401,30 @@ async def _vault_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def start_listeners(app: web.Application, settings: Settings) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
-    await runner.setup()
+    try:
+        await runner.setup()
+        await _bind(runner, settings)
+    except BaseException:
+        # Whatever started (store threads, the vault) must stop, or the
+        # process would linger after a failed start.
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def _bind(runner: web.AppRunner, settings: Settings) -> None:
     if settings.socket:
         directory = os.path.dirname(os.path.abspath(settings.socket))
         os.makedirs(directory, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if os.path.exists(settings.socket) and not os.path.isdir(settings.socket):
                 os.unlink(settings.socket)
-        site: web.BaseSite = web.UnixSite(runner, settings.socket)
+        site: web.BaseSite = web.UnixSite(runner, settings.socket, backlog=4096)
         await site.start()
         os.chmod(settings.socket, settings.socket_mode)
     for host, port in settings.listen:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
         await site.start()
-    return runner
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from .config import RootKeySource
 from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
 
-__all__ = ["Op", "Status", "VaultClient", "VaultError", "WrongRootKey", "UnknownKey", "DEK"]
+__all__ = ["DEK", "Op", "Status", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">IBBI")
@@ -137,7 +137,6 @@ class VaultClient:
         self._timeout = timeout
         self.on_start = on_start
         self._log = log or (lambda *a, **k: None)
-        self._env_fd: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[tuple[int, list[bytes]]]] = {}
@@ -149,8 +148,6 @@ class VaultClient:
         self.restarts = 0
         self.is_passphrase = False
         self._first_error: BaseException | None = None
-        if root_key.from_env:
-            self._env_fd = _stash_env_root_key()
 
     @property
     def is_up(self) -> bool:
@@ -178,9 +175,6 @@ class VaultClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._supervisor
         await self._stop_process()
-        if self._env_fd is not None:
-            os.close(self._env_fd)
-            self._env_fd = None
 
     async def _stop_process(self) -> None:
         proc = self._proc
@@ -233,9 +227,9 @@ class VaultClient:
         fds = [child.fileno()]
         if self._source.file:
             args += ["--root-key-file", self._source.file]
-        elif self._env_fd is not None:
-            args += ["--root-key-fd", str(self._env_fd)]
-            fds.append(self._env_fd)
+        elif self._source.fd is not None:
+            args += ["--root-key-fd", str(self._source.fd)]
+            fds.append(self._source.fd)
         elif self._source.dev_file:
             args += ["--dev-key-file", self._source.dev_file]
         if self._user:
@@ -327,7 +321,7 @@ class VaultClient:
         if code == Status.UNKNOWN_KEY:
             raise UnknownKey("unknown master key")
         if code == Status.WRONG_ROOT_KEY:
-            raise WrongRootKey(out[0].decode() if out else None)
+            raise WrongRootKey()
         if code == Status.NO_KEY:
             raise Unavailable("no active key loaded in the vault")
         raise InternalError("vault error")
@@ -371,21 +365,20 @@ class VaultClient:
         return token.decode()
 
 
-def _stash_env_root_key() -> int:
-    """Move ``ROOT_KEY`` out of the daemon's environment into a sealed
-    in-memory file that only the vault reads, so every vault restart can
-    get it without the daemon keeping it in its own memory or environment."""
+def stash_root_key(value: str) -> int:
+    """Put a root key given as ``ROOT_KEY`` into a sealed in-memory file that
+    survives exec, so that the daemon can drop the variable (and its own
+    copy) and every vault start can still read it."""
     import fcntl
 
-    value = os.environ.pop("ROOT_KEY", "")
-    fd = os.memfd_create("kmsd-root-key", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create("kmsd-root-key", os.MFD_ALLOW_SEALING)
+    os.set_inheritable(fd, True)
     os.write(fd, value.encode("utf-8"))
     fcntl.fcntl(
         fd,
         fcntl.F_ADD_SEALS,
         fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
     )
-    del value
     return fd
 
 
@@ -438,9 +431,7 @@ def _read_root_key(args: argparse.Namespace) -> str:
             return fh.read()
     if args.root_key_fd is not None:
         size = os.fstat(args.root_key_fd).st_size
-        text = os.pread(args.root_key_fd, size, 0).decode("utf-8")
-        os.close(args.root_key_fd)
-        return text
+        return os.pread(args.root_key_fd, size, 0).decode("utf-8")
     if args.dev_key_file:
         path = args.dev_key_file
         if not os.path.exists(path):

@@ -38,15 +38,15 @@ from kmsd.errors import (
 
 __all__ = [
     "DEFAULT_SOCKET_PATH",
+    "BadRequest",
+    "Conflict",
+    "DecryptionFailed",
+    "Forbidden",
     "KMSClient",
     "KMSError",
-    "BadRequest",
-    "Unauthorized",
-    "Forbidden",
     "NotFound",
-    "Conflict",
     "PayloadTooLarge",
-    "DecryptionFailed",
+    "Unauthorized",
     "Unavailable",
 ]
 

@@ -1,0 +1,275 @@
+"""Fixtures that start the real daemon (with its real vault process) on a
+private Unix socket, a free loopback port and a fresh database."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+# Every plaintext, DEK and token a test hands to a daemon goes here; at the
+# end of the session no daemon log may contain any of them.
+SECRETS: set[str] = set()
+LOG_FILES: list[Path] = []
+
+
+def remember(*values: str | bytes) -> None:
+    for v in values:
+        if isinstance(v, bytes):
+            SECRETS.add(v.hex())
+        elif v:
+            SECRETS.add(v)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 2.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+@dataclass
+class Daemon:
+    """A running ``kmsd serve`` process."""
+
+    dir: Path
+    socket: str
+    port: int
+    database: str
+    env: dict[str, str]
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0, expect_ready: bool = True) -> None:
+        self.log_path = self.dir / f"daemon-{len(list(self.dir.glob('daemon-*.log')))}.log"
+        LOG_FILES.append(self.log_path)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kmsd", "serve", "--socket", self.socket,
+             "--listen", f"127.0.0.1:{self.port}", "--database", self.database, *self.args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        if expect_ready:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited ({self.proc.returncode}):\n{self.logs()}")
+            if self.get("/readyz")[0] == 200:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready in {timeout}s:\n{self.logs()}")
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """A quick synchronous GET over the Unix socket; (0, None) if down."""
+        conn = _UnixHTTPConnection(self.socket)
+        try:
+            conn.request("GET", path, headers={"Host": "localhost"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"null")
+        except (OSError, http.client.HTTPException, ValueError):
+            return 0, None
+        finally:
+            conn.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def vault_pid(self) -> int:
+        """The vault child's pid (the daemon's only child process)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        return int(children[0])
+
+    def wait_vault(self, not_pid: int | None = None, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid = self.vault_pid()
+                if pid != not_pid and self.get("/readyz")[0] == 200:
+                    return pid
+            except (AssertionError, OSError):
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("vault did not come back")
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daemon-*.log")))
+
+
+def make_daemon(base: Path, *, extra_env: dict[str, str] | None = None, dev: bool = True) -> Daemon:
+    base.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMSD_") and k != "ROOT_KEY"}
+    env.update(extra_env or {})
+    return Daemon(
+        dir=base,
+        socket=str(base / "kmsd.sock"),
+        port=free_port(),
+        database=f"sqlite:///{base / 'kmsd.db'}",
+        env=env,
+        args=["--dev"] if dev else [],
+    )
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    # Short paths: a Unix socket path must fit in 108 bytes. World-traversable
+    # so that tests which connect as another user can reach the socket.
+    path = Path(tempfile.mkdtemp(prefix="kmsd-t-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    yield
+    leaks = []
+    for log in LOG_FILES:
+        if not log.exists():
+            continue
+        text = log.read_text(errors="replace")
+        leaks += [f"{log.name}: {s[:12]}..." for s in SECRETS if len(s) >= 6 and s in text]
+    assert not leaks, f"secrets found in daemon logs: {leaks}"
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def daemon_factory(workdir: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def factory(*, extra_env: dict[str, str] | None = None, dev: bool = True, start: bool = True) -> Daemon:
+        d = make_daemon(workdir / f"d{next(_counter)}", extra_env=extra_env, dev=dev)
+        started.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield factory
+    for d in started:
+        if d.proc is not None:
+            d.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(workdir: Path) -> Iterator[Daemon]:
+    """One daemon for the tests of a module that do not restart it."""
+    d = make_daemon(workdir / f"m{next(_counter)}")
+    d.start()
+    yield d
+    d.stop()
+
+
+class API:
+    """A thin aiohttp client bound to one listener of a daemon."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, transport: str) -> None:
+        self.session = session
+        self.base = base
+        self.transport = transport
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        hdrs = dict(headers or {})
+        if token is not None:
+            hdrs["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        async with self.session.request(method, self.base + path, data=data, headers=hdrs) as resp:
+            text = await resp.read()
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, text
+
+    async def store(self, user_id: str, data: str, token: str | None = None) -> str:
+        remember(data)
+        status, body = await self.call("POST", "/api/keys", {"user_id": user_id, "data": data}, token=token)
+        assert status == 200, body
+        remember(body["access_token"])
+        return body["access_token"]
+
+
+def open_api(daemon: Daemon, transport: str) -> tuple[aiohttp.ClientSession, API]:
+    if transport == "unix":
+        session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=daemon.socket))
+        return session, API(session, "http://localhost", "unix")
+    session = aiohttp.ClientSession()
+    return session, API(session, daemon.url, "tcp")
+
+
+@pytest.fixture(params=["unix", "tcp"])
+async def api(request: pytest.FixtureRequest, shared_daemon: Daemon) -> AsyncIterator[API]:
+    session, client = open_api(shared_daemon, request.param)
+    async with session:
+        yield client
+
+
+@pytest.fixture
+async def unix_api(shared_daemon: Daemon) -> AsyncIterator[API]:
+    session, client = open_api(shared_daemon, "unix")
+    async with session:
+        yield client
+
+
+@pytest.fixture
+async def tcp_api(shared_daemon: Daemon) -> AsyncIterator[API]:
+    session, client = open_api(shared_daemon, "tcp")
+    async with session:
+        yield client
