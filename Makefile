@@ -1,0 +1,27 @@
+# kmsd: `make run` starts a development daemon, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: .venv run test bench clean
+
+.venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p var
+	$(VENV)/bin/kmsd serve --dev --socket ./var/kmsd.sock --listen 127.0.0.1:8000 --database sqlite:///var/kmsd.db
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	bench/run
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .hypothesis

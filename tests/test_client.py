@@ -1,0 +1,99 @@
+"""The stdlib client against the real daemon, over the Unix socket and TCP;
+and a full run whose logs must not contain anything secret."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+import kmsd_client
+from conftest import Daemon, remember
+from kmsd_client import Conflict, DecryptionFailed, Forbidden, KMSClient, NotFound, Unauthorized, Unavailable
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def client(request: pytest.FixtureRequest, shared_daemon: Daemon) -> KMSClient:
+    if request.param == "unix":
+        return KMSClient(shared_daemon.socket)
+    return KMSClient(url=shared_daemon.url)
+
+
+def test_client_round_trip(client: KMSClient) -> None:
+    user = "c-" + uuid.uuid4().hex[:10]
+    with client:
+        token = client.store(user, "client-plaintext")
+        remember(token, "client-plaintext")
+        assert client.fetch(token) == "client-plaintext"
+        assert client.verify(token)["sub"] == user
+        with pytest.raises(Conflict):
+            client.store(user, "other")
+        new_token = client.store(user, "client-replaced", token=token)
+        remember(new_token, "client-replaced")
+        assert client.fetch(new_token) == "client-replaced"
+        dek = os.urandom(32)
+        remember(dek)
+        encrypted_key, encrypted_dek = client.encrypt(b"payload", dek, token=token)
+        assert client.decrypt_dek(encrypted_dek, token=token) == dek
+        client.delete(token)
+        with pytest.raises(NotFound):
+            client.fetch(token)
+        with pytest.raises(Unauthorized):
+            client.fetch("garbage")
+        assert client.health() == {"status": "ok"}
+        assert client.ready() is True
+        assert client.jwks()["keys"]
+
+
+def test_client_typed_errors(shared_daemon: Daemon) -> None:
+    with KMSClient(url=shared_daemon.url) as tcp:
+        with pytest.raises(Forbidden):
+            tcp.rotate()
+        token = tcp.store("c-" + uuid.uuid4().hex[:10], "typed")
+        remember(token)
+        other = tcp.store("c-" + uuid.uuid4().hex[:10], "typed2")
+        remember(other)
+        dek = os.urandom(32)
+        _, edek = tcp.encrypt(b"x", dek, token=token)
+        with pytest.raises(DecryptionFailed):
+            tcp.decrypt_dek(edek, token=other)
+    with KMSClient(shared_daemon.socket) as unix:
+        status = unix.rotation_status()
+        assert status["active_key_id"]
+        issued = unix.issue("c-issued")
+        remember(issued)
+        assert unix.verify(issued)["id"] == "c-issued"
+
+
+def test_client_daemon_down_is_unavailable(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(Unavailable):
+        KMSClient(str(tmp_path / "missing.sock")).health()
+    assert kmsd_client.Unavailable is Unavailable
+
+
+def test_full_run_leaves_no_secret_in_the_logs(daemon_factory) -> None:  # noqa: ANN001
+    d: Daemon = daemon_factory()
+    plaintext = "log-canary-" + uuid.uuid4().hex
+    dek = os.urandom(32)
+    with KMSClient(d.socket) as c:
+        token = c.store("log-user", plaintext)
+        assert c.fetch(token) == plaintext
+        ek, edek = c.encrypt(plaintext.encode(), dek, token=token)
+        assert c.decrypt_dek(edek, token=token) == dek
+        issued = c.issue("log-user")
+        c.verify(issued)
+        with pytest.raises(Unauthorized):
+            c.fetch(token + "x")
+        c.rotate()
+        c.delete(token)
+    d.stop()
+    logs = d.logs()
+    assert '"path": "/api/keys"' in logs  # the request lines are there...
+    for secret in (plaintext, dek.hex(), token, issued, ek, edek, token.split(".")[2]):
+        assert secret not in logs  # ...and nothing secret is
+    import base64
+
+    assert base64.b64encode(dek).decode() not in logs
+    root_key = (d.dir / "root-key.dev").read_text().strip()
+    assert root_key not in logs

@@ -1,0 +1,77 @@
+"""Settings: defaults, TOML file, KMSD_* environment, flags; the root-key source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmsd.config import ConfigError, load_settings, parse_database_url, parse_listen
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "kmsd.toml"
+    cfg.write_text('socket = "/from/file.sock"\nlisten = ["127.0.0.1:9001"]\ntoken_lifetime = 60\n'
+                   'root_key_file = "/etc/kmsd/root-key"\n')
+    env = {"KMSD_SOCKET": "/from/env.sock", "KMSD_ADMIN_UIDS": "0,1000"}
+    s = load_settings(config_file=str(cfg), environ=env, overrides={"listen": ["127.0.0.1:9002", "[::1]:9003"]})
+    assert s.socket == "/from/env.sock"
+    assert s.listen == (("127.0.0.1", 9002), ("::1", 9003))
+    assert s.token_lifetime == 60
+    assert s.admin_uids == (0, 1000)
+    assert s.root_key.file == "/etc/kmsd/root-key"
+
+
+def test_listen_env_is_comma_separated() -> None:
+    s = load_settings(environ={"KMSD_LISTEN": "127.0.0.1:8000,127.0.0.1:8001,127.0.0.1:8002",
+                               "KMSD_ROOT_KEY_FILE": "/k"})
+    assert [p for _, p in s.listen] == [8000, 8001, 8002]
+
+
+def test_database_urls() -> None:
+    assert parse_database_url("sqlite:///var/kmsd.db").path == "var/kmsd.db"
+    assert parse_database_url("sqlite:////var/lib/kmsd.db").path == "/var/lib/kmsd.db"
+    m = parse_database_url("mysql://kms:p%40ss@db.local:3307/kms?unix_socket=/run/mysqld/mysqld.sock")
+    assert (m.user, m.password, m.host, m.port, m.database, m.unix_socket) == (
+        "kms", "p@ss", "db.local", 3307, "kms", "/run/mysqld/mysqld.sock")
+    assert "p@ss" not in m.masked() and "p@ss" not in repr(m)
+    for bad in ("postgres://x", "sqlite://", "mysql://h:notaport/db"):
+        with pytest.raises(ConfigError):
+            parse_database_url(bad)
+
+
+def test_root_key_sources(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no root key configured"):
+        load_settings(environ={})
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "root-key").write_text("x" * 64)
+    assert load_settings(environ={"CREDENTIALS_DIRECTORY": str(creds)}).root_key.file == str(creds / "root-key")
+    assert load_settings(environ={"KMSD_ROOT_KEY_FD": "7"}).root_key.fd == 7
+    dev = load_settings(environ={}, overrides={"dev": True, "database_url": "sqlite:////tmp/x/k.db"})
+    assert dev.root_key.dev_file == "/tmp/x/root-key.dev"
+    with pytest.raises(ConfigError, match="ROOT_KEY"):
+        load_settings(environ={"ROOT_KEY": "abc"})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("socket = 5", "socket"), ("bogus = 1", "unknown settings"), ("token_lifetime = -1", "positive"),
+     ("listen = ['nope']", "HOST:PORT"), ("dev = 'maybe'", "boolean"), ("[[[", "not valid TOML")],
+)
+def test_bad_config_files(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config_file=str(cfg), environ={"KMSD_ROOT_KEY_FILE": "/k"})
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(config_file="/nonexistent/kmsd.toml", environ={})
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("localhost:80") == ("localhost", 80)
+    with pytest.raises(ConfigError):
+        parse_listen("127.0.0.1:99999")

@@ -1,0 +1,43 @@
+"""The error table is pinned: class -> HTTP status -> wire code, and the
+client rebuilds the same class from the code."""
+
+from __future__ import annotations
+
+import pytest
+
+from kmsd import errors
+
+TABLE = [
+    (errors.BadRequest, 400, "bad_request"),
+    (errors.Unauthorized, 401, "unauthorized"),
+    (errors.Forbidden, 403, "forbidden"),
+    (errors.NotFound, 404, "not_found"),
+    (errors.MethodNotAllowed, 405, "method_not_allowed"),
+    (errors.Conflict, 409, "conflict"),
+    (errors.PayloadTooLarge, 413, "too_large"),
+    (errors.DecryptionFailed, 422, "decryption_failed"),
+    (errors.Unavailable, 503, "unavailable"),
+    (errors.InternalError, 500, "internal"),
+]
+
+
+@pytest.mark.parametrize("cls, status, code", TABLE)
+def test_error_table(cls: type[errors.KMSError], status: int, code: str) -> None:
+    assert (cls.status, cls.code) == (status, code)
+    assert errors.error_for_code(code, 599) is cls
+    assert issubclass(cls, errors.KMSError)
+
+
+def test_every_error_class_is_in_the_table() -> None:
+    assert set(errors.ERRORS_BY_CODE.values()) == {c for c, _, _ in TABLE}
+
+
+def test_unknown_code_falls_back_on_status() -> None:
+    assert errors.error_for_code("no-such-code", 404) is errors.NotFound
+    assert errors.error_for_code(None, 418) is errors.KMSError
+
+
+def test_store_and_vault_errors_map_to_503() -> None:
+    from kmsd.store import StoreError
+
+    assert StoreError.status == 503 and issubclass(StoreError, errors.Unavailable)
