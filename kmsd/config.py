@@ -14,7 +14,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -100,7 +100,6 @@ class Settings:
     vault_timeout: float = 2.0
     max_body_size: int = 1024 * 1024
     log_level: str = "info"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

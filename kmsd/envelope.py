@@ -37,7 +37,6 @@ __all__ = [
     "InvalidToken",
     "Purpose",
     "RootKey",
-    "Secret",
     "V1",
     "b64d",
     "b64e",
@@ -69,26 +68,6 @@ class Purpose(enum.IntEnum):
 
     RECORD = 1  # kms_keys rows written by POST /api/keys
     ENVELOPE = 2  # DEKs wrapped for callers by POST /api/encrypt
-
-
-class Secret:
-    """Key material in a wrapper that never prints itself."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: bytes) -> None:
-        self._value = value
-
-    def reveal(self) -> bytes:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-    __str__ = __repr__
-
-    def __len__(self) -> int:
-        return len(self._value)
 
 
 def b64e(raw: bytes) -> str:

@@ -193,10 +193,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         cls = _HTTP_ERRORS.get(exc.status)
-        err = cls() if cls else BadRequest(exc.reason)
-        if cls is None and exc.status >= 500:
+        if cls is not None:
+            err: KMSError = cls()
+        elif exc.status >= 500:
             err = InternalError()
-        err.status = exc.status if cls is None else err.status
+        else:
+            err = BadRequest(exc.reason)
+            err.status = exc.status
         response = _error_response(err)
     except asyncio.CancelledError:
         raise
@@ -267,12 +270,7 @@ async def store_key(request: web.Request) -> web.Response:
     data = require_str(body, "data")
     claims = await caller_claims(request, required=False)
     replace = claims is not None and claims.subject == user_id
-    try:
-        token = await _kms(request).store_record(user_id, data, replace=replace)
-    except KMSError as exc:
-        if exc.code == "conflict":
-            raise type(exc)("user_id already has a stored key; present its token to replace it") from None
-        raise
+    token = await _kms(request).store_record(user_id, data, replace=replace)
     return web.json_response({"message": "Key stored successfully", "access_token": token})
 
 

@@ -148,7 +148,10 @@ class KMS:
         if replace:
             await self.store.upsert_record(record)
         else:
-            await self.store.insert_record(record)
+            try:
+                await self.store.insert_record(record)
+            except Conflict:
+                raise Conflict("user_id already has a stored key; present its token to replace it") from None
         return token
 
     async def fetch_record(self, user_id: str) -> str:

@@ -20,7 +20,7 @@ import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import aiosqlite
 
@@ -36,9 +36,6 @@ __all__ = [
     "now_utc",
     "open_store",
 ]
-
-T = TypeVar("T")
-
 
 class StoreError(Unavailable):
     """The database failed; the request may be retried later."""

@@ -147,7 +147,6 @@ class VaultClient:
         self._closing = False
         self.restarts = 0
         self.is_passphrase = False
-        self._first_error: BaseException | None = None
 
     @property
     def is_up(self) -> bool:

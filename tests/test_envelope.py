@@ -113,12 +113,6 @@ def test_root_key_forms() -> None:
         env.RootKey("  ")
 
 
-def test_secret_wrapper_never_prints() -> None:
-    s = env.Secret(b"\x01" * 32)
-    assert str(s) == repr(s) == "<redacted>" and f"{s}" == "<redacted>"
-    assert s.reveal() == b"\x01" * 32
-
-
 def test_legacy_rows_from_the_original_system_decrypt() -> None:
     sample = json.loads((DATA / "original-system-rows.json").read_text())
     root = env.RootKey(sample["root_key_env"])

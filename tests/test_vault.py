@@ -11,7 +11,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from conftest import Daemon, open_api, remember
