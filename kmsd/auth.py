@@ -13,6 +13,7 @@ import secrets
 import socket
 import struct
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,11 @@ __all__ = [
 ]
 
 ALGORITHMS = ["EdDSA"]
+# The original auth service's tokens: verified only with its shared secret,
+# and only when that secret is configured as a migration option.
+LEGACY_ALGORITHMS = ["HS256"]
 MAX_TOKEN_LENGTH = 4096
+MAX_USER_ID = 64
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
 
@@ -114,11 +119,13 @@ class TokenService:
         issuer: str,
         audience: str,
         lifetime: int,
+        legacy_secret: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.lifetime = lifetime
+        self._legacy_secret = legacy_secret.encode("utf-8") if legacy_secret else None
         self._clock = clock
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._jwks: list[dict[str, Any]] = []
@@ -161,10 +168,11 @@ class TokenService:
 
     def has_key(self, token: str) -> bool:
         try:
-            kid = jwt.get_unverified_header(token).get("kid")
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             return True  # let verify() reject it
-        return isinstance(kid, str) and kid in self._keys
+        kid = header.get("kid")
+        return header.get("alg") in LEGACY_ALGORITHMS or (isinstance(kid, str) and kid in self._keys)
 
     def verify(self, token: str) -> Claims:
         """The token's claims, or ``Unauthorized`` (never saying why)."""
@@ -172,6 +180,8 @@ class TokenService:
             raise Unauthorized()
         try:
             header = jwt.get_unverified_header(token)
+            if header.get("alg") in LEGACY_ALGORITHMS:
+                return self._verify_legacy(token)
             kid = header.get("kid")
             key = self._keys.get(kid) if isinstance(kid, str) else None
             if key is None:
@@ -197,6 +207,34 @@ class TokenService:
             raise Unauthorized()
         jti = payload.get("jti")
         return Claims(subject, jti if isinstance(jti, str) else None, payload)
+
+    def _verify_legacy(self, token: str) -> Claims:
+        """A token of the original auth service: HS256 with its shared
+        secret, payload ``{id, iat, exp}``. The header only picks this path;
+        the algorithm and the key are fixed here."""
+        if self._legacy_secret is None:
+            raise Unauthorized()
+        with warnings.catch_warnings():
+            # The original's secrets are often shorter than RFC 7518 wants;
+            # they are what its tokens were signed with.
+            warnings.simplefilter("ignore")
+            payload = jwt.decode(
+                token,
+                self._legacy_secret,
+                algorithms=LEGACY_ALGORITHMS,
+                options={"require": ["exp", "iat"], "verify_aud": False},
+                leeway=0,
+            )
+        subject = payload.get("id")
+        # A numeric id is not the user whose id is that string: refuse it.
+        if (
+            not isinstance(subject, str)
+            or not subject
+            or len(subject) > MAX_USER_ID
+            or payload["exp"] <= self._clock()
+        ):
+            raise Unauthorized()
+        return Claims(subject, None, payload)
 
 
 def random_kid() -> str:

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--config", help="TOML config file (env KMSD_CONFIG)")
+    _database_args(serve)
     serve.add_argument("--socket", help="Unix socket path (env KMSD_SOCKET)")
     serve.add_argument(
         "--listen",
@@ -28,24 +28,37 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="TCP listener, repeatable (env KMSD_LISTEN, comma-separated)",
     )
-    serve.add_argument("--database", help="sqlite:///path or mysql://... (env KMSD_DATABASE_URL)")
     serve.add_argument(
         "--dev",
         action="store_true",
         default=None,
         help="development mode: generate a root key beside the database if none is configured",
     )
+
+    migrate = sub.add_parser(
+        "migrate-legacy",
+        help="rewrite every row of the original system in the v1 format (resumable)",
+        description="Works on the database directly, with compare-and-set writes: safe to run "
+        "while daemons serve the same database, and safe to interrupt and run again.",
+    )
+    _database_args(migrate)
+    migrate.add_argument("--batch-size", type=int, default=500, help="rows per batch (default 500)")
     return parser
+
+
+def _database_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (env KMSD_CONFIG)")
+    parser.add_argument("--database", help="sqlite:///path or mysql://... (env KMSD_DATABASE_URL)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(
         config_file=args.config,
         overrides={
-            "socket": args.socket,
-            "listen": args.listen,
+            "socket": getattr(args, "socket", None),
+            "listen": getattr(args, "listen", None),
             "database_url": args.database,
-            "dev": args.dev,
+            "dev": getattr(args, "dev", None),
         },
     )
 
@@ -96,10 +109,70 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate_legacy(args: argparse.Namespace) -> int:
+    _move_root_key_out_of_environment()
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"kmsd: {exc.message}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("kmsd: --batch-size must be positive", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    import uvloop
+
+    from .errors import KMSError
+    from .migrate import MigrationReport, migrate_legacy
+    from .service import KMS
+
+    def progress(r: MigrationReport) -> None:
+        print(
+            f"migrate-legacy: {r.checked}/{r.total} rows checked, {r.upgraded} upgraded,"
+            f" {r.current} already v1, {r.changed} changed meanwhile, {len(r.unreadable)} unreadable",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def run() -> MigrationReport:
+        kms = KMS.from_settings(settings, log=get_logger(process="migrate"))
+        await kms.store.open()
+        try:
+            await kms.vault.start()
+            try:
+                return await migrate_legacy(kms, batch_size=args.batch_size, progress=progress)
+            finally:
+                await kms.vault.close()
+        finally:
+            await kms.store.close()
+
+    print(
+        f"migrate-legacy: working on {settings.database.masked()} directly"
+        " (safe beside running daemons; safe to interrupt and run again)",
+        file=sys.stderr,
+    )
+    try:
+        report = uvloop.run(run())
+    except KMSError as exc:
+        print(f"kmsd: migrate-legacy stopped: {exc.message}; run it again to resume", file=sys.stderr)
+        return 1
+    for key_id in report.master_keys_upgraded:
+        print(f"master key {key_id}: rewrapped in the v1 format")
+    for user_id in report.unreadable:
+        print(f"row {user_id!r}: no master key reads it; left unchanged")
+    print(
+        f"{report.checked} rows checked: {report.upgraded} upgraded, {report.current} already v1,"
+        f" {report.changed} changed by another writer meanwhile, {len(report.unreadable)} unreadable"
+    )
+    return 1 if report.unreadable else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "migrate-legacy":
+        return _migrate_legacy(args)
     return 2
 
 

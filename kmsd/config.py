@@ -100,6 +100,13 @@ class Settings:
     vault_timeout: float = 2.0
     max_body_size: int = 1024 * 1024
     log_level: str = "info"
+    database_pool_size: int = 10
+    # One time budget per database call: an unreachable or hung server is
+    # a 503 within it.
+    database_timeout: float = 3.0
+    # The original auth service's HS256 secret. Set only while migrating from
+    # that system: tokens it issued are then accepted (never issued).
+    legacy_jwt_secret: str | None = dataclasses.field(default=None, repr=False)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -195,7 +202,15 @@ _CONVERTERS: dict[str, Any] = {
     "vault_timeout": lambda v, n: float(v),
     "max_body_size": _as_int,
     "log_level": str,
+    "database_pool_size": _as_int,
+    "database_timeout": lambda v, n: float(v),
+    "database_password_file": str,
+    "legacy_jwt_secret_file": str,
 }
+
+# Settings that name a file whose content is the value, so that secrets stay
+# out of the config file, the URL and the environment.
+_SECRET_FILES = ("database_password_file", "legacy_jwt_secret_file")
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -210,6 +225,24 @@ def _convert(name: str, value: Any) -> Any:
         raise
     except (TypeError, ValueError):
         raise ConfigError(f"invalid value for {name}") from None
+
+
+def _read_secret_file(path: str | None, creds: str | None, credential: str) -> str | None:
+    """A secret from its configured file, else from the systemd credential
+    of that name, else None. One trailing newline is not part of it."""
+    if path is None and creds and Path(creds, credential).exists():
+        path = str(Path(creds, credential))
+    if path is None:
+        return None
+    try:
+        value = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ConfigError(f"cannot read secret file {path}: {reason}") from None
+    value = value[:-1] if value.endswith("\n") else value
+    if not value:
+        raise ConfigError(f"secret file {path} is empty")
+    return value
 
 
 def load_settings(
@@ -247,7 +280,7 @@ def load_settings(
     for name, value in values.items():
         if name == "database_url":
             kwargs["database"] = value
-        elif name == "root_key_file":
+        elif name == "root_key_file" or name in _SECRET_FILES:
             continue
         else:
             kwargs[name] = value
@@ -257,10 +290,28 @@ def load_settings(
         raise ConfigError("token_lifetime must be positive")
     if settings.max_body_size <= 0:
         raise ConfigError("max_body_size must be positive")
+    if not 1 <= settings.database_pool_size <= 1000:
+        raise ConfigError("database_pool_size must be between 1 and 1000")
+    if not 0 < settings.database_timeout <= 300:
+        raise ConfigError("database_timeout must be between 0 and 300 seconds")
+
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if settings.database.scheme == "mysql":
+        password = _read_secret_file(values.get("database_password_file"), creds, "db-password")
+        if password is not None and settings.database.password:
+            raise ConfigError("the database password is set both in the URL and in a file; keep one")
+        if password is not None:
+            settings = dataclasses.replace(
+                settings, database=dataclasses.replace(settings.database, password=password)
+            )
+    elif values.get("database_password_file"):
+        raise ConfigError("database_password_file is only for a mysql:// database")
+    legacy_secret = _read_secret_file(values.get("legacy_jwt_secret_file"), creds, "legacy-jwt-secret")
+    if legacy_secret is not None:
+        settings = dataclasses.replace(settings, legacy_jwt_secret=legacy_secret)
 
     # Where the vault gets the root key, most explicit first.
     key_file = values.get("root_key_file")
-    creds = env.get("CREDENTIALS_DIRECTORY")
     if key_file:
         source = RootKeySource(file=key_file)
     elif env.get("KMSD_ROOT_KEY_FD"):

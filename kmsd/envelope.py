@@ -44,6 +44,8 @@ __all__ = [
     "dek_key_id",
     "encrypt_data",
     "legacy_decrypt",
+    "is_legacy_master_key",
+    "LEGACY_MASTER_KEY_SIZE",
     "unwrap_dek",
     "unwrap_master_key",
     "wrap_dek",
@@ -158,6 +160,18 @@ def _parse_key_text(text: str) -> bytes | None:
 def wrap_master_key(kek: bytes, key_id: str, mk: bytes) -> bytes:
     nonce, ct = _seal(kek, mk, _lp(b"kmsd/mk/v1", key_id.encode()))
     return bytes([V1]) + nonce + ct
+
+
+# The original system's master-key rows (LEGACY_FORMAT.md): IV + two CBC
+# blocks. A v1 row is 61 bytes, so the length tells the two apart.
+LEGACY_MASTER_KEY_SIZE = 64
+
+
+def is_legacy_master_key(material: str) -> bool:
+    try:
+        return len(b64d(material)) == LEGACY_MASTER_KEY_SIZE
+    except InvalidToken:
+        return False
 
 
 def unwrap_master_key(kek: bytes, key_id: str, blob: bytes) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import Claims, Peer, PeerPolicy, TokenService, peer_from_socket
+from .auth import MAX_USER_ID, Claims, Peer, PeerPolicy, peer_from_socket
 from .config import Settings
 from .errors import (
     BadRequest,
@@ -35,12 +35,11 @@ from .errors import (
 )
 from .logs import get_logger
 from .service import KMS
-from .store import Store, open_store
+from .store import Store
 from .vault import VaultClient
 
 __all__ = ["AppState", "STATE", "create_app", "serve"]
 
-MAX_USER_ID = 64
 DEK_HEX_LENGTH = 64
 
 
@@ -350,22 +349,12 @@ async def jwks(request: web.Request) -> web.Response:
 # -- app and listeners ---------------------------------------------------------------
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
+def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application:
     log = get_logger(process="daemon")
-    store = store or open_store(settings.database)
-    vault = VaultClient(
-        settings.root_key,
-        user=settings.vault_user,
-        timeout=settings.vault_timeout,
-        log=lambda event, **kw: log.warning(event, **kw),
-    )
-    tokens = TokenService(
-        issuer=settings.issuer, audience=settings.audience, lifetime=settings.token_lifetime
-    )
-    kms = KMS(store, vault, tokens, log=log)
+    kms = kms or KMS.from_settings(settings, log=log)
     policy = PeerPolicy(settings.admin_uids, settings.admin_gids, settings.allow_admin_over_tcp)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
-    app[STATE] = AppState(settings, store, vault, kms, policy, log)
+    app[STATE] = AppState(settings, kms.store, kms.vault, kms, policy, log)
     app.add_routes(routes)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_vault_ctx)
@@ -375,6 +364,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.store.open()
+    for warning in state.store.warnings:
+        state.log.warning("database_warning", warning=warning)
     yield
     await state.store.close()
 
@@ -431,6 +422,11 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> None:
     app = create_app(settings)
     runner = await start_listeners(app, settings)
     addresses = [settings.socket] + [f"{h}:{p}" for h, p in settings.listen]
+    if settings.legacy_jwt_secret:
+        log.warning(
+            "legacy_tokens_accepted",
+            warning="HS256 tokens of the original auth service are accepted (migration option)",
+        )
     log.info(
         "kmsd_started",
         listen=addresses,

@@ -9,12 +9,13 @@ import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from . import envelope as env
 from .auth import TokenService, random_kid
+from .config import Settings
 from .errors import Conflict, DecryptionFailed, NotFound, Unavailable
-from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc
+from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc, open_store
 from .vault import DEK, UnknownKey, VaultClient
 
 __all__ = ["KMS", "KeyState"]
@@ -45,6 +46,27 @@ class KMS:
         self._key_lock = asyncio.Lock()
         self._last_load = float("-inf")
         vault.on_start = self.load_keys
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, log: Any) -> KMS:
+        """The service with its store, vault client and token service, none
+        of them started yet."""
+        store = open_store(
+            settings.database, pool_size=settings.database_pool_size, timeout=settings.database_timeout
+        )
+        vault = VaultClient(
+            settings.root_key,
+            user=settings.vault_user,
+            timeout=settings.vault_timeout,
+            log=lambda event, **kw: log.warning(event, **kw),
+        )
+        tokens = TokenService(
+            issuer=settings.issuer,
+            audience=settings.audience,
+            lifetime=settings.token_lifetime,
+            legacy_secret=settings.legacy_jwt_secret,
+        )
+        return cls(store, vault, tokens, log=log)
 
     # -- keys ----------------------------------------------------------------
 
@@ -172,6 +194,50 @@ class KMS:
             return plain.decode("utf-8")
         except (env.InvalidToken, UnicodeDecodeError):
             raise DecryptionFailed() from None
+
+    async def upgrade_record(self, record: Record) -> Literal["upgraded", "current", "changed"]:
+        """Rewrite a row of the original system in the v1 format: a new DEK
+        from the vault, the same plaintext, the same ``created_at``.
+        "current" when the row is v1 already; "changed" when another writer
+        replaced it meanwhile (the write is compare-and-set, so a concurrent
+        update is never clobbered).
+        ``DecryptionFailed`` when no master key reads it; it is then left
+        as it is."""
+        try:
+            wrapped = env.b64d(record.encrypted_dek or "")
+            blob = env.b64d(record.encrypted_key or "")
+        except env.InvalidToken:
+            raise DecryptionFailed() from None
+        dek = await self._unwrap(record.user_id, env.Purpose.RECORD, wrapped)
+        if not dek.legacy:
+            return "current"
+        try:
+            plain = env.legacy_decrypt(dek.key, blob)
+        except env.InvalidToken:
+            raise DecryptionFailed() from None
+        fresh = await self.vault.new_dek(record.user_id, env.Purpose.RECORD)
+        upgraded = Record(
+            record.user_id,
+            env.b64e(env.encrypt_data(fresh.key, plain, record.user_id)),
+            env.b64e(fresh.wrapped),
+            record.created_at,
+        )
+        return "upgraded" if await self.store.replace_record(record, upgraded) else "changed"
+
+    async def upgrade_master_keys(self) -> list[str]:
+        """Rewrap master-key rows of the original system (CBC, no MAC) in the
+        v1 format (AES-GCM, key id bound). The key itself does not change,
+        so every DEK wrapped under it still unwraps. The ids upgraded."""
+        upgraded = []
+        for row in self.keys.master_keys:
+            if not env.is_legacy_master_key(row.key_material):
+                continue
+            wrapped = await self.vault.rewrap_master_key(row.key_id)
+            if await self.store.replace_master_key_material(row.key_id, row.key_material, wrapped):
+                upgraded.append(row.key_id)
+        if upgraded:
+            await self.load_keys()
+        return upgraded
 
     async def delete_record(self, user_id: str) -> None:
         if not await self.store.delete_record(user_id):

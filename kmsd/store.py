@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
+from .config import DatabaseURL
 from .errors import Conflict, KMSError, Unavailable
 
 __all__ = [
@@ -53,9 +54,10 @@ class Record:
     """A ``kms_keys`` row: encrypted data and its wrapped DEK (base64 text)."""
 
     user_id: str
-    encrypted_key: str
-    encrypted_dek: str
-    created_at: str
+    # NULL is possible in a database the original system wrote.
+    encrypted_key: str | None
+    encrypted_dek: str | None
+    created_at: str | None
 
     def __repr__(self) -> str:
         return f"Record(user_id={self.user_id!r}, created_at={self.created_at!r})"
@@ -93,6 +95,10 @@ class Store(Protocol):
     Write methods return only after the change is durable.
     """
 
+    # What the operator should know after ``open`` (a server set up so that
+    # commits are not durable, say); the daemon logs them.
+    warnings: list[str]
+
     async def open(self) -> None:
         """Connect and apply pending migrations."""
 
@@ -113,6 +119,17 @@ class Store(Protocol):
     async def delete_record(self, user_id: str) -> bool:
         """Delete the row; False when there was none."""
 
+    async def replace_record(self, old: Record, new: Record) -> bool:
+        """Compare-and-set: replace the row of ``old.user_id`` with ``new``
+        only if its ciphertexts are still exactly ``old``'s. False (and no
+        change) when the row was changed or deleted meanwhile."""
+
+    async def count_records(self) -> int: ...
+
+    async def scan_records(self, after: str | None, limit: int) -> list[Record]:
+        """Up to ``limit`` rows whose user id sorts after ``after`` (binary
+        order), in that order: a resumable walk over every row."""
+
     async def list_master_keys(self) -> list[MasterKeyRow]:
         """All master keys, oldest first."""
 
@@ -120,17 +137,23 @@ class Store(Protocol):
         """Insert ``row`` as the active key and retire every other one, in
         one transaction. ``Conflict`` if the key id exists."""
 
+    async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
+        """Compare-and-set of one master key's wrapped material."""
+
     async def list_signing_keys(self) -> list[SigningKeyRow]: ...
 
     async def add_signing_key(self, row: SigningKeyRow) -> None:
         """Insert as the active signing key, retiring the others."""
 
 
-def open_store(database: Any) -> Store:
-    """The store for a parsed ``DatabaseURL``."""
+def open_store(database: DatabaseURL, *, pool_size: int = 10, timeout: float = 3.0) -> Store:
+    """The store for a parsed database URL (not yet opened)."""
     if database.scheme == "sqlite":
         return SQLiteStore(database.path)
-    raise KMSError(f"database backend {database.scheme!r} is not available")
+    # Imported here so that an SQLite deployment never loads the MySQL driver.
+    from .store_mysql import MySQLStore
+
+    return MySQLStore(database, pool_size=pool_size, timeout=timeout)
 
 
 # -- SQLite ----------------------------------------------------------------------
@@ -185,6 +208,7 @@ class SQLiteStore:
         self._reader_cycle: itertools.cycle[aiosqlite.Connection] | None = None
         self._queue: asyncio.Queue[tuple[_WriteOp, bool, asyncio.Future[Any]]] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self.warnings: list[str] = []
 
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -265,6 +289,19 @@ class SQLiteStore:
             (user_id,),
         )
         return Record(*rows[0]) if rows else None
+
+    async def count_records(self) -> int:
+        rows = await self._read("SELECT COUNT(*) FROM kms_keys")
+        return int(rows[0][0])
+
+    async def scan_records(self, after: str | None, limit: int) -> list[Record]:
+        # '' sorts before every user id, and user ids are never empty.
+        rows = await self._read(
+            "SELECT user_id, encrypted_key, encrypted_dek, created_at FROM kms_keys"
+            " WHERE user_id > ? ORDER BY user_id LIMIT ?",
+            (after or "", limit),
+        )
+        return [Record(*r) for r in rows]
 
     async def list_master_keys(self) -> list[MasterKeyRow]:
         rows = await self._read(
@@ -365,6 +402,28 @@ class SQLiteStore:
     async def delete_record(self, user_id: str) -> bool:
         async def op(conn: aiosqlite.Connection) -> bool:
             cur = await conn.execute("DELETE FROM kms_keys WHERE user_id = ?", (user_id,))
+            return cur.rowcount > 0
+
+        return bool(await self._write(op))
+
+    async def replace_record(self, old: Record, new: Record) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute(
+                "UPDATE kms_keys SET encrypted_key = ?, encrypted_dek = ?, created_at = ?"
+                " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
+                (new.encrypted_key, new.encrypted_dek, new.created_at,
+                 old.user_id, old.encrypted_key, old.encrypted_dek),
+            )
+            return cur.rowcount > 0
+
+        return bool(await self._write(op))
+
+    async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute(
+                "UPDATE master_keys SET key_material = ? WHERE key_id = ? AND key_material = ?",
+                (new, key_id, old),
+            )
             return cur.rowcount > 0
 
         return bool(await self._write(op))

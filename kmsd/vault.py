@@ -53,6 +53,7 @@ class Op(enum.IntEnum):
     NEW_SIGNING_KEY = 7
     LOAD_SIGNING_KEY = 8
     SIGN_JWT = 9
+    REWRAP_MASTER_KEY = 10  # a loaded key, wrapped anew in the v1 format
 
 
 class Status(enum.IntEnum):
@@ -340,6 +341,10 @@ class VaultClient:
         (wrapped,) = await self.call(Op.NEW_MASTER_KEY, key_id.encode())
         return wrapped.decode()
 
+    async def rewrap_master_key(self, key_id: str) -> str:
+        (wrapped,) = await self.call(Op.REWRAP_MASTER_KEY, key_id.encode())
+        return wrapped.decode()
+
     async def new_dek(self, owner: str, purpose: int) -> DEK:
         key, wrapped = await self.call(Op.NEW_DEK, owner.encode(), bytes([purpose]))
         return DEK(key, wrapped)
@@ -498,6 +503,12 @@ class _Vault:
             wrapped = env.wrap_master_key(self.root.kek, key_id, mk)
             self.master[key_id] = mk
             return Status.OK, [env.b64e(wrapped).encode()]
+        if op == Op.REWRAP_MASTER_KEY:
+            key_id = f[0].decode()
+            if key_id not in self.master:
+                return Status.UNKNOWN_KEY, []
+            wrapped = env.wrap_master_key(self.root.kek, key_id, self.master[key_id])
+            return Status.OK, [env.b64e(wrapped).encode()]
         if op in (Op.NEW_DEK, Op.WRAP_DEK):
             if self.active is None:
                 return Status.NO_KEY, []
@@ -540,8 +551,8 @@ class _Vault:
 
             if self.signing is None:
                 return Status.NO_KEY, []
-            kid, key = self.signing
-            token = jwt.encode(json.loads(f[0]), key, algorithm="EdDSA", headers={"kid": kid})  # type: ignore[arg-type]
+            kid, signer = self.signing
+            token = jwt.encode(json.loads(f[0]), signer, algorithm="EdDSA", headers={"kid": kid})  # type: ignore[arg-type]
             return Status.OK, [token.encode()]
         return Status.BAD_REQUEST, []
 
@@ -549,7 +560,7 @@ class _Vault:
         from . import envelope as env
 
         blob = env.b64d(material)
-        if len(blob) == 64:  # the original system's layout (LEGACY_FORMAT.md)
+        if len(blob) == env.LEGACY_MASTER_KEY_SIZE:
             mk = env.legacy_decrypt(self.root.legacy_key, blob, layers=1)
             if len(mk) != 32:
                 raise env.InvalidToken

@@ -1,0 +1,370 @@
+"""The production store: MySQL/MariaDB through an aiomysql connection pool.
+
+Works on a database the original system wrote: its tables and columns stay
+as they are, kmsd only adds tables and switches ``kms_keys.user_id`` to a
+binary, no-pad collation so that user ids compare exactly (the original's
+``utf8mb4_general_ci`` made ``SMOKE1`` and ``smoke1 `` one user).
+
+Durability: every write is an explicit transaction and returns after COMMIT;
+with InnoDB's default ``innodb_flush_log_at_trx_commit=1`` that is on disk
+(``open`` reports a server configured otherwise in ``warnings``).
+
+Failures: every call has one time budget (``timeout``); an unreachable or
+hung server is ``StoreError`` (HTTP 503) within it, never a hang. A call is
+retried on a fresh connection only when nothing can have been committed:
+a pooled connection the server has closed (after a server restart), a
+deadlock or a lock-wait timeout, all of them before COMMIT was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiomysql
+import pymysql
+
+from .config import DatabaseURL
+from .errors import Conflict
+from .store import MasterKeyRow, Record, SigningKeyRow, StoreError
+
+__all__ = ["MySQLStore"]
+
+# Client-side "connection is gone" codes (CR_*) and server-side ones
+# (shutdown in progress, connection killed).
+_CONNECTION_LOST = {2002, 2003, 2006, 2013, 2055, 1053, 1927, 4031}
+# The server rolled the transaction back: running it again is safe.
+_ROLLED_BACK = {1205, 1213}
+_DUPLICATE_KEY = 1062
+_ATTEMPTS = 3
+
+# Exact comparison needs a binary collation that does not pad: MariaDB's
+# utf8mb4_bin and MySQL's utf8mb4_bin ignore trailing spaces.
+_NOPAD_COLLATIONS = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin")
+
+_MIGRATIONS: Sequence[Sequence[str]] = (
+    # 1: the original schema, byte for byte where it exists already (IF NOT
+    # EXISTS leaves an original database untouched), plus kmsd's signing keys.
+    (
+        """CREATE TABLE IF NOT EXISTS master_keys (
+            id INT AUTO_INCREMENT PRIMARY KEY,
+            key_id VARCHAR(64) UNIQUE NOT NULL,
+            key_material TEXT NOT NULL,
+            created_at DATETIME NOT NULL,
+            status ENUM('active','retired') NOT NULL,
+            description TEXT
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+        """CREATE TABLE IF NOT EXISTS kms_keys (
+            user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL PRIMARY KEY,
+            encrypted_key TEXT,
+            encrypted_dek TEXT,
+            created_at DATETIME
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+        """CREATE TABLE IF NOT EXISTS kmsd_signing_keys (
+            kid VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            public_key TEXT NOT NULL,
+            key_material TEXT NOT NULL,
+            status ENUM('active','retired') NOT NULL,
+            created_at DATETIME NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ),
+    # 2: user ids compare exactly in a database the original created. No row
+    # is lost: ids distinct under the old collation stay distinct under this.
+    ("ALTER TABLE kms_keys MODIFY user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL",),
+)
+
+_Work = Callable[[aiomysql.Cursor], Awaitable[Any]]
+
+_RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at"
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return value
+
+
+def _record(row: Sequence[Any]) -> Record:
+    return Record(row[0], row[1], row[2], _text(row[3]))
+
+
+def _code(exc: BaseException) -> int:
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else 0
+
+
+def describe_error(exc: BaseException) -> str:
+    """The server's reason, for startup errors. pymysql's messages name the
+    user and host, never the password."""
+    if isinstance(exc, pymysql.MySQLError) and len(exc.args) >= 2:
+        return f"({exc.args[0]}) {exc.args[1]}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class MySQLStore:
+    def __init__(self, url: DatabaseURL, *, pool_size: int = 10, timeout: float = 3.0) -> None:
+        self.url = url
+        self._pool_size = pool_size
+        self._timeout = timeout
+        self._pool: aiomysql.Pool | None = None
+        self.collation = _NOPAD_COLLATIONS[0]
+        self.warnings: list[str] = []
+
+    def _connect_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "user": self.url.user or None,
+            "password": self.url.password,
+            "db": self.url.database,
+            "charset": "utf8mb4",
+            "autocommit": True,
+            "connect_timeout": self._timeout,
+            # Strict: a value that does not fit is an error, never truncated.
+            "init_command": "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
+        }
+        if self.url.unix_socket:
+            args["unix_socket"] = self.url.unix_socket
+        else:
+            args.update(host=self.url.host, port=self.url.port)
+        return args
+
+    async def open(self) -> None:
+        where = self.url.masked()
+        try:
+            async with asyncio.timeout(self._timeout * 2):
+                self._pool = await aiomysql.create_pool(
+                    minsize=1, maxsize=self._pool_size, **self._connect_args()
+                )
+        except (pymysql.MySQLError, OSError) as exc:
+            raise StoreError(f"cannot connect to {where}: {describe_error(exc)}") from None
+        try:
+            await self._prepare()
+        except StoreError as exc:
+            await self.close()
+            raise StoreError(f"cannot prepare database {where}: {exc.message}") from None
+
+    async def _prepare(self) -> None:
+        async def inspect(cur: aiomysql.Cursor) -> tuple[list[str], Any]:
+            await cur.execute(
+                "SELECT COLLATION_NAME FROM information_schema.COLLATIONS WHERE COLLATION_NAME IN (%s, %s)",
+                _NOPAD_COLLATIONS,
+            )
+            found = [r[0] for r in await cur.fetchall()]
+            await cur.execute("SELECT @@innodb_flush_log_at_trx_commit")
+            return found, (await cur.fetchone())[0]
+
+        found, flush = await self._run(inspect, detail=True)
+        usable = [c for c in _NOPAD_COLLATIONS if c in found]
+        if not usable:
+            raise StoreError("the server has no binary no-pad utf8mb4 collation (MariaDB >= 10.2 or MySQL >= 8.0 needed)")
+        self.collation = usable[0]
+        if str(flush) != "1":
+            self.warnings.append(
+                f"innodb_flush_log_at_trx_commit={flush}: a committed write can be lost in a crash; set it to 1"
+            )
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        """Apply pending migrations under a named lock, so that several
+        daemons starting on one database do not race. DDL commits
+        implicitly in MySQL, so every step is written to be re-runnable."""
+
+        async def migrate(cur: aiomysql.Cursor) -> None:
+            await cur.execute("SELECT GET_LOCK('kmsd_schema_migrations', %s)", (self._timeout * 10,))
+            if (await cur.fetchone())[0] != 1:
+                raise StoreError("another process holds the schema migration lock")
+            try:
+                await cur.execute(
+                    "CREATE TABLE IF NOT EXISTS kmsd_schema_migrations ("
+                    " version INT PRIMARY KEY, applied_at DATETIME NOT NULL) ENGINE=InnoDB"
+                )
+                await cur.execute("SELECT version FROM kmsd_schema_migrations")
+                done = {r[0] for r in await cur.fetchall()}
+                for version, statements in enumerate(_MIGRATIONS, start=1):
+                    if version in done:
+                        continue
+                    for statement in statements:
+                        await cur.execute(statement.format(bin=self.collation))
+                    await cur.execute(
+                        "INSERT INTO kmsd_schema_migrations (version, applied_at) VALUES (%s, UTC_TIMESTAMP())",
+                        (version,),
+                    )
+            finally:
+                await cur.execute("DO RELEASE_LOCK('kmsd_schema_migrations')")
+
+        # DDL waits for metadata locks; give it more than one request's budget.
+        await self._run(migrate, detail=True, timeout=self._timeout * 20)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            await self._pool.wait_closed()
+            self._pool = None
+
+    # -- the one place that talks to the driver ------------------------------------
+
+    async def _run(
+        self,
+        work: _Work,
+        *,
+        write: bool = False,
+        detail: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``work`` on a pooled connection (in a transaction if ``write``)
+        and translate the driver's errors. ``detail`` keeps the server's
+        reason in the message (startup only: never sent to a client)."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError()
+        try:
+            async with asyncio.timeout(timeout or self._timeout):
+                for attempt in range(1, _ATTEMPTS + 1):
+                    commit_sent = False
+                    try:
+                        conn = await pool.acquire()
+                        try:
+                            if write:
+                                await conn.begin()
+                            async with conn.cursor() as cur:
+                                result = await work(cur)
+                            if write:
+                                commit_sent = True
+                                await conn.commit()
+                        except BaseException:
+                            # Its state is unknown: never hand it out again.
+                            conn.close()
+                            raise
+                        finally:
+                            pool.release(conn)
+                        return result
+                    except pymysql.IntegrityError as exc:
+                        if _code(exc) == _DUPLICATE_KEY:
+                            raise Conflict() from None
+                        raise
+                    except (pymysql.OperationalError, pymysql.InterfaceError) as exc:
+                        code = _code(exc)
+                        lost = code in _CONNECTION_LOST or isinstance(exc, pymysql.InterfaceError)
+                        if commit_sent or attempt == _ATTEMPTS or not (lost or code in _ROLLED_BACK):
+                            raise
+        except (Conflict, StoreError):
+            raise
+        except (pymysql.MySQLError, OSError) as exc:
+            # TimeoutError is an OSError: the budget ran out.
+            raise StoreError(describe_error(exc) if detail else None) from exc
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async def work(cur: aiomysql.Cursor) -> list[Any]:
+            await cur.execute(sql, params)
+            return list(await cur.fetchall())
+
+        return await self._run(work)
+
+    async def _write(self, *statements: tuple[str, Sequence[Any]]) -> int:
+        """Run the statements in one transaction; the rows the last changed."""
+
+        async def work(cur: aiomysql.Cursor) -> int:
+            for sql, params in statements:
+                await cur.execute(sql, params)
+            return int(cur.rowcount)
+
+        return int(await self._run(work, write=True))
+
+    # -- the Store protocol ----------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._read("SELECT 1")
+
+    async def get_record(self, user_id: str) -> Record | None:
+        rows = await self._read(f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id = %s", (user_id,))
+        return _record(rows[0]) if rows else None
+
+    async def count_records(self) -> int:
+        rows = await self._read("SELECT COUNT(*) FROM kms_keys")
+        return int(rows[0][0])
+
+    async def scan_records(self, after: str | None, limit: int) -> list[Record]:
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id > %s ORDER BY user_id LIMIT %s",
+            (after or "", limit),
+        )
+        return [_record(r) for r in rows]
+
+    async def insert_record(self, record: Record) -> None:
+        await self._write(
+            (
+                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (%s, %s, %s, %s)",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+            )
+        )
+
+    async def upsert_record(self, record: Record) -> None:
+        await self._write(
+            (
+                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (%s, %s, %s, %s)"
+                " ON DUPLICATE KEY UPDATE encrypted_key = VALUES(encrypted_key),"
+                " encrypted_dek = VALUES(encrypted_dek), created_at = VALUES(created_at)",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+            )
+        )
+
+    async def replace_record(self, old: Record, new: Record) -> bool:
+        changed = await self._write(
+            (
+                "UPDATE kms_keys SET encrypted_key = %s, encrypted_dek = %s, created_at = %s"
+                " WHERE user_id = %s AND BINARY encrypted_key <=> BINARY %s AND BINARY encrypted_dek <=> BINARY %s",
+                (new.encrypted_key, new.encrypted_dek, new.created_at,
+                 old.user_id, old.encrypted_key, old.encrypted_dek),
+            )
+        )
+        return changed > 0
+
+    async def delete_record(self, user_id: str) -> bool:
+        return await self._write(("DELETE FROM kms_keys WHERE user_id = %s", (user_id,))) > 0
+
+    async def list_master_keys(self) -> list[MasterKeyRow]:
+        rows = await self._read(
+            "SELECT key_id, key_material, status, created_at, description FROM master_keys ORDER BY id"
+        )
+        return [MasterKeyRow(r[0], r[1], r[2], _text(r[3]) or "", r[4]) for r in rows]
+
+    async def add_master_key(self, row: MasterKeyRow) -> None:
+        # The UPDATE locks every active row first, so two concurrent
+        # additions serialize and exactly one key ends up active.
+        await self._write(
+            ("UPDATE master_keys SET status = 'retired' WHERE status = 'active'", ()),
+            (
+                "INSERT INTO master_keys (key_id, key_material, created_at, status, description)"
+                " VALUES (%s, %s, %s, 'active', %s)",
+                (row.key_id, row.key_material, row.created_at, row.description),
+            ),
+        )
+
+    async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
+        changed = await self._write(
+            (
+                "UPDATE master_keys SET key_material = %s WHERE key_id = %s AND BINARY key_material = BINARY %s",
+                (new, key_id, old),
+            )
+        )
+        return changed > 0
+
+    async def list_signing_keys(self) -> list[SigningKeyRow]:
+        rows = await self._read(
+            "SELECT kid, public_key, key_material, status, created_at FROM kmsd_signing_keys"
+            " ORDER BY created_at, kid"
+        )
+        return [SigningKeyRow(r[0], r[1], r[2], r[3], _text(r[4]) or "") for r in rows]
+
+    async def add_signing_key(self, row: SigningKeyRow) -> None:
+        await self._write(
+            ("UPDATE kmsd_signing_keys SET status = 'retired' WHERE status = 'active'", ()),
+            (
+                "INSERT INTO kmsd_signing_keys (kid, public_key, key_material, status, created_at)"
+                " VALUES (%s, %s, %s, 'active', %s)",
+                (row.kid, row.public_key, row.key_material, row.created_at),
+            ),
+        )
