@@ -176,6 +176,8 @@ class MySQLStore:
             await cur.execute("SELECT GET_LOCK('kmsd_schema_migrations', %s)", (self._timeout * 10,))
             if (await cur.fetchone())[0] != 1:
                 raise StoreError("another process holds the schema migration lock")
+            # "Table already exists" notes are expected on an original database.
+            await cur.execute("SET SESSION sql_notes = 0")
             try:
                 await cur.execute(
                     "CREATE TABLE IF NOT EXISTS kmsd_schema_migrations ("
@@ -193,6 +195,7 @@ class MySQLStore:
                         (version,),
                     )
             finally:
+                await cur.execute("SET SESSION sql_notes = 1")
                 await cur.execute("DO RELEASE_LOCK('kmsd_schema_migrations')")
 
         # DDL waits for metadata locks; give it more than one request's budget.
