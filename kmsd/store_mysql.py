@@ -11,9 +11,9 @@ with InnoDB's default ``innodb_flush_log_at_trx_commit=1`` that is on disk
 
 Failures: every call has one time budget (``timeout``); an unreachable or
 hung server is ``StoreError`` (HTTP 503) within it, never a hang. A call is
-retried on a fresh connection only when nothing can have been committed:
-a pooled connection the server has closed (after a server restart), a
-deadlock or a lock-wait timeout, all of them before COMMIT was sent.
+retried on a fresh connection only when nothing can have been committed: a
+connection lost before the write could commit (a pooled connection the
+server closed when it restarted), a deadlock or a lock-wait timeout.
 """
 
 from __future__ import annotations
@@ -213,29 +213,33 @@ class MySQLStore:
         self,
         work: _Work,
         *,
-        write: bool = False,
+        write: str | None = None,
         detail: bool = False,
         timeout: float | None = None,
     ) -> Any:
-        """Run ``work`` on a pooled connection (in a transaction if ``write``)
-        and translate the driver's errors. ``detail`` keeps the server's
-        reason in the message (startup only: never sent to a client)."""
+        """Run ``work`` on a pooled connection and translate the driver's
+        errors. ``write`` is "statement" for one autocommitted statement and
+        "transaction" for several in one transaction. ``detail`` keeps the
+        server's reason in the message (startup only: never sent to a client)."""
         pool = self._pool
         if pool is None:
             raise StoreError()
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 for attempt in range(1, _ATTEMPTS + 1):
-                    commit_sent = False
+                    # Once a write may have reached COMMIT, a lost connection
+                    # leaves its outcome unknown: never run it again then.
+                    maybe_committed = False
                     try:
                         conn = await pool.acquire()
                         try:
-                            if write:
+                            if write == "transaction":
                                 await conn.begin()
+                            maybe_committed = write == "statement"
                             async with conn.cursor() as cur:
                                 result = await work(cur)
-                            if write:
-                                commit_sent = True
+                            if write == "transaction":
+                                maybe_committed = True
                                 await conn.commit()
                         except BaseException:
                             # Its state is unknown: never hand it out again.
@@ -251,7 +255,9 @@ class MySQLStore:
                     except (pymysql.OperationalError, pymysql.InterfaceError) as exc:
                         code = _code(exc)
                         lost = code in _CONNECTION_LOST or isinstance(exc, pymysql.InterfaceError)
-                        if commit_sent or attempt == _ATTEMPTS or not (lost or code in _ROLLED_BACK):
+                        # A deadlock or lock-wait timeout rolled it back: always safe.
+                        retry = code in _ROLLED_BACK or (lost and not maybe_committed)
+                        if attempt == _ATTEMPTS or not retry:
                             raise
         except (Conflict, StoreError):
             raise
@@ -274,7 +280,7 @@ class MySQLStore:
                 await cur.execute(sql, params)
             return int(cur.rowcount)
 
-        return int(await self._run(work, write=True))
+        return int(await self._run(work, write="transaction" if len(statements) > 1 else "statement"))
 
     # -- the Store protocol ----------------------------------------------------------
 
