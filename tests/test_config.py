@@ -75,3 +75,41 @@ def test_parse_listen() -> None:
     assert parse_listen("localhost:80") == ("localhost", 80)
     with pytest.raises(ConfigError):
         parse_listen("127.0.0.1:99999")
+
+
+def test_database_settings_and_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text("p@ss word\n")
+    base = {"KMSD_ROOT_KEY_FILE": "/k", "KMSD_DATABASE_URL": "mysql://kmsd@db.local/kms"}
+    s = load_settings(environ={**base, "KMSD_DATABASE_PASSWORD_FILE": str(secret),
+                               "KMSD_DATABASE_POOL_SIZE": "4", "KMSD_DATABASE_TIMEOUT": "1.5"})
+    assert (s.database.password, s.database_pool_size, s.database_timeout) == ("p@ss word", 4, 1.5)
+    assert "p@ss" not in repr(s)
+    # The systemd credential, when no file is configured.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "db-password").write_text("from-credential")
+    assert load_settings(environ={**base, "CREDENTIALS_DIRECTORY": str(creds)}).database.password == "from-credential"
+    with pytest.raises(ConfigError, match="both in the URL and in a file"):
+        load_settings(environ={**base, "KMSD_DATABASE_URL": "mysql://kmsd:x@db/kms",
+                               "KMSD_DATABASE_PASSWORD_FILE": str(secret)})
+    with pytest.raises(ConfigError, match="only for a mysql"):
+        load_settings(environ={"KMSD_ROOT_KEY_FILE": "/k", "KMSD_DATABASE_PASSWORD_FILE": str(secret)})
+    with pytest.raises(ConfigError, match="cannot read secret file"):
+        load_settings(environ={**base, "KMSD_DATABASE_PASSWORD_FILE": str(tmp_path / "missing")})
+    for name, value in (("KMSD_DATABASE_POOL_SIZE", "0"), ("KMSD_DATABASE_TIMEOUT", "-1")):
+        with pytest.raises(ConfigError, match=name.lower()[5:]):
+            load_settings(environ={**base, name: value})
+
+
+def test_legacy_jwt_secret_is_off_unless_configured(tmp_path: Path) -> None:
+    base = {"KMSD_ROOT_KEY_FILE": "/k"}
+    assert load_settings(environ=base).legacy_jwt_secret is None
+    secret = tmp_path / "legacy"
+    secret.write_text("your-very-secure-secret\n")
+    s = load_settings(environ={**base, "KMSD_LEGACY_JWT_SECRET_FILE": str(secret)})
+    assert s.legacy_jwt_secret == "your-very-secure-secret"
+    assert "your-very" not in repr(s)
+    secret.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_settings(environ={**base, "KMSD_LEGACY_JWT_SECRET_FILE": str(secret)})
