@@ -25,6 +25,7 @@ from typing import Any
 
 import aiomysql
 import pymysql
+import pymysql.constants
 
 from .config import DatabaseURL
 from .errors import Conflict
@@ -125,6 +126,10 @@ class MySQLStore:
             "db": self.url.database,
             "charset": "utf8mb4",
             "autocommit": True,
+            # rowcount of an UPDATE counts the rows matched, not only those
+            # whose values changed: a compare-and-set that writes the same
+            # values is a success.
+            "client_flag": pymysql.constants.CLIENT.FOUND_ROWS,
             "connect_timeout": self._timeout,
             # Strict: a value that does not fit is an error, never truncated.
             "init_command": "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",

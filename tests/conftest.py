@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from mariadb import MariaDBServer, find_binaries
 
 # Every plaintext, DEK and token a test hands to a daemon goes here; at the
 # end of the session no daemon log may contain any of them.
@@ -142,7 +143,15 @@ class Daemon:
         return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daemon-*.log")))
 
 
-def make_daemon(base: Path, *, extra_env: dict[str, str] | None = None, dev: bool = True) -> Daemon:
+def make_daemon(
+    base: Path,
+    *,
+    extra_env: dict[str, str] | None = None,
+    dev: bool = True,
+    database: str | None = None,
+) -> Daemon:
+    """A daemon in ``base``; its database is ``database`` (a URL), else a
+    fresh SQLite file in ``base``."""
     base.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMSD_") and k != "ROOT_KEY"}
     env.update(extra_env or {})
@@ -150,7 +159,7 @@ def make_daemon(base: Path, *, extra_env: dict[str, str] | None = None, dev: boo
         dir=base,
         socket=str(base / "kmsd.sock"),
         port=free_port(),
-        database=f"sqlite:///{base / 'kmsd.db'}",
+        database=database or f"sqlite:///{base / 'kmsd.db'}",
         env=env,
         args=["--dev"] if dev else [],
     )
@@ -185,8 +194,14 @@ _counter = iter(range(1_000_000))
 def daemon_factory(workdir: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
-    def factory(*, extra_env: dict[str, str] | None = None, dev: bool = True, start: bool = True) -> Daemon:
-        d = make_daemon(workdir / f"d{next(_counter)}", extra_env=extra_env, dev=dev)
+    def factory(
+        *,
+        extra_env: dict[str, str] | None = None,
+        dev: bool = True,
+        start: bool = True,
+        database: str | None = None,
+    ) -> Daemon:
+        d = make_daemon(workdir / f"d{next(_counter)}", extra_env=extra_env, dev=dev, database=database)
         started.append(d)
         if start:
             d.start()
@@ -205,6 +220,57 @@ def shared_daemon(workdir: Path) -> Iterator[Daemon]:
     d.start()
     yield d
     d.stop()
+
+
+# -- databases: SQLite, and a private MariaDB server ---------------------------------
+
+_INSTALL_HINT = (
+    "MariaDB server binaries (mariadbd, mariadb-install-db) not found: the MySQL/MariaDB "
+    "tests need them (no running service, the tests start their own private server). "
+    "Install them with `sudo apt-get install mariadb-server`."
+)
+
+
+@pytest.fixture(scope="session")
+def mariadb(workdir: Path) -> Iterator[MariaDBServer]:
+    """One private MariaDB server for the session, started on first use.
+    Skipped loudly where the server binaries are missing, except under CI
+    (``CI`` set), where that is a failure."""
+    mariadbd, install_db = find_binaries()
+    if not (mariadbd and install_db):
+        missing = ", ".join(n for n, p in (("mariadbd", mariadbd), ("mariadb-install-db", install_db)) if not p)
+        message = f"{_INSTALL_HINT} (missing: {missing})"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set: {message}", pytrace=False)
+        pytest.skip(message)
+    server = MariaDBServer(workdir / "my", mariadbd=mariadbd, install_db=install_db)
+    server.install()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "mysql"], ids=["sqlite", "mysql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The storage backend a test runs against (parametrize it indirectly
+    to pick one)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, workdir: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database of ``backend``. MariaDB is started only when
+    a test needs it."""
+    if backend == "sqlite":
+        directory = workdir / f"db{next(_counter)}"
+        directory.mkdir()
+        return f"sqlite:///{directory / 'kmsd.db'}"
+    if backend == "mysql":
+        server: MariaDBServer = request.getfixturevalue("mariadb")
+        return server.new_database()
+    raise ValueError(f"unknown backend {backend!r}")
 
 
 class API:
