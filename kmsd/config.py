@@ -107,6 +107,17 @@ class Settings:
     # The original auth service's HS256 secret. Set only while migrating from
     # that system: tokens it issued are then accepted (never issued).
     legacy_jwt_secret: str | None = dataclasses.field(default=None, repr=False)
+    # Master-key lifecycle. Every daemon re-reads the key rows this often:
+    # it bounds how long a daemon keeps wrapping under a key another daemon
+    # retired.
+    key_refresh_interval: float = 2.0
+    # One daemon at a time runs a rewrap, under a lease in the database that
+    # it renews; if it dies, another takes over once this has run out.
+    rotation_lease_ttl: float = 15.0
+    rotation_batch_size: int = 1000
+    # Rotate automatically once the active key is this old (seconds; off
+    # when None). Config accepts "90d", "12h", "30m", "45s" or seconds.
+    rotation_period: float | None = None
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -167,6 +178,29 @@ def _as_int(value: Any, name: str) -> int:
         raise ConfigError(f"{name} must be an integer") from None
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any, name: str) -> float | None:
+    """Seconds from a number or "90d", "12h", "30m", "45s"; "off", "" and 0: None."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "off", "none", "0"):
+            return None
+        unit = _DURATION_UNITS.get(text[-1])
+        try:
+            seconds = float(text[:-1]) * unit if unit else float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a duration like 90d, 12h, 30m or seconds") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigError(f"{name} must be a duration like 90d, 12h, 30m or seconds")
+    if seconds < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return seconds or None
+
+
 def _as_int_list(value: Any, name: str) -> tuple[int, ...]:
     if isinstance(value, str):
         value = [v for v in value.split(",") if v.strip()]
@@ -206,6 +240,10 @@ _CONVERTERS: dict[str, Any] = {
     "database_timeout": lambda v, n: float(v),
     "database_password_file": str,
     "legacy_jwt_secret_file": str,
+    "key_refresh_interval": lambda v, n: float(v),
+    "rotation_lease_ttl": lambda v, n: float(v),
+    "rotation_batch_size": _as_int,
+    "rotation_period": parse_duration,
 }
 
 # Settings that name a file whose content is the value, so that secrets stay
@@ -294,6 +332,14 @@ def load_settings(
         raise ConfigError("database_pool_size must be between 1 and 1000")
     if not 0 < settings.database_timeout <= 300:
         raise ConfigError("database_timeout must be between 0 and 300 seconds")
+    if not 0.05 <= settings.key_refresh_interval <= 3600:
+        raise ConfigError("key_refresh_interval must be between 0.05 and 3600 seconds")
+    if not 1 <= settings.rotation_lease_ttl <= 3600:
+        raise ConfigError("rotation_lease_ttl must be between 1 and 3600 seconds")
+    if not 1 <= settings.rotation_batch_size <= 100_000:
+        raise ConfigError("rotation_batch_size must be between 1 and 100000")
+    if settings.rotation_period is not None and settings.rotation_period < 60:
+        raise ConfigError("rotation_period must be at least 60 seconds (or off)")
 
     creds = env.get("CREDENTIALS_DIRECTORY")
     if settings.database.scheme == "mysql":

@@ -34,6 +34,7 @@ from .errors import (
     Unauthorized,
 )
 from .logs import get_logger
+from .rotation import Rotator
 from .service import KMS
 from .store import Store
 from .vault import VaultClient
@@ -49,6 +50,7 @@ class AppState:
     store: Store
     vault: VaultClient
     kms: KMS
+    rotator: Rotator
     policy: PeerPolicy
     log: Any
 
@@ -314,16 +316,47 @@ async def decrypt_dek(request: web.Request) -> web.Response:
     return web.json_response({"dek": dek.hex()})
 
 
+def _requested_by(peer: Peer) -> str:
+    return ", ".join(f"{k}={v}" for k, v in peer.describe().items())
+
+
 @routes.get("/api/rotate-mk")
 async def rotation_status(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response(_kms(request).key_status())
+    return web.json_response(await request.app[STATE].rotator.status())
 
 
 @routes.post("/api/rotate-mk")
 async def rotate(request: web.Request) -> web.Response:
+    peer = require_admin(request)
+    return web.json_response(await request.app[STATE].rotator.rotate(requested_by=_requested_by(peer)))
+
+
+@routes.get("/api/master-keys")
+async def list_master_keys(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response(await _kms(request).rotate_master_key())
+    kms = _kms(request)
+    return web.json_response({"active_key_id": kms.keys.active_key_id, "master_keys": await kms.list_master_keys()})
+
+
+@routes.post("/api/master-keys")
+async def add_master_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await read_json(request) if request.can_read_body else {}
+    description = body.get("description")
+    if description is not None and (not isinstance(description, str) or len(description) > 255 or not _utf8(description)):
+        raise BadRequest("description must be a string of at most 255 characters")
+    return web.json_response(await request.app[STATE].rotator.add_key(description))
+
+
+@routes.delete("/api/master-keys/{key_id}")
+async def destroy_master_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    key_id = request.match_info["key_id"]
+    if not 0 < len(key_id) <= 64 or not key_id.isprintable():
+        raise BadRequest("key_id must be 1 to 64 printable characters")
+    await _kms(request).destroy_master_key(key_id)
+    return web.json_response({"message": "Master key destroyed", "key_id": key_id})
 
 
 @routes.get("/healthz")
@@ -354,11 +387,27 @@ def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application
     kms = kms or KMS.from_settings(settings, log=log)
     policy = PeerPolicy(settings.admin_uids, settings.admin_gids, settings.allow_admin_over_tcp)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
-    app[STATE] = AppState(settings, kms.store, kms.vault, kms, policy, log)
+    rotator = Rotator(
+        kms,
+        lease_ttl=settings.rotation_lease_ttl,
+        batch_size=settings.rotation_batch_size,
+        refresh_interval=settings.key_refresh_interval,
+        period=settings.rotation_period,
+        log=log,
+    )
+    app[STATE] = AppState(settings, kms.store, kms.vault, kms, rotator, policy, log)
     app.add_routes(routes)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_vault_ctx)
+    app.cleanup_ctx.append(_rotator_ctx)
     return app
+
+
+async def _rotator_ctx(app: web.Application) -> AsyncIterator[None]:
+    rotator = app[STATE].rotator
+    rotator.start()
+    yield
+    await rotator.close()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

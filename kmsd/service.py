@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,15 +16,22 @@ from .auth import TokenService, random_kid
 from .config import Settings
 from .errors import Conflict, DecryptionFailed, NotFound, Unavailable
 from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc, open_store
-from .vault import DEK, UnknownKey, VaultClient
+from .vault import DEK, Rewrap, UnknownKey, VaultClient
 
-__all__ = ["KMS", "KeyState"]
+__all__ = ["KMS", "KeyState", "RewrapResult"]
 
 
 @dataclass(frozen=True)
 class KeyState:
     active_key_id: str | None
     master_keys: tuple[MasterKeyRow, ...]
+
+
+@dataclass
+class RewrapResult:
+    rewrapped: int = 0  # now under the active key (v1 rows rewrapped in the vault, legacy rows upgraded)
+    changed: int = 0  # replaced by a client meanwhile: left to that write
+    unreadable: int = 0  # no master key reads it: left as it is
 
 
 class KMS:
@@ -45,6 +52,7 @@ class KMS:
         self.keys = KeyState(None, ())
         self._key_lock = asyncio.Lock()
         self._last_load = float("-inf")
+        self._signing_loaded: tuple[SigningKeyRow, ...] = ()
         vault.on_start = self.load_keys
 
     @classmethod
@@ -94,7 +102,20 @@ class KMS:
             current = next(s for s in signing if s.status == "active")
             await self.vault.load_signing_key(current.kid, current.key_material)
             self.tokens.set_public_keys((s.kid, s.public_key) for s in signing)
+            self._signing_loaded = tuple(signing)
             self._last_load = time.monotonic()
+
+    async def refresh_keys(self) -> bool:
+        """Reload the key rows if another process changed them (a rotation,
+        an added or destroyed key). Every daemon calls this periodically:
+        that period bounds how long it may keep wrapping under a key that
+        another daemon retired. True if something changed."""
+        rows = tuple(await self.store.list_master_keys())
+        signing = tuple(await self.store.list_signing_keys())
+        if rows == self.keys.master_keys and signing == self._signing_loaded:
+            return False
+        await self.load_keys()
+        return True
 
     async def _reload_if_stale(self) -> bool:
         """Reload key rows when something names a key this daemon has not
@@ -121,23 +142,132 @@ class KMS:
                 continue
         raise Conflict("could not allocate a master key id")
 
-    async def rotate_master_key(self) -> dict[str, Any]:
-        """A new active master key; every other key stays loaded (retired),
-        so everything wrapped before still decrypts."""
+    async def add_master_key(self, description: str | None = None) -> tuple[str, str | None]:
+        """The original's ``addMasterKey``: a new active master key, every
+        other one retired (and still loaded, so everything wrapped before
+        still decrypts). (new key id, previous active key id)."""
+        # Start from the rows as they are now: a root key that no longer
+        # unwraps them (rotated elsewhere) fails here, before a key is added
+        # that other daemons could not read.
+        await self.load_keys()
         previous = self.keys.active_key_id
         async with self._key_lock:
-            key_id = await self._create_master_key(description="rotation")
+            key_id = await self._create_master_key(description=description)
         await self.load_keys()
-        return {"message": "Master key rotated", "active_key_id": key_id, "previous_key_id": previous}
+        return key_id, previous
 
-    def key_status(self) -> dict[str, Any]:
-        return {
-            "active_key_id": self.keys.active_key_id,
-            "master_keys": [
-                {"key_id": r.key_id, "status": r.status, "created_at": r.created_at}
-                for r in self.keys.master_keys
-            ],
-        }
+    async def active_master_key(self) -> MasterKeyRow | None:
+        """The original's ``getActiveMasterKey`` (the row, never the key)."""
+        return next((r for r in await self.store.list_master_keys() if r.status == "active"), None)
+
+    async def retired_master_keys(self) -> list[MasterKeyRow]:
+        """The original's ``getRetiredMasterKeys``."""
+        return [r for r in await self.store.list_master_keys() if r.status == "retired"]
+
+    async def list_master_keys(self) -> list[dict[str, Any]]:
+        """The original's ``listMasterKeys``, with how many records each key
+        still wraps."""
+        counts = await self.store.count_records_by_key()
+        return [
+            {
+                "key_id": r.key_id,
+                "status": r.status,
+                "created_at": r.created_at,
+                "description": r.description,
+                "records": counts.get(r.key_id, 0),
+            }
+            for r in await self.store.list_master_keys()
+        ]
+
+    async def destroy_master_key(self, key_id: str) -> None:
+        """Delete a retired master key that no stored record uses. Anything
+        still wrapped under it (a DEK a caller keeps from /api/encrypt) can
+        never be decrypted again."""
+        row = next((r for r in await self.store.list_master_keys() if r.key_id == key_id), None)
+        if row is None:
+            raise NotFound("no such master key")
+        counts = await self.store.count_records_by_key()
+        in_use = counts.get(key_id, 0)
+        if row.status == "active":
+            raise Conflict(
+                f"master key {key_id} is the active key ({in_use} records); rotate first",
+                extra={"records": in_use},
+            )
+        if in_use:
+            raise Conflict(
+                f"master key {key_id} still wraps {in_use} records; rotate and let the rewrap finish first",
+                extra={"records": in_use},
+            )
+        unclassified = counts.get(None, 0)
+        if unclassified:
+            raise Conflict(
+                f"{unclassified} records are not yet attributed to a master key (written by the original"
+                " system or before kmsd tracked keys); run `kmsd mk rotate` or `kmsd migrate-legacy` first",
+                extra={"records": unclassified},
+            )
+        if not await self.store.delete_master_key(key_id):
+            raise Conflict(f"master key {key_id} came into use meanwhile; try again")
+        await self.load_keys()
+
+    async def rewrap_records(self, records: Sequence[Record], *, concurrency: int = 16) -> RewrapResult:
+        """Move ``records`` under the active master key. v1 rows are rewrapped
+        inside the vault in one call (the DEK never reaches the daemon) and
+        written with one compare-and-set per row, in one transaction; rows of
+        the original system are upgraded one by one (their data is CBC, so it
+        is re-encrypted, as ``migrate-legacy`` does)."""
+        active = self.keys.active_key_id
+        result = RewrapResult()
+        if active is None:
+            raise Unavailable("no active master key")
+        known: list[tuple[Record, str, str]] = []  # v1 under the active key already: attribute it
+        to_vault: list[tuple[Record, bytes]] = []
+        legacy: list[Record] = []
+        for record in records:
+            try:
+                wrapped = env.b64d(record.encrypted_dek or "")
+            except env.InvalidToken:
+                result.unreadable += 1
+                continue
+            try:
+                key_id = env.dek_key_id(wrapped)
+            except env.InvalidToken:
+                legacy.append(record)
+                continue
+            if key_id == active:
+                known.append((record, record.encrypted_dek or "", active))
+            else:
+                to_vault.append((record, wrapped))
+        changes = list(known)
+        if to_vault:
+            outcomes = await self.vault.rewrap_deks(
+                [(r.user_id, env.Purpose.RECORD, w) for r, w in to_vault]
+            )
+            for (record, _), (outcome, new) in zip(to_vault, outcomes):
+                if outcome == Rewrap.OK:
+                    changes.append((record, env.b64e(new), active))
+                else:
+                    result.unreadable += 1
+        if changes:
+            matched = await self.store.rewrap_records(changes)
+            result.rewrapped += matched
+            result.changed += len(changes) - matched
+        if legacy:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def upgrade(record: Record) -> None:
+                async with gate:
+                    try:
+                        outcome = await self.upgrade_record(record)
+                    except DecryptionFailed:
+                        result.unreadable += 1
+                        return
+                if outcome == "changed":
+                    result.changed += 1
+                else:
+                    result.rewrapped += 1
+
+            await asyncio.gather(*(upgrade(r) for r in legacy))
+        return result
 
     # -- tokens --------------------------------------------------------------
 
@@ -166,6 +296,7 @@ class KMS:
             env.b64e(env.encrypt_data(dek.key, data.encode("utf-8"), user_id)),
             env.b64e(dek.wrapped),
             now_utc(),
+            env.dek_key_id(dek.wrapped),
         )
         if replace:
             await self.store.upsert_record(record)
@@ -221,6 +352,7 @@ class KMS:
             env.b64e(env.encrypt_data(fresh.key, plain, record.user_id)),
             env.b64e(fresh.wrapped),
             record.created_at,
+            env.dek_key_id(fresh.wrapped),
         )
         return "upgraded" if await self.store.replace_record(record, upgraded) else "changed"
 

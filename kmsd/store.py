@@ -30,6 +30,7 @@ from .errors import Conflict, KMSError, Unavailable
 __all__ = [
     "MasterKeyRow",
     "Record",
+    "RotationJob",
     "SigningKeyRow",
     "SQLiteStore",
     "Store",
@@ -58,6 +59,11 @@ class Record:
     encrypted_key: str | None
     encrypted_dek: str | None
     created_at: str | None
+    # kmsd's additive column: the master key that wraps ``encrypted_dek``,
+    # so that rotation and ``kmsd mk list`` can count by key without
+    # decrypting. NULL for rows kmsd has not classified yet (written by the
+    # original system, or before the column existed).
+    master_key_id: str | None = None
 
     def __repr__(self) -> str:
         return f"Record(user_id={self.user_id!r}, created_at={self.created_at!r})"
@@ -85,6 +91,22 @@ class SigningKeyRow:
 
     def __repr__(self) -> str:
         return f"SigningKeyRow(kid={self.kid!r}, status={self.status!r})"
+
+
+@dataclass(frozen=True)
+class RotationJob:
+    """A ``kmsd_rotation_jobs`` row: one rotation and its rewrap. The work
+    left is never stored here: it is the records still under retired keys."""
+
+    id: int
+    state: str  # 'running' | 'finished'
+    target_key_id: str
+    requested_by: str | None
+    started_at: str
+    finished_at: str | None = None
+    rewrapped: int = 0
+    changed: int = 0  # replaced by a client meanwhile: left to that write
+    unreadable: int = 0
 
 
 class Store(Protocol):
@@ -130,6 +152,18 @@ class Store(Protocol):
         """Up to ``limit`` rows whose user id sorts after ``after`` (binary
         order), in that order: a resumable walk over every row."""
 
+    async def count_records_by_key(self) -> dict[str | None, int]:
+        """How many records each master key wraps; None: not classified."""
+
+    async def scan_records_to_rewrap(self, active_key_id: str, after: str | None, limit: int) -> list[Record]:
+        """Like ``scan_records``, but only rows not known to be under
+        ``active_key_id`` (other keys, and unclassified rows)."""
+
+    async def rewrap_records(self, changes: Sequence[tuple[Record, str, str]]) -> int:
+        """For each ``(old, encrypted_dek, master_key_id)``: set the row's
+        wrapped DEK and key id, compare-and-set on ``old``'s ciphertexts, all
+        in one transaction. How many rows matched."""
+
     async def list_master_keys(self) -> list[MasterKeyRow]:
         """All master keys, oldest first."""
 
@@ -139,6 +173,33 @@ class Store(Protocol):
 
     async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
         """Compare-and-set of one master key's wrapped material."""
+
+    async def replace_key_materials(
+        self, master: Sequence[tuple[str, str, str]], signing: Sequence[tuple[str, str, str]]
+    ) -> bool:
+        """Compare-and-set of many ``(id, old, new)`` wrapped key materials
+        (master keys, signing keys) in one transaction: all or nothing.
+        False, and no change, if any of them changed meanwhile."""
+
+    async def delete_master_key(self, key_id: str) -> bool:
+        """Delete a retired master key, only if no record is under it and
+        none is unclassified (checked in the same statement)."""
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl`` seconds of the
+        database's clock; False while another holder's lease runs."""
+
+    async def release_lease(self, name: str, holder: str) -> None: ...
+
+    async def get_lease(self, name: str) -> tuple[str, float] | None:
+        """(holder, seconds left) of a running lease, else None."""
+
+    async def start_rotation_job(self, target_key_id: str, requested_by: str | None) -> RotationJob: ...
+
+    async def update_rotation_job(self, job: RotationJob) -> None:
+        """Write the job's state, finished time and counters."""
+
+    async def latest_rotation_job(self) -> RotationJob | None: ...
 
     async def list_signing_keys(self) -> list[SigningKeyRow]: ...
 
@@ -186,7 +247,34 @@ _SQLITE_MIGRATIONS: Sequence[str] = (
         created_at DATETIME NOT NULL
     );
     """,
+    # 2: master-key lifecycle: which key wraps each record, leases (one
+    # rewrap at a time), rotation jobs.
+    """
+    ALTER TABLE kms_keys ADD COLUMN master_key_id VARCHAR(64);
+    CREATE INDEX IF NOT EXISTS kms_keys_master_key_id ON kms_keys (master_key_id);
+    CREATE TABLE IF NOT EXISTS kmsd_leases (
+        name VARCHAR(64) PRIMARY KEY,
+        holder VARCHAR(255) NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS kmsd_rotation_jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        state TEXT NOT NULL CHECK (state IN ('running', 'finished')),
+        target_key_id VARCHAR(64) NOT NULL,
+        requested_by TEXT,
+        started_at DATETIME NOT NULL,
+        finished_at DATETIME,
+        rewrapped INTEGER NOT NULL DEFAULT 0,
+        changed INTEGER NOT NULL DEFAULT 0,
+        unreadable INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )
+
+_RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_id"
+_JOB_COLUMNS = "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable"
+# Seconds since the epoch by SQLite's clock (julianday works on every version).
+_SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
 _WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
@@ -284,10 +372,7 @@ class SQLiteStore:
         await self._read("SELECT 1")
 
     async def get_record(self, user_id: str) -> Record | None:
-        rows = await self._read(
-            "SELECT user_id, encrypted_key, encrypted_dek, created_at FROM kms_keys WHERE user_id = ?",
-            (user_id,),
-        )
+        rows = await self._read(f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id = ?", (user_id,))
         return Record(*rows[0]) if rows else None
 
     async def count_records(self) -> int:
@@ -297,11 +382,34 @@ class SQLiteStore:
     async def scan_records(self, after: str | None, limit: int) -> list[Record]:
         # '' sorts before every user id, and user ids are never empty.
         rows = await self._read(
-            "SELECT user_id, encrypted_key, encrypted_dek, created_at FROM kms_keys"
-            " WHERE user_id > ? ORDER BY user_id LIMIT ?",
+            f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id > ? ORDER BY user_id LIMIT ?",
             (after or "", limit),
         )
         return [Record(*r) for r in rows]
+
+    async def count_records_by_key(self) -> dict[str | None, int]:
+        rows = await self._read("SELECT master_key_id, COUNT(*) FROM kms_keys GROUP BY master_key_id")
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def scan_records_to_rewrap(self, active_key_id: str, after: str | None, limit: int) -> list[Record]:
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id > ?"
+            " AND (master_key_id IS NULL OR master_key_id != ?) ORDER BY user_id LIMIT ?",
+            (after or "", active_key_id, limit),
+        )
+        return [Record(*r) for r in rows]
+
+    async def get_lease(self, name: str) -> tuple[str, float] | None:
+        rows = await self._read(
+            f"SELECT holder, expires_at - {_SQLITE_NOW} FROM kmsd_leases WHERE name = ?", (name,)
+        )
+        if rows and rows[0][0] and rows[0][1] > 0:
+            return str(rows[0][0]), float(rows[0][1])
+        return None
+
+    async def latest_rotation_job(self) -> RotationJob | None:
+        rows = await self._read(f"SELECT {_JOB_COLUMNS} FROM kmsd_rotation_jobs ORDER BY id DESC LIMIT 1")
+        return RotationJob(*rows[0]) if rows else None
 
     async def list_master_keys(self) -> list[MasterKeyRow]:
         rows = await self._read(
@@ -380,9 +488,9 @@ class SQLiteStore:
     async def insert_record(self, record: Record) -> None:
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.execute(
-                "INSERT INTO kms_keys (user_id, encrypted_key, encrypted_dek, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at,
+                 record.master_key_id),
             )
 
         await self._write(op)
@@ -390,11 +498,12 @@ class SQLiteStore:
     async def upsert_record(self, record: Record) -> None:
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.execute(
-                "INSERT INTO kms_keys (user_id, encrypted_key, encrypted_dek, created_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (user_id) DO UPDATE SET"
                 " encrypted_key = excluded.encrypted_key, encrypted_dek = excluded.encrypted_dek,"
-                " created_at = excluded.created_at",
-                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+                " created_at = excluded.created_at, master_key_id = excluded.master_key_id",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at,
+                 record.master_key_id),
             )
 
         await self._write(op)
@@ -409,14 +518,105 @@ class SQLiteStore:
     async def replace_record(self, old: Record, new: Record) -> bool:
         async def op(conn: aiosqlite.Connection) -> bool:
             cur = await conn.execute(
-                "UPDATE kms_keys SET encrypted_key = ?, encrypted_dek = ?, created_at = ?"
+                "UPDATE kms_keys SET encrypted_key = ?, encrypted_dek = ?, created_at = ?, master_key_id = ?"
                 " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
-                (new.encrypted_key, new.encrypted_dek, new.created_at,
+                (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
                  old.user_id, old.encrypted_key, old.encrypted_dek),
             )
             return cur.rowcount > 0
 
         return bool(await self._write(op))
+
+    async def rewrap_records(self, changes: Sequence[tuple[Record, str, str]]) -> int:
+        async def op(conn: aiosqlite.Connection) -> int:
+            matched = 0
+            for old, encrypted_dek, key_id in changes:
+                cur = await conn.execute(
+                    "UPDATE kms_keys SET encrypted_dek = ?, master_key_id = ?"
+                    " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
+                    (encrypted_dek, key_id, old.user_id, old.encrypted_key, old.encrypted_dek),
+                )
+                matched += cur.rowcount
+            return matched
+
+        return int(await self._write(op, multi=True))
+
+    async def replace_key_materials(
+        self, master: Sequence[tuple[str, str, str]], signing: Sequence[tuple[str, str, str]]
+    ) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            for table, column, rows in (("master_keys", "key_id", master), ("kmsd_signing_keys", "kid", signing)):
+                for key, old, new in rows:
+                    cur = await conn.execute(
+                        f"UPDATE {table} SET key_material = ? WHERE {column} = ? AND key_material = ?",
+                        (new, key, old),
+                    )
+                    if cur.rowcount != 1:
+                        # Undo every update of this op (the savepoint of ``multi``).
+                        raise Conflict("a key changed during the root-key rotation")
+            return True
+
+        try:
+            return bool(await self._write(op, multi=True))
+        except Conflict:
+            return False
+
+    async def delete_master_key(self, key_id: str) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute(
+                "DELETE FROM master_keys WHERE key_id = ? AND status = 'retired'"
+                " AND NOT EXISTS (SELECT 1 FROM kms_keys WHERE master_key_id = ? OR master_key_id IS NULL)",
+                (key_id, key_id),
+            )
+            return cur.rowcount > 0
+
+        return bool(await self._write(op))
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            await conn.execute(
+                "INSERT OR IGNORE INTO kmsd_leases (name, holder, expires_at) VALUES (?, '', 0)", (name,)
+            )
+            cur = await conn.execute(
+                f"UPDATE kmsd_leases SET holder = ?, expires_at = {_SQLITE_NOW} + ?"
+                f" WHERE name = ? AND (holder = ? OR holder = '' OR expires_at < {_SQLITE_NOW})",
+                (holder, ttl, name, holder),
+            )
+            return cur.rowcount > 0
+
+        return bool(await self._write(op, multi=True))
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "UPDATE kmsd_leases SET holder = '', expires_at = 0 WHERE name = ? AND holder = ?", (name, holder)
+            )
+
+        await self._write(op)
+
+    async def start_rotation_job(self, target_key_id: str, requested_by: str | None) -> RotationJob:
+        started = now_utc()
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(
+                "INSERT INTO kmsd_rotation_jobs (state, target_key_id, requested_by, started_at)"
+                " VALUES ('running', ?, ?, ?)",
+                (target_key_id, requested_by, started),
+            )
+            return int(cur.lastrowid or 0)
+
+        job_id = await self._write(op)
+        return RotationJob(job_id, "running", target_key_id, requested_by, started)
+
+    async def update_rotation_job(self, job: RotationJob) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "UPDATE kmsd_rotation_jobs SET state = ?, finished_at = ?, rewrapped = ?, changed = ?,"
+                " unreadable = ? WHERE id = ?",
+                (job.state, job.finished_at, job.rewrapped, job.changed, job.unreadable, job.id),
+            )
+
+        await self._write(op)
 
     async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
         async def op(conn: aiosqlite.Connection) -> bool:

@@ -29,7 +29,7 @@ import pymysql.constants
 
 from .config import DatabaseURL
 from .errors import Conflict
-from .store import MasterKeyRow, Record, SigningKeyRow, StoreError
+from .store import MasterKeyRow, Record, RotationJob, SigningKeyRow, StoreError, now_utc
 
 __all__ = ["MySQLStore"]
 
@@ -74,11 +74,68 @@ _MIGRATIONS: Sequence[Sequence[str]] = (
     # 2: user ids compare exactly in a database the original created. No row
     # is lost: ids distinct under the old collation stay distinct under this.
     ("ALTER TABLE kms_keys MODIFY user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL",),
+    # 3: master-key lifecycle. Which key wraps each record (counted without
+    # decrypting); at most one active master key, enforced by a unique index
+    # on a generated column that is NULL for retired keys; leases; jobs.
+    (
+        "column kms_keys master_key_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NULL",
+        "index kms_keys kms_keys_master_key_id (master_key_id)",
+        "column master_keys kmsd_one_active TINYINT AS (IF(status = 'active', 1, NULL)) STORED",
+        "index master_keys kmsd_master_keys_one_active UNIQUE (kmsd_one_active)",
+        """CREATE TABLE IF NOT EXISTS kmsd_leases (
+            name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            holder VARCHAR(255) NOT NULL,
+            expires_at DOUBLE NOT NULL
+        ) ENGINE=InnoDB""",
+        """CREATE TABLE IF NOT EXISTS kmsd_rotation_jobs (
+            id INT AUTO_INCREMENT PRIMARY KEY,
+            state ENUM('running','finished') NOT NULL,
+            target_key_id VARCHAR(64) NOT NULL,
+            requested_by VARCHAR(255),
+            started_at DATETIME NOT NULL,
+            finished_at DATETIME NULL,
+            rewrapped BIGINT NOT NULL DEFAULT 0,
+            changed BIGINT NOT NULL DEFAULT 0,
+            unreadable BIGINT NOT NULL DEFAULT 0
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ),
 )
+
+
+async def _apply(cur: aiomysql.Cursor, statement: str) -> None:
+    """Run one migration step so that it can run again: MySQL commits DDL
+    at once, so a step may be half done when a migration was interrupted.
+    "column T C DDL" and "index T NAME [UNIQUE] (COLS)" are added only if
+    missing (MySQL has no ADD COLUMN IF NOT EXISTS); anything else is SQL."""
+    kind, _, rest = statement.partition(" ")
+    if kind not in ("column", "index"):
+        await cur.execute(statement)
+        return
+    table, name, ddl = rest.split(" ", 2)
+    view = "COLUMNS" if kind == "column" else "STATISTICS"
+    field = "COLUMN_NAME" if kind == "column" else "INDEX_NAME"
+    await cur.execute(
+        f"SELECT COUNT(*) FROM information_schema.{view}"
+        f" WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s AND {field} = %s",
+        (table, name),
+    )
+    if (await cur.fetchone())[0]:
+        return
+    if kind == "column":
+        await cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
+    else:
+        unique = "UNIQUE " if ddl.startswith("UNIQUE ") else ""
+        await cur.execute(f"ALTER TABLE {table} ADD {unique}INDEX {name} {ddl.removeprefix('UNIQUE ')}")
+
+# Compare-and-set on a record's ciphertexts: byte-exact, NULL-safe.
+_SAME_CIPHERTEXTS = "BINARY encrypted_key <=> BINARY %s AND BINARY encrypted_dek <=> BINARY %s"
 
 _Work = Callable[[aiomysql.Cursor], Awaitable[Any]]
 
-_RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at"
+_RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_id"
+_JOB_COLUMNS = "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable"
+# The database's clock, so that daemons on several hosts agree on leases.
+_NOW = "UNIX_TIMESTAMP(NOW(6))"
 
 
 def _text(value: Any) -> str | None:
@@ -88,7 +145,14 @@ def _text(value: Any) -> str | None:
 
 
 def _record(row: Sequence[Any]) -> Record:
-    return Record(row[0], row[1], row[2], _text(row[3]))
+    return Record(row[0], row[1], row[2], _text(row[3]), row[4])
+
+
+def _job(row: Sequence[Any]) -> RotationJob:
+    return RotationJob(
+        int(row[0]), row[1], row[2], row[3], _text(row[4]) or "", _text(row[5]),
+        int(row[6]), int(row[7]), int(row[8]),
+    )
 
 
 def _code(exc: BaseException) -> int:
@@ -198,7 +262,7 @@ class MySQLStore:
                     if version in done:
                         continue
                     for statement in statements:
-                        await cur.execute(statement.format(bin=self.collation))
+                        await _apply(cur, statement.format(bin=self.collation))
                     await cur.execute(
                         "INSERT INTO kmsd_schema_migrations (version, applied_at) VALUES (%s, UTC_TIMESTAMP())",
                         (version,),
@@ -315,31 +379,145 @@ class MySQLStore:
     async def insert_record(self, record: Record) -> None:
         await self._write(
             (
-                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (%s, %s, %s, %s)",
-                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (%s, %s, %s, %s, %s)",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at,
+                 record.master_key_id),
             )
         )
 
     async def upsert_record(self, record: Record) -> None:
         await self._write(
             (
-                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (%s, %s, %s, %s)"
+                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (%s, %s, %s, %s, %s)"
                 " ON DUPLICATE KEY UPDATE encrypted_key = VALUES(encrypted_key),"
-                " encrypted_dek = VALUES(encrypted_dek), created_at = VALUES(created_at)",
-                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at),
+                " encrypted_dek = VALUES(encrypted_dek), created_at = VALUES(created_at),"
+                " master_key_id = VALUES(master_key_id)",
+                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at,
+                 record.master_key_id),
             )
         )
 
     async def replace_record(self, old: Record, new: Record) -> bool:
         changed = await self._write(
             (
-                "UPDATE kms_keys SET encrypted_key = %s, encrypted_dek = %s, created_at = %s"
-                " WHERE user_id = %s AND BINARY encrypted_key <=> BINARY %s AND BINARY encrypted_dek <=> BINARY %s",
-                (new.encrypted_key, new.encrypted_dek, new.created_at,
+                "UPDATE kms_keys SET encrypted_key = %s, encrypted_dek = %s, created_at = %s, master_key_id = %s"
+                f" WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
+                (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
                  old.user_id, old.encrypted_key, old.encrypted_dek),
             )
         )
         return changed > 0
+
+    async def count_records_by_key(self) -> dict[str | None, int]:
+        rows = await self._read("SELECT master_key_id, COUNT(*) FROM kms_keys GROUP BY master_key_id")
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def scan_records_to_rewrap(self, active_key_id: str, after: str | None, limit: int) -> list[Record]:
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id > %s"
+            " AND (master_key_id IS NULL OR master_key_id <> %s) ORDER BY user_id LIMIT %s",
+            (after or "", active_key_id, limit),
+        )
+        return [_record(r) for r in rows]
+
+    async def rewrap_records(self, changes: Sequence[tuple[Record, str, str]]) -> int:
+        if not changes:
+            return 0
+
+        async def work(cur: aiomysql.Cursor) -> int:
+            # executemany runs an UPDATE once per row; rowcount is their sum.
+            await cur.executemany(
+                "UPDATE kms_keys SET encrypted_dek = %s, master_key_id = %s"
+                f" WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
+                [(dek, key_id, old.user_id, old.encrypted_key, old.encrypted_dek) for old, dek, key_id in changes],
+            )
+            return int(cur.rowcount)
+
+        return int(await self._run(work, write="transaction"))
+
+    async def replace_key_materials(
+        self, master: Sequence[tuple[str, str, str]], signing: Sequence[tuple[str, str, str]]
+    ) -> bool:
+        class _Changed(Exception):
+            pass
+
+        async def work(cur: aiomysql.Cursor) -> None:
+            for table, column, rows in (("master_keys", "key_id", master), ("kmsd_signing_keys", "kid", signing)):
+                for key, old, new in rows:
+                    await cur.execute(
+                        f"UPDATE {table} SET key_material = %s WHERE {column} = %s"
+                        " AND BINARY key_material = BINARY %s",
+                        (new, key, old),
+                    )
+                    if cur.rowcount != 1:
+                        # Raised inside the transaction: _run rolls it back.
+                        raise _Changed
+
+        try:
+            await self._run(work, write="transaction")
+        except _Changed:
+            return False
+        return True
+
+    async def delete_master_key(self, key_id: str) -> bool:
+        changed = await self._write(
+            (
+                "DELETE FROM master_keys WHERE key_id = %s AND status = 'retired' AND NOT EXISTS"
+                " (SELECT 1 FROM kms_keys WHERE master_key_id = %s OR master_key_id IS NULL)",
+                (key_id, key_id),
+            )
+        )
+        return changed > 0
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        async def work(cur: aiomysql.Cursor) -> bool:
+            await cur.execute("INSERT IGNORE INTO kmsd_leases (name, holder, expires_at) VALUES (%s, '', 0)", (name,))
+            await cur.execute(
+                f"UPDATE kmsd_leases SET holder = %s, expires_at = {_NOW} + %s"
+                f" WHERE name = %s AND (holder = %s OR holder = '' OR expires_at < {_NOW})",
+                (holder, ttl, name, holder),
+            )
+            return cur.rowcount > 0
+
+        return bool(await self._run(work, write="transaction"))
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._write(
+            ("UPDATE kmsd_leases SET holder = '', expires_at = 0 WHERE name = %s AND holder = %s", (name, holder))
+        )
+
+    async def get_lease(self, name: str) -> tuple[str, float] | None:
+        rows = await self._read(f"SELECT holder, expires_at - {_NOW} FROM kmsd_leases WHERE name = %s", (name,))
+        if rows and rows[0][0] and float(rows[0][1]) > 0:
+            return str(rows[0][0]), float(rows[0][1])
+        return None
+
+    async def start_rotation_job(self, target_key_id: str, requested_by: str | None) -> RotationJob:
+        started = now_utc()
+
+        async def work(cur: aiomysql.Cursor) -> int:
+            await cur.execute(
+                "INSERT INTO kmsd_rotation_jobs (state, target_key_id, requested_by, started_at)"
+                " VALUES ('running', %s, %s, %s)",
+                (target_key_id, requested_by, started),
+            )
+            return int(cur.lastrowid)
+
+        job_id = await self._run(work, write="statement")
+        return RotationJob(job_id, "running", target_key_id, requested_by, started)
+
+    async def update_rotation_job(self, job: RotationJob) -> None:
+        await self._write(
+            (
+                "UPDATE kmsd_rotation_jobs SET state = %s, finished_at = %s, rewrapped = %s, changed = %s,"
+                " unreadable = %s WHERE id = %s",
+                (job.state, job.finished_at, job.rewrapped, job.changed, job.unreadable, job.id),
+            )
+        )
+
+    async def latest_rotation_job(self) -> RotationJob | None:
+        rows = await self._read(f"SELECT {_JOB_COLUMNS} FROM kmsd_rotation_jobs ORDER BY id DESC LIMIT 1")
+        return _job(rows[0]) if rows else None
 
     async def delete_record(self, user_id: str) -> bool:
         return await self._write(("DELETE FROM kms_keys WHERE user_id = %s", (user_id,))) > 0

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from .config import RootKeySource
 from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
 
-__all__ = ["DEK", "Op", "Status", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
+__all__ = ["DEK", "Op", "Rewrap", "Status", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">IBBI")
@@ -54,6 +54,8 @@ class Op(enum.IntEnum):
     LOAD_SIGNING_KEY = 8
     SIGN_JWT = 9
     REWRAP_MASTER_KEY = 10  # a loaded key, wrapped anew in the v1 format
+    REWRAP_DEKS = 11  # many wrapped DEKs, unwrapped and wrapped under the active key
+    REKEY = 12  # a key row wrapped under the new root key (root-key rotation)
 
 
 class Status(enum.IntEnum):
@@ -100,6 +102,15 @@ def decode_body(body: bytes) -> tuple[int, int, list[bytes]]:
     return code, req_id, fields
 
 
+class Rewrap(enum.IntEnum):
+    """The outcome of one item of a ``REWRAP_DEKS`` call."""
+
+    OK = 0
+    INVALID = 1  # does not unwrap under the key it names
+    UNKNOWN_KEY = 2  # names a key the vault does not hold
+    LEGACY = 3  # the original system's format: its data must be re-encrypted too
+
+
 @dataclass(frozen=True, repr=False)
 class DEK:
     """A plaintext data key and its wrapped form. Never printed."""
@@ -132,8 +143,12 @@ class VaultClient:
         timeout: float = 2.0,
         on_start: Callable[[], Awaitable[None]] | None = None,
         log: Callable[..., None] | None = None,
+        new_root_key_file: str | None = None,
     ) -> None:
         self._source = root_key
+        # Only for `kmsd root-key rotate`: the vault reads this one too, and
+        # answers REKEY with rows wrapped under it.
+        self._new_root_key_file = new_root_key_file
         self._user = user
         self._timeout = timeout
         self.on_start = on_start
@@ -232,6 +247,8 @@ class VaultClient:
             fds.append(self._source.fd)
         elif self._source.dev_file:
             args += ["--dev-key-file", self._source.dev_file]
+        if self._new_root_key_file:
+            args += ["--new-root-key-file", self._new_root_key_file]
         if self._user:
             args += ["--user", self._user]
         try:
@@ -357,6 +374,22 @@ class VaultClient:
         key, legacy = await self.call(Op.UNWRAP_DEK, owner.encode(), bytes([purpose]), wrapped)
         return DEK(key, wrapped, legacy == b"\x01")
 
+    async def rewrap_deks(self, items: Sequence[tuple[str, int, bytes]]) -> list[tuple[Rewrap, bytes]]:
+        """Rewrap ``(owner, purpose, wrapped)`` DEKs under the active master
+        key in one call: the plaintext DEKs never leave the vault. One
+        ``(outcome, new wrapped DEK)`` per item, in order."""
+        fields: list[bytes] = []
+        for owner, purpose, wrapped in items:
+            fields += [owner.encode(), bytes([purpose]), wrapped]
+        out = await self.call(Op.REWRAP_DEKS, *fields)
+        return [(Rewrap(out[i][0]), out[i + 1]) for i in range(0, len(out), 2)]
+
+    async def rekey(self, aad_id: str, material: str) -> str:
+        """A master-key (``key_id``) or signing-key (``jwt:kid``) row wrapped
+        under the new root key; only a vault started with one answers."""
+        (wrapped,) = await self.call(Op.REKEY, aad_id.encode(), material.encode())
+        return wrapped.decode()
+
     async def new_signing_key(self, kid: str) -> tuple[str, bytes]:
         wrapped, public = await self.call(Op.NEW_SIGNING_KEY, kid.encode())
         return wrapped.decode(), public
@@ -468,6 +501,7 @@ class _Vault:
 
         assert isinstance(root, RootKey)
         self.root = root
+        self.new_root: RootKey | None = None  # set only for a root-key rotation
         self.master: dict[str, bytes] = {}
         self.order: list[str] = []  # active first, then the retired, newest first
         self.active: str | None = None
@@ -521,6 +555,19 @@ class _Vault:
         if op == Op.UNWRAP_DEK:
             owner, purpose, blob = f[0].decode(), env.Purpose(f[1][0]), f[2]
             return self._unwrap_dek(owner, purpose, blob)
+        if op == Op.REWRAP_DEKS:
+            if self.active is None:
+                return Status.NO_KEY, []
+            return Status.OK, self._rewrap_deks(f)
+        if op == Op.REKEY:
+            if self.new_root is None:
+                return Status.BAD_REQUEST, []
+            aad_id, material = f[0].decode(), f[1].decode()
+            try:
+                secret = self._unwrap_mk(aad_id, material)
+            except env.InvalidToken:
+                return Status.WRONG_ROOT_KEY, [aad_id.encode()]
+            return Status.OK, [env.b64e(env.wrap_master_key(self.new_root.kek, aad_id, secret)).encode()]
         if op == Op.NEW_SIGNING_KEY:
             from cryptography.hazmat.primitives import serialization
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -555,6 +602,33 @@ class _Vault:
             token = jwt.encode(json.loads(f[0]), signer, algorithm="EdDSA", headers={"kid": kid})  # type: ignore[arg-type]
             return Status.OK, [token.encode()]
         return Status.BAD_REQUEST, []
+
+    def _rewrap_deks(self, f: list[bytes]) -> list[bytes]:
+        from . import envelope as env
+
+        assert self.active is not None
+        active_key = self.master[self.active]
+        out: list[bytes] = []
+        for i in range(0, len(f) - 2, 3):
+            owner, purpose, blob = f[i].decode(), env.Purpose(f[i + 1][0]), f[i + 2]
+            try:
+                key_id = env.dek_key_id(blob)
+            except env.InvalidToken:
+                # No key id: the original's CBC layout (or garbage, which the
+                # caller finds out when it upgrades the row).
+                out += [bytes([Rewrap.LEGACY]), b""]
+                continue
+            mk = self.master.get(key_id)
+            if mk is None:
+                out += [bytes([Rewrap.UNKNOWN_KEY]), b""]
+                continue
+            try:
+                dek = env.unwrap_dek(mk, blob, owner, purpose)
+            except env.InvalidToken:
+                out += [bytes([Rewrap.INVALID]), b""]
+                continue
+            out += [bytes([Rewrap.OK]), env.wrap_dek(active_key, self.active, dek, owner, purpose)]
+        return out
 
     def _unwrap_mk(self, key_id: str, material: str) -> bytes:
         from . import envelope as env
@@ -617,15 +691,20 @@ def vault_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root-key-file")
     parser.add_argument("--root-key-fd", type=int)
     parser.add_argument("--dev-key-file")
+    parser.add_argument("--new-root-key-file")
     parser.add_argument("--user")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
 
     from .envelope import RootKey
 
+    new_root = None
     try:
         text = _read_root_key(args)
         root = RootKey(text)
+        if args.new_root_key_file:
+            with open(args.new_root_key_file, encoding="utf-8") as fh:
+                new_root = RootKey(fh.read())
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         _vault_log("root_key_unreadable", level="error", error=type(exc).__name__)
         sock.sendall(encode_frame(Status.INTERNAL, 0, [b"root key unreadable"]))
@@ -641,6 +720,7 @@ def vault_main(argv: Sequence[str] | None = None) -> None:
             "replace it with `kmsd root-key rotate`",
         )
     vault = _Vault(root)
+    vault.new_root = new_root
     sock.sendall(encode_frame(Status.OK, 0, [json.dumps({"passphrase": root.is_passphrase}).encode()]))
     stream = sock.makefile("rb")
     while True:

@@ -1,4 +1,4 @@
-"""Dependencies point one way: cli -> server -> service -> auth / vault /
+"""Dependencies point one way: cli -> server -> rotation -> service -> auth / vault /
 store -> errors / config. Nothing imports server; the client imports only
 the shared errors."""
 
@@ -21,8 +21,10 @@ ALLOWED = {
     "vault": {"errors", "config", "envelope"},
     "service": {"errors", "config", "envelope", "auth", "store", "vault"},
     "migrate": {"errors", "service", "store"},
-    "server": {"errors", "config", "auth", "logs", "service", "store", "vault"},
-    "cli": {"errors", "config", "logs", "migrate", "server", "service", "vault"},
+    "rotation": {"errors", "service", "store"},
+    "rootkey": {"errors", "service", "store", "vault"},
+    "server": {"errors", "config", "auth", "logs", "rotation", "service", "store", "vault"},
+    "cli": {"errors", "config", "logs", "migrate", "rootkey", "server", "service", "vault"},
     "__main__": {"cli"},
     "__init__": set(),
 }
