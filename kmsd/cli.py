@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from .admin import add_parsers, run_mk, run_root_key
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging, get_logger
 
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _database_args(migrate)
     migrate.add_argument("--batch-size", type=int, default=500, help="rows per batch (default 500)")
+    add_parsers(sub, _database_args)
     return parser
 
 
@@ -173,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "migrate-legacy":
         return _migrate_legacy(args)
+    if args.command in ("mk", "root-key"):
+        # ROOT_KEY may be how the root key is given (for direct database work).
+        _move_root_key_out_of_environment()
+        configure_logging("warning")
+        return run_mk(args) if args.command == "mk" else run_root_key(args)
     return 2
 
 

@@ -69,6 +69,10 @@ class RootKeySource:
     fd: int | None = None
     dev_file: str | None = None
 
+    @property
+    def configured(self) -> bool:
+        return bool(self.file or self.fd is not None or self.dev_file)
+
     def describe(self) -> str:
         if self.file:
             return f"file {self.file}"
@@ -288,8 +292,11 @@ def load_settings(
     config_file: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    require_root_key: bool = True,
 ) -> Settings:
-    """Build the settings from defaults, file, environment and flags."""
+    """Build the settings from defaults, file, environment and flags.
+    Without ``require_root_key`` a missing root key leaves ``root_key``
+    empty (admin commands that talk to a running daemon need none)."""
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     config_file = config_file or env.get("KMSD_CONFIG")
@@ -373,6 +380,8 @@ def load_settings(
             else Path(settings.socket).parent
         )
         source = RootKeySource(dev_file=str(base / "root-key.dev"))
+    elif not require_root_key:
+        source = RootKeySource()
     else:
         raise ConfigError(
             "no root key configured: set KMSD_ROOT_KEY_FILE, ROOT_KEY or a systemd "

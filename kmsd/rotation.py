@@ -192,10 +192,8 @@ class Rotator:
             "lease": {"holder": lease[0], "expires_in": round(lease[1], 2)} if lease else None,
         }
         if job is not None:
-            started = _parse_time(job.started_at) or time.time()
-            finished = _parse_time(job.finished_at) or time.time()
-            elapsed = max(finished - started, 1.0)
-            body["job"] = {**asdict(job), "rate_per_second": round(job.rewrapped / elapsed, 1)}
+            rate = job.rewrapped / job.active_seconds if job.active_seconds > 0 else 0.0
+            body["job"] = {**asdict(job), "rate_per_second": round(rate, 1)}
         return body
 
     # -- the job -------------------------------------------------------------------
@@ -241,6 +239,7 @@ class Rotator:
             after: str | None = None
             progress = unreadable = 0
             while True:
+                batch_started = time.monotonic()
                 try:
                     batch = await self.store.scan_records_to_rewrap(active, after, self.batch_size)
                     if not batch:
@@ -257,7 +256,12 @@ class Rotator:
                 after = batch[-1].user_id
                 progress += result.rewrapped
                 unreadable += result.unreadable
-                job = replace(job, rewrapped=job.rewrapped + result.rewrapped, changed=job.changed + result.changed)
+                job = replace(
+                    job,
+                    rewrapped=job.rewrapped + result.rewrapped,
+                    changed=job.changed + result.changed,
+                    active_seconds=job.active_seconds + (time.monotonic() - batch_started),
+                )
                 with contextlib.suppress(KMSError):
                     await self.store.update_rotation_job(job)
             if progress == 0 and time.monotonic() - started >= settle:

@@ -53,20 +53,26 @@ class KMS:
         self._key_lock = asyncio.Lock()
         self._last_load = float("-inf")
         self._signing_loaded: tuple[SigningKeyRow, ...] = ()
+        self._vault_signing: tuple[int | None, str] | None = None
         vault.on_start = self.load_keys
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, log: Any) -> KMS:
-        """The service with its store, vault client and token service, none
-        of them started yet."""
-        store = open_store(
-            settings.database, pool_size=settings.database_pool_size, timeout=settings.database_timeout
-        )
+    def from_settings(
+        cls, settings: Settings, *, log: Any, store: Store | None = None, new_root_key_file: str | None = None
+    ) -> KMS:
+        """The service with its store (unless given), vault client and token
+        service, none of them started yet."""
+        if store is None:
+            store = open_store(
+                settings.database, pool_size=settings.database_pool_size, timeout=settings.database_timeout
+            )
         vault = VaultClient(
             settings.root_key,
             user=settings.vault_user,
             timeout=settings.vault_timeout,
-            log=lambda event, **kw: log.warning(event, **kw),
+            # A (re)start is routine; everything else the vault client reports is not.
+            log=lambda event, **kw: (log.info if event == "vault_started" else log.warning)(event, **kw),
+            new_root_key_file=new_root_key_file,
         )
         tokens = TokenService(
             issuer=settings.issuer,
@@ -100,7 +106,12 @@ class KMS:
                 )
                 signing = await self.store.list_signing_keys()
             current = next(s for s in signing if s.status == "active")
-            await self.vault.load_signing_key(current.kid, current.key_material)
+            # The same key in the same vault process needs no reload (after a
+            # root-key rotation, its new row would not open under the old root).
+            loaded = (self.vault.pid, current.kid)
+            if loaded != self._vault_signing:
+                await self.vault.load_signing_key(current.kid, current.key_material)
+                self._vault_signing = loaded
             self.tokens.set_public_keys((s.kid, s.public_key) for s in signing)
             self._signing_loaded = tuple(signing)
             self._last_load = time.monotonic()

@@ -107,6 +107,8 @@ class RotationJob:
     rewrapped: int = 0
     changed: int = 0  # replaced by a client meanwhile: left to that write
     unreadable: int = 0
+    # Seconds spent rewrapping (not waiting): rewrapped / active_seconds is the rate.
+    active_seconds: float = 0.0
 
 
 class Store(Protocol):
@@ -266,13 +268,16 @@ _SQLITE_MIGRATIONS: Sequence[str] = (
         finished_at DATETIME,
         rewrapped INTEGER NOT NULL DEFAULT 0,
         changed INTEGER NOT NULL DEFAULT 0,
-        unreadable INTEGER NOT NULL DEFAULT 0
+        unreadable INTEGER NOT NULL DEFAULT 0,
+        active_seconds REAL NOT NULL DEFAULT 0
     );
     """,
 )
 
 _RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_id"
-_JOB_COLUMNS = "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable"
+_JOB_COLUMNS = (
+    "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable, active_seconds"
+)
 # Seconds since the epoch by SQLite's clock (julianday works on every version).
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
@@ -612,8 +617,8 @@ class SQLiteStore:
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.execute(
                 "UPDATE kmsd_rotation_jobs SET state = ?, finished_at = ?, rewrapped = ?, changed = ?,"
-                " unreadable = ? WHERE id = ?",
-                (job.state, job.finished_at, job.rewrapped, job.changed, job.unreadable, job.id),
+                " unreadable = ?, active_seconds = ? WHERE id = ?",
+                (job.state, job.finished_at, job.rewrapped, job.changed, job.unreadable, job.active_seconds, job.id),
             )
 
         await self._write(op)

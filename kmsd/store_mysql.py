@@ -96,7 +96,8 @@ _MIGRATIONS: Sequence[Sequence[str]] = (
             finished_at DATETIME NULL,
             rewrapped BIGINT NOT NULL DEFAULT 0,
             changed BIGINT NOT NULL DEFAULT 0,
-            unreadable BIGINT NOT NULL DEFAULT 0
+            unreadable BIGINT NOT NULL DEFAULT 0,
+            active_seconds DOUBLE NOT NULL DEFAULT 0
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
     ),
 )
@@ -133,7 +134,9 @@ _SAME_CIPHERTEXTS = "BINARY encrypted_key <=> BINARY %s AND BINARY encrypted_dek
 _Work = Callable[[aiomysql.Cursor], Awaitable[Any]]
 
 _RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_id"
-_JOB_COLUMNS = "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable"
+_JOB_COLUMNS = (
+    "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable, active_seconds"
+)
 # The database's clock, so that daemons on several hosts agree on leases.
 _NOW = "UNIX_TIMESTAMP(NOW(6))"
 
@@ -151,7 +154,7 @@ def _record(row: Sequence[Any]) -> Record:
 def _job(row: Sequence[Any]) -> RotationJob:
     return RotationJob(
         int(row[0]), row[1], row[2], row[3], _text(row[4]) or "", _text(row[5]),
-        int(row[6]), int(row[7]), int(row[8]),
+        int(row[6]), int(row[7]), int(row[8]), float(row[9]),
     )
 
 
@@ -510,8 +513,8 @@ class MySQLStore:
         await self._write(
             (
                 "UPDATE kmsd_rotation_jobs SET state = %s, finished_at = %s, rewrapped = %s, changed = %s,"
-                " unreadable = %s WHERE id = %s",
-                (job.state, job.finished_at, job.rewrapped, job.changed, job.unreadable, job.id),
+                " unreadable = %s, active_seconds = %s WHERE id = %s",
+                (job.state, job.finished_at, job.rewrapped, job.changed, job.unreadable, job.active_seconds, job.id),
             )
         )
 

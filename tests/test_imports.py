@@ -22,9 +22,10 @@ ALLOWED = {
     "service": {"errors", "config", "envelope", "auth", "store", "vault"},
     "migrate": {"errors", "service", "store"},
     "rotation": {"errors", "service", "store"},
-    "rootkey": {"errors", "service", "store", "vault"},
+    "rootkey": {"errors", "config", "envelope", "service", "store"},
+    "admin": {"errors", "config", "logs", "rotation", "rootkey", "service"},
     "server": {"errors", "config", "auth", "logs", "rotation", "service", "store", "vault"},
-    "cli": {"errors", "config", "logs", "migrate", "rootkey", "server", "service", "vault"},
+    "cli": {"admin", "errors", "config", "logs", "migrate", "server", "service", "vault"},
     "__main__": {"cli"},
     "__init__": set(),
 }

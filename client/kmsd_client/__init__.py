@@ -21,7 +21,7 @@ import select
 import socket
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from kmsd.errors import (
     BadRequest,
@@ -259,6 +259,19 @@ class KMSClient:
     def rotate(self, *, token: str | None = None) -> dict[str, Any]:
         """Start a master-key rotation (admin only)."""
         return self._call("POST", "/api/rotate-mk", token=self._bearer(token))
+
+    def list_master_keys(self, *, token: str | None = None) -> dict[str, Any]:
+        """Every master key with its status and how many records it wraps (admin only)."""
+        return self._call("GET", "/api/master-keys", token=self._bearer(token))
+
+    def add_master_key(self, description: str | None = None, *, token: str | None = None) -> dict[str, Any]:
+        """A new active master key, without a rewrap (admin only)."""
+        body = {"description": description} if description is not None else {}
+        return self._call("POST", "/api/master-keys", body, token=self._bearer(token))
+
+    def destroy_master_key(self, key_id: str, *, token: str | None = None) -> dict[str, Any]:
+        """Delete a retired master key no record uses any more (admin only)."""
+        return self._call("DELETE", "/api/master-keys/" + quote(key_id, safe=""), token=self._bearer(token))
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")

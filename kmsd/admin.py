@@ -1,0 +1,320 @@
+"""The admin commands: ``kmsd mk add|active|retired|list|rotate|destroy``
+and ``kmsd root-key rotate``.
+
+``kmsd mk`` talks to the running daemon over its Unix socket (an admin peer:
+root, or a configured admin uid/gid). When no daemon answers there it acts on
+the database directly, with its own vault, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings
+from .errors import KMSError
+from .logs import get_logger
+
+__all__ = ["add_parsers", "run_mk", "run_root_key"]
+
+
+def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    mk = sub.add_parser(
+        "mk",
+        help="master keys: add, active, retired, list, rotate, destroy",
+        description="Talks to the running daemon over its Unix socket; with no daemon there, "
+        "acts on the database directly.",
+    )
+    mk_sub = mk.add_subparsers(dest="mk_command", required=True)
+
+    def mk_command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        p = mk_sub.add_parser(name, **kw)
+        common(p)
+        p.add_argument("--socket", help="the daemon's Unix socket (env KMSD_SOCKET)")
+        return p
+
+    add = mk_command("add", help="a new active master key; every other one retired (no rewrap)")
+    add.add_argument("--description")
+    for name, text in (
+        ("active", "the active master key"),
+        ("retired", "the retired master keys"),
+        ("list", "every master key: id, status, created, records it still wraps"),
+    ):
+        p = mk_command(name, help=text)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    rotate = mk_command("rotate", help="a new active key, then rewrap every record in the background")
+    rotate.add_argument("--wait", action="store_true", help="show progress until the rewrap has finished")
+    rotate.add_argument("--status", action="store_true", help="only show the current rotation's progress")
+    destroy = mk_command(
+        "destroy",
+        help="delete a retired key that no stored record uses",
+        description="Refused for the active key and for a key that still wraps stored records. "
+        "A DEK that a caller keeps itself (from /api/encrypt) under this key can never be "
+        "decrypted again.",
+    )
+    destroy.add_argument("key_id")
+
+    root = sub.add_parser(
+        "root-key",
+        help="root key: rotate",
+        description="Rewraps every master key and the JWT signing keys under a new root key, on "
+        "the database directly (daemons may keep running). Afterwards the old root key opens "
+        "nothing: give every daemon the new one and restart it.",
+    )
+    root_sub = root.add_subparsers(dest="root_command", required=True)
+    rr = root_sub.add_parser("rotate", help="rewrap the master keys under a new root key")
+    common(rr)
+    rr.add_argument("--new-key-file", required=True, help="the new root key (32 bytes, hex or base64)")
+    rr.add_argument(
+        "--generate", action="store_true", help="create --new-key-file with 32 random bytes (mode 0600) first"
+    )
+
+
+def _settings(args: argparse.Namespace, *, require_root_key: bool) -> Settings:
+    return load_settings(
+        config_file=args.config,
+        overrides={"database_url": args.database, "socket": getattr(args, "socket", None)},
+        require_root_key=require_root_key,
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"kmsd: {message}", file=sys.stderr)
+    return 1
+
+
+# -- kmsd mk -------------------------------------------------------------------------
+
+
+class _Daemon:
+    """The mk operations through a running daemon."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.where = "daemon"
+
+    async def list(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.list_master_keys)
+
+    async def add(self, description: str | None) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.add_master_key, description)
+
+    async def rotate(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.rotate)
+
+    async def status(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.rotation_status)
+
+    async def destroy(self, key_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.destroy_master_key, key_id)
+
+
+class _Direct:
+    """The same operations on the database, with a vault of our own."""
+
+    def __init__(self, kms: Any, rotator: Any) -> None:
+        self.kms = kms
+        self.rotator = rotator
+        self.where = "database"
+
+    async def list(self) -> dict[str, Any]:
+        return {"active_key_id": self.kms.keys.active_key_id, "master_keys": await self.kms.list_master_keys()}
+
+    async def add(self, description: str | None) -> dict[str, Any]:
+        return await self.rotator.add_key(description)
+
+    async def rotate(self) -> dict[str, Any]:
+        return await self.rotator.rotate(requested_by="kmsd mk rotate (direct)")
+
+    async def status(self) -> dict[str, Any]:
+        return await self.rotator.status()
+
+    async def destroy(self, key_id: str) -> dict[str, Any]:
+        await self.kms.destroy_master_key(key_id)
+        return {"message": "Master key destroyed", "key_id": key_id}
+
+
+def _daemon_client(settings: Settings) -> Any | None:
+    from kmsd_client import KMSClient
+
+    client = KMSClient(settings.socket, timeout=30)
+    try:
+        client.health()
+    except KMSError:
+        client.close()
+        return None
+    return client
+
+
+@asynccontextmanager
+async def _direct(settings: Settings) -> AsyncIterator[_Direct]:
+    from .rotation import Rotator
+    from .service import KMS
+
+    log = get_logger(process="kmsd-mk")
+    kms = KMS.from_settings(settings, log=log)
+    await kms.store.open()
+    try:
+        await kms.vault.start()
+        rotator = Rotator(
+            kms,
+            lease_ttl=settings.rotation_lease_ttl,
+            batch_size=settings.rotation_batch_size,
+            refresh_interval=settings.key_refresh_interval,
+            log=log,
+        )
+        try:
+            yield _Direct(kms, rotator)
+        finally:
+            await rotator.close()
+            await kms.vault.close()
+    finally:
+        await kms.store.close()
+
+
+def run_mk(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args, require_root_key=False)
+    except ConfigError as exc:
+        return _fail(exc.message)
+    client = _daemon_client(settings)
+    if client is None:
+        if not settings.root_key.configured:
+            return _fail(
+                f"no daemon answers on {settings.socket}, and no root key is configured to act on the"
+                " database directly (KMSD_ROOT_KEY_FILE, ROOT_KEY or a 'root-key' credential)"
+            )
+        print(
+            f"kmsd: no daemon answers on {settings.socket}: acting on {settings.database.masked()} directly",
+            file=sys.stderr,
+        )
+    import uvloop
+
+    async def run() -> int:
+        if client is not None:
+            return await _mk(args, _Daemon(client))
+        async with _direct(settings) as direct:
+            return await _mk(args, direct)
+
+    try:
+        return uvloop.run(run())
+    except KMSError as exc:
+        return _fail(exc.message)
+    finally:
+        if client is not None:
+            client.close()
+
+
+async def _mk(args: argparse.Namespace, ops: _Daemon | _Direct) -> int:
+    command = args.mk_command
+    if command in ("list", "active", "retired"):
+        listing = await ops.list()
+        keys = listing["master_keys"]
+        if command != "list":
+            keys = [k for k in keys if k["status"] == command]
+        if args.json:
+            print(json.dumps((keys[0] if keys else None) if command == "active" else keys))
+        else:
+            _print_keys(keys)
+        return 0
+    if command == "add":
+        result = await ops.add(args.description)
+        print(f"master key {result['active_key_id']} is active; {result['previous_key_id']} retired (no rewrap)")
+        return 0
+    if command == "destroy":
+        await ops.destroy(args.key_id)
+        print(f"master key {args.key_id} destroyed")
+        return 0
+    if command == "rotate":
+        if args.status:
+            print(json.dumps(await ops.status(), indent=2))
+            return 0
+        result = await ops.rotate()
+        print(
+            f"master key {result['active_key_id']} is active; rewrapping {result['remaining_total']} records"
+            f" from the retired keys in the background (job {result['job']['id']})"
+        )
+        # Without a daemon the rewrap runs in this process: it must finish here.
+        if args.wait or isinstance(ops, _Direct):
+            return await _follow(ops, result["job"]["id"])
+        return 0
+    return 2
+
+
+def _print_keys(keys: list[dict[str, Any]]) -> None:
+    print(f"{'KEY_ID':<24} {'STATUS':<8} {'CREATED (UTC)':<20} {'RECORDS':>9}  DESCRIPTION")
+    for k in keys:
+        print(
+            f"{k['key_id']:<24} {k['status']:<8} {k['created_at']:<20} {k['records']:>9}  {k.get('description') or ''}"
+        )
+
+
+async def _follow(ops: _Daemon | _Direct, job_id: int) -> int:
+    """A progress bar until the job has finished."""
+    from tqdm import tqdm
+
+    status = await ops.status()
+    done = status["job"]["rewrapped"] if status["job"] else 0
+    bar = tqdm(total=done + status["remaining_total"], initial=done, unit="rec", desc="rewrap", file=sys.stderr)
+    try:
+        while True:
+            job = status["job"] or {}
+            if job.get("id") != job_id:
+                print(f"kmsd: job {job_id} was superseded by job {job.get('id')}", file=sys.stderr)
+                return 1
+            bar.total = max(bar.total or 0, job["rewrapped"] + status["remaining_total"])
+            bar.update(job["rewrapped"] - bar.n)
+            if job["state"] == "finished":
+                break
+            await asyncio.sleep(0.5)
+            status = await ops.status()
+    finally:
+        bar.close()
+    print(
+        f"rotation finished: {job['rewrapped']} records rewrapped ({job['rate_per_second']}/s),"
+        f" {job['changed']} replaced by clients meanwhile, {job['unreadable']} unreadable"
+    )
+    left = {k: n for k, n in status["remaining"].items() if n}
+    if left:
+        print(f"still under retired keys (unreadable rows): {left}")
+    return 1 if job["unreadable"] else 0
+
+
+# -- kmsd root-key rotate ----------------------------------------------------------------
+
+
+def run_root_key(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args, require_root_key=True)
+    except ConfigError as exc:
+        return _fail(exc.message)
+    import uvloop
+
+    from .rootkey import prepare_new_root_key, rotate_root_key
+
+    try:
+        created = prepare_new_root_key(args.new_key_file, generate=args.generate)
+    except (OSError, ValueError) as exc:
+        return _fail(f"new root key: {exc}")
+    if created:
+        print(f"kmsd: generated a new root key in {args.new_key_file} (mode 0600)", file=sys.stderr)
+    started = time.monotonic()
+    try:
+        report = uvloop.run(rotate_root_key(settings, args.new_key_file, log=get_logger(process="root-key")))
+    except KMSError as exc:
+        return _fail(f"root-key rotation stopped, nothing changed: {exc.message}")
+    print(
+        f"root key rotated in {time.monotonic() - started:.1f}s: {report.master_keys} master keys and"
+        f" {report.signing_keys} signing keys rewrapped under {args.new_key_file}, and checked with it alone."
+    )
+    print(
+        "Now give every daemon the new root key (KMSD_ROOT_KEY_FILE or the 'root-key' credential) and"
+        " restart it; the old root key opens nothing any more. Running daemons keep serving meanwhile."
+    )
+    return 0
