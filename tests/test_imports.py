@@ -40,7 +40,7 @@ def kmsd_imports(path: Path) -> set[str]:
                     found.add(node.module.split(".")[0])
                 else:
                     found.update(a.name for a in node.names)
-            elif node.module and node.module.startswith("kmsd"):
+            elif node.module and (node.module == "kmsd" or node.module.startswith("kmsd.")):
                 found.add(node.module.split(".")[1] if "." in node.module else "__init__")
         elif isinstance(node, ast.Import):
             for a in node.names:
