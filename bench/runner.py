@@ -408,6 +408,9 @@ def run_leg(
         if not args.no_burst:
             for listener in LISTENERS:
                 point(listener, "burst", args.burst)
+        if not args.no_rewrap:
+            info["rewrap"] = measure_rewrap(sock)
+            log(f"rewrap ({leg}): {info['rewrap']}")
     except DaemonDied:
         info.setdefault("died", f"exit code {daemon.proc.returncode}")
     info["memory_after"] = memory_snapshot(daemon) if daemon.alive() else None
@@ -417,6 +420,40 @@ def run_leg(
     info["stop_seconds"] = daemon.stop_seconds
     info["log"] = scan_log(daemon.logfile)
     info["log_file_lines"] = sum(info["log"]["levels"].values()) + info["log"]["unparsed_lines"]
+
+
+def measure_rewrap(sock: str, timeout: float = 600.0) -> dict[str, Any]:
+    """Rotate the master key over the Unix socket and wait for the
+    background rewrap of every record the points wrote."""
+
+    def call(method: str) -> tuple[int, Any]:
+        conn = UnixHTTPConnection(sock, timeout=30)
+        try:
+            conn.request(method, "/api/rotate-mk", headers={"Host": "localhost"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    status, body = call("POST")
+    if status != 200:
+        return {"failed": f"POST /api/rotate-mk: {status} {body.get('error')}"}
+    job_id, records = body["job"]["id"], body["remaining_total"]
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        time.sleep(0.2)
+        status, body = call("GET")
+        job = body.get("job") or {}
+        if job.get("id") == job_id and job.get("state") == "finished":
+            return {
+                "records": records,
+                "rewrapped": job["rewrapped"],
+                "unreadable": job["unreadable"],
+                "active_seconds": round(job["active_seconds"], 3),
+                "records_per_s": job["rate_per_second"],
+                "wall_s": round(time.monotonic() - t, 2),
+            }
+    return {"failed": f"rewrap not finished after {timeout} s"}
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -518,6 +555,13 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
         for pid, k in kids_after.items():
             if pid not in {c["pid"] for c in before.get("children", [])}:
                 lines.append(f"| new child {pid} (`{k['cmd'][:40]}`) | - | {fmt_kib(k.get('VmRSS'))} | {fmt_kib(k.get('VmHWM'))} |")
+        rw = leg.get("rewrap")
+        if rw:
+            lines += ["", f"- master-key rotation, rewrap of every record: "
+                      + (rw["failed"] if "failed" in rw else
+                         f"{rw['rewrapped']} of {rw['records']} records in {rw['active_seconds']} s of work = "
+                         f"**{rw['records_per_s']:.0f} records/s** ({rw['wall_s']} s wall, including the "
+                         f"job's settle time; {rw['unreadable']} unreadable)")]
         lg = leg.get("log", {})
         lines += ["", f"- log levels: {lg.get('levels')}; request statuses logged: {lg.get('request_statuses')}",
                   f"- other log events: {lg.get('events')}", ""]
@@ -604,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float, default=30.0, help="per-request timeout elsewhere, s")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline points (no ratios)")
     p.add_argument("--no-burst", action="store_true", help="skip the burst")
+    p.add_argument("--no-rewrap", action="store_true", help="skip the master-key rotation at the end of a leg")
     # ---- MariaDB/MySQL leg hook -------------------------------------------------------------
     # Given a URL, the same kmsd points run a second time against a daemon
     # started with `--database URL` (after the SQLite leg, with the baseline

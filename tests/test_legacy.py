@@ -8,6 +8,7 @@ independent writer of the byte layout in LEGACY_FORMAT.md (plain
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -132,6 +133,10 @@ def db_name(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def original_db(mariadb: Any) -> str:
+    return make_original_db(mariadb)
+
+
+def make_original_db(mariadb: Any) -> str:
     """A database as the original system left it: its tables, its
     collation, its rows. The URL kmsd connects with."""
     url = mariadb.new_database(original_schema=True)
@@ -381,3 +386,41 @@ async def test_migrate_legacy_upgrades_every_row_and_loses_none(
     again = run_migrate(original_db)
     assert f"0 upgraded, {len(READABLE)} already v1" in again.stdout, again.stdout
     assert snapshot(mariadb, name) == after
+
+
+async def test_rotation_on_an_original_database(mariadb: Any, secret_file: Path, daemon_factory: Any) -> None:
+    """A master-key rotation upgrades the original's rows on the way (their
+    data is CBC, so it is re-encrypted, not only rewrapped), leaves the
+    rows no key reads exactly as they were, and says how many."""
+    url = make_original_db(mariadb)
+    name = db_name(url)
+    d = daemon_factory(
+        database=url,
+        dev=False,
+        extra_env={"ROOT_KEY": ROOT_KEY, "KMSD_LEGACY_JWT_SECRET_FILE": str(secret_file),
+                   "KMSD_KEY_REFRESH_INTERVAL": "0.3"},
+    )
+    before = snapshot(mariadb, name)
+    session, api = open_api(d, "unix")
+    async with session:
+        status, started = await api.call("POST", "/api/rotate-mk")
+        assert status == 200, started
+        assert started["remaining"] == {"unattributed": len(READABLE) + len(BROKEN)}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status, body = await api.call("GET", "/api/rotate-mk")
+            if body["job"]["state"] == "finished":
+                break
+            await asyncio.sleep(0.1)
+        job = body["job"]
+        assert (job["rewrapped"], job["unreadable"], job["changed"]) == (len(READABLE), len(BROKEN), 0), job
+        assert body["remaining"] == {"unattributed": len(BROKEN)}
+        after = snapshot(mariadb, name)
+        for row in BROKEN:
+            assert after[row["user_id"]] == before[row["user_id"]]
+        for row in READABLE:
+            assert is_v1_dek(after[row["user_id"]][1]), row["user_id"]
+            assert await read(api, legacy_token(row["user_id"])) == (200, {"data": row["expected_data"]})
+        # Unattributed rows keep every retired key: destroying one is refused.
+        status, refused = await api.call("DELETE", f"/api/master-keys/{OWN_KEY_ID}")
+        assert status == 409 and refused["records"] == len(BROKEN), refused
