@@ -94,11 +94,12 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     async def run() -> None:
-        stop = asyncio.Event()
+        stop, hup = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop=stop)
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        await serve(settings, stop=stop, hup=hup, reload=lambda: settings_from_args(args))
 
     try:
         uvloop.run(run())

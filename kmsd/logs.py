@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["REDACTED_KEYS", "configure_logging", "redact", "get_logger"]
+__all__ = ["REDACTED_KEYS", "configure_logging", "redact", "get_logger", "set_log_level"]
 
 # Field names that may carry secrets: their values are never rendered.
 REDACTED_KEYS = frozenset(
@@ -39,6 +39,24 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+# The level, changeable at run time (SIGHUP): a filter processor reads it,
+# so loggers cached on first use follow it too.
+_level = [logging.INFO]
+
+
+def set_log_level(level: str) -> None:
+    _level[0] = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+
+
+_METHOD_LEVELS = {**logging.getLevelNamesMapping(), "EXCEPTION": logging.ERROR, "MSG": logging.INFO}
+
+
+def _filter_level(_logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _METHOD_LEVELS.get(method.upper(), logging.INFO) < _level[0]:
+        raise structlog.DropEvent
+    return event
+
+
 def processors(json_output: bool) -> list[Any]:
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -46,6 +64,7 @@ def processors(json_output: bool) -> list[Any]:
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     return [
+        _filter_level,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -57,11 +76,11 @@ def processors(json_output: bool) -> list[Any]:
 def configure_logging(level: str = "info", *, json_output: bool | None = None) -> None:
     if json_output is None:
         json_output = not sys.stdout.isatty()
+    set_log_level(level)
     structlog.configure(
         processors=processors(json_output),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        # Below DEBUG nothing is filtered here: _filter_level decides.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )

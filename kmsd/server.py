@@ -12,10 +12,11 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,11 @@ from .errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from .logs import get_logger
+from .logs import get_logger, set_log_level
 from .rotation import Rotator
 from .service import KMS
 from .store import Store
+from .systemd import ListenSocket, Notifier, listen_fds, watchdog_interval
 from .vault import VaultClient
 
 __all__ = ["AppState", "STATE", "create_app", "serve"]
@@ -397,8 +399,7 @@ def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application
     )
     app[STATE] = AppState(settings, kms.store, kms.vault, kms, rotator, policy, log)
     app.add_routes(routes)
-    app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_vault_ctx)
+    app.cleanup_ctx.append(_backend_ctx)
     app.cleanup_ctx.append(_rotator_ctx)
     return app
 
@@ -410,18 +411,19 @@ async def _rotator_ctx(app: web.Application) -> AsyncIterator[None]:
     await rotator.close()
 
 
-async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The store, then the vault (it loads its keys from the store). On the
+    way out, after every in-flight request has finished: the store, then
+    the vault, last."""
     state = app[STATE]
     await state.store.open()
     for warning in state.store.warnings:
         state.log.warning("database_warning", warning=warning)
-    yield
-    await state.store.close()
-
-
-async def _vault_ctx(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    await state.vault.start()
+    try:
+        await state.vault.start()
+    except BaseException:
+        await state.store.close()
+        raise
     if state.vault.is_passphrase:
         state.log.warning(
             "root_key_is_passphrase",
@@ -434,14 +436,25 @@ async def _vault_ctx(app: web.Application) -> AsyncIterator[None]:
             warning="--dev: using a generated development root key; never use this in production",
         )
     yield
-    await state.vault.close()
+    try:
+        await state.store.close()
+    finally:
+        await state.vault.close()
 
 
-async def start_listeners(app: web.Application, settings: Settings) -> web.AppRunner:
+async def start_listeners(
+    app: web.Application, settings: Settings, passed: Sequence[ListenSocket] = ()
+) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
     try:
         await runner.setup()
-        await _bind(runner, settings)
+        if passed:
+            # Socket activation: systemd bound them (mode, owner, address
+            # come from kmsd.socket); the settings' addresses are not used.
+            for listener in passed:
+                await web.SockSite(runner, listener.sock).start()
+        else:
+            await _bind(runner, settings)
     except BaseException:
         # Whatever started (store threads, the vault) must stop, or the
         # process would linger after a failed start.
@@ -465,12 +478,51 @@ async def _bind(runner: web.AppRunner, settings: Settings) -> None:
         await site.start()
 
 
-async def serve(settings: Settings, *, stop: asyncio.Event) -> None:
-    """Run until ``stop`` is set, then shut down gracefully."""
+def _describe(listener: ListenSocket) -> str:
+    address = listener.sock.getsockname()
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]} ({listener.name})"
+    return f"{address or '?'} ({listener.name})"
+
+
+def apply_reload(app: web.Application, new: Settings) -> list[str]:
+    """SIGHUP: take the settings that can change at run time (log level,
+    peer policy, allowed hosts); the others need a restart. What changed."""
+    state = app[STATE]
+    old = state.settings
+    reloadable = ("log_level", "admin_uids", "admin_gids", "allow_admin_over_tcp", "allowed_hosts")
+    changed = [name for name in reloadable if getattr(old, name) != getattr(new, name)]
+    ignored = [
+        f.name for f in dataclasses.fields(Settings)
+        if f.name not in reloadable and getattr(old, f.name) != getattr(new, f.name)
+    ]
+    state.settings = dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
+    state.policy = PeerPolicy(new.admin_uids, new.admin_gids, new.allow_admin_over_tcp)
+    set_log_level(new.log_level)
+    if ignored:
+        state.log.warning("reload_needs_restart", settings=sorted(ignored))
+    return changed
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event,
+    reload: Callable[[], Settings] | None = None,
+    hup: asyncio.Event | None = None,
+) -> None:
+    """Run until ``stop`` is set, then shut down gracefully: stop accepting,
+    let in-flight requests finish, stop the rotation, the store, the vault.
+    Each time ``hup`` is set, ``reload()`` gives new settings to apply."""
     log = get_logger(process="daemon")
+    passed = listen_fds()
+    notifier = Notifier()
     app = create_app(settings)
-    runner = await start_listeners(app, settings)
-    addresses = [settings.socket] + [f"{h}:{p}" for h, p in settings.listen]
+    runner = await start_listeners(app, settings, passed)
+    if passed:
+        addresses = [_describe(p) for p in passed]
+    else:
+        addresses = [settings.socket] + [f"{h}:{p}" for h, p in settings.listen]
     if settings.legacy_jwt_secret:
         log.warning(
             "legacy_tokens_accepted",
@@ -479,13 +531,50 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> None:
     log.info(
         "kmsd_started",
         listen=addresses,
+        socket_activated=bool(passed),
         database=settings.database.masked(),
         root_key_source=settings.root_key.describe(),
         vault_pid=app[STATE].vault.pid,
     )
+    notifier.ready(f"serving on {', '.join(addresses)}")
+    tasks = []
+    interval = watchdog_interval()
+    if interval and notifier.enabled:
+        tasks.append(asyncio.create_task(_watchdog(notifier, interval), name="watchdog"))
+    if hup is not None and reload is not None:
+        tasks.append(asyncio.create_task(_reloader(app, notifier, hup, reload), name="reload"))
     try:
         await stop.wait()
     finally:
         log.info("kmsd_stopping")
+        notifier.stopping("finishing in-flight requests")
+        for task in tasks:
+            task.cancel()
         await runner.cleanup()
         log.info("kmsd_stopped")
+        notifier.close()
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    # Sent from the event loop itself: a loop that hangs stops sending, and
+    # systemd restarts the service.
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def _reloader(
+    app: web.Application, notifier: Notifier, hup: asyncio.Event, reload: Callable[[], Settings]
+) -> None:
+    log = app[STATE].log
+    while True:
+        await hup.wait()
+        hup.clear()
+        notifier.reloading()
+        try:
+            changed = apply_reload(app, reload())
+            log.info("config_reloaded", changed=changed)
+        except KMSError as exc:
+            # A broken file keeps the running settings.
+            log.error("config_reload_failed", error=exc.message)
+        notifier.ready("serving (reloaded)")

@@ -534,15 +534,14 @@ class SQLiteStore:
 
     async def rewrap_records(self, changes: Sequence[tuple[Record, str, str]]) -> int:
         async def op(conn: aiosqlite.Connection) -> int:
-            matched = 0
-            for old, encrypted_dek, key_id in changes:
-                cur = await conn.execute(
-                    "UPDATE kms_keys SET encrypted_dek = ?, master_key_id = ?"
-                    " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
-                    (encrypted_dek, key_id, old.user_id, old.encrypted_key, old.encrypted_dek),
-                )
-                matched += cur.rowcount
-            return matched
+            # One call into the driver's thread for the whole batch; rowcount
+            # of executemany is the sum over its rows.
+            cur = await conn.executemany(
+                "UPDATE kms_keys SET encrypted_dek = ?, master_key_id = ?"
+                " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
+                [(dek, key_id, old.user_id, old.encrypted_key, old.encrypted_dek) for old, dek, key_id in changes],
+            )
+            return int(cur.rowcount)
 
         return int(await self._write(op, multi=True))
 
