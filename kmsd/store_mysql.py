@@ -426,17 +426,21 @@ class MySQLStore:
     async def rewrap_records(self, changes: Sequence[tuple[Record, str, str]]) -> int:
         if not changes:
             return 0
-
-        async def work(cur: aiomysql.Cursor) -> int:
-            # executemany runs an UPDATE once per row; rowcount is their sum.
-            await cur.executemany(
-                "UPDATE kms_keys SET encrypted_dek = %s, master_key_id = %s"
-                f" WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
-                [(dek, key_id, old.user_id, old.encrypted_key, old.encrypted_dek) for old, dek, key_id in changes],
+        # One statement for the whole batch (one round trip, not one per
+        # row): a join against the batch as a derived table, compare-and-set
+        # on each row's old ciphertexts in the join condition.
+        rows = " UNION ALL ".join(["SELECT %s AS u, %s AS ek, %s AS od, %s AS nd, %s AS kid"] * len(changes))
+        params: list[Any] = []
+        for old, dek, key_id in changes:
+            params += [old.user_id, old.encrypted_key, old.encrypted_dek, dek, key_id]
+        return await self._write(
+            (
+                f"UPDATE kms_keys k JOIN ({rows}) v ON k.user_id = v.u"
+                " AND BINARY k.encrypted_key <=> BINARY v.ek AND BINARY k.encrypted_dek <=> BINARY v.od"
+                " SET k.encrypted_dek = v.nd, k.master_key_id = v.kid",
+                params,
             )
-            return int(cur.rowcount)
-
-        return int(await self._run(work, write="transaction"))
+        )
 
     async def replace_key_materials(
         self, master: Sequence[tuple[str, str, str]], signing: Sequence[tuple[str, str, str]]
