@@ -56,6 +56,11 @@ class Peer:
             return {"peer_uid": self.uid, "peer_pid": self.pid}
         return {"peer_addr": self.address}
 
+    def audit(self) -> dict[str, Any]:
+        if self.transport == "unix":
+            return {"transport": "unix", "uid": self.uid, "gid": self.gid, "pid": self.pid}
+        return {"transport": self.transport, "address": self.address}
+
 
 def peer_from_socket(sock: socket.socket | None) -> Peer:
     """Read SO_PEERCRED (and SO_PEERGROUPS) of a Unix-socket connection."""
@@ -80,13 +85,20 @@ def peer_from_socket(sock: socket.socket | None) -> Peer:
 
 @dataclass(frozen=True)
 class PeerPolicy:
-    """Admins are Unix-socket peers with a configured uid or group (root by
-    default). TCP callers are anonymous and never admins unless the
-    deployment explicitly allows it."""
+    """Who may do what, by the kernel's word on a Unix-socket peer.
+
+    Clients (store, read, encrypt; empty lists: anyone who can connect to
+    the socket, whose mode and group are the first gate) and admins (issue
+    tokens for any id, master keys; root by default). TCP callers are
+    anonymous: clients unless ``allow_tcp_clients`` is off, never admins
+    unless the deployment explicitly allows it."""
 
     admin_uids: tuple[int, ...] = (0,)
     admin_gids: tuple[int, ...] = ()
     allow_admin_over_tcp: bool = False
+    client_uids: tuple[int, ...] = ()
+    client_gids: tuple[int, ...] = ()
+    allow_tcp_clients: bool = True
 
     def is_admin(self, peer: Peer) -> bool:
         if peer.transport == "tcp":
@@ -97,6 +109,18 @@ class PeerPolicy:
             return True
         gids = {peer.gid, *peer.groups}
         return any(g in gids for g in self.admin_gids)
+
+    def is_client(self, peer: Peer) -> bool:
+        if peer.transport == "tcp":
+            return self.allow_tcp_clients or self.allow_admin_over_tcp
+        if peer.transport != "unix":
+            return False
+        if not (self.client_uids or self.client_gids) or self.is_admin(peer):
+            return True
+        if peer.uid in self.client_uids:
+            return True
+        gids = {peer.gid, *peer.groups}
+        return any(g in gids for g in self.client_gids)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,16 @@ class Settings:
     # default, and --dev does not change it.
     allow_admin_over_tcp: bool = False
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    # Who may store and read (Unix-socket peers by uid or group; empty:
+    # anyone who can connect to the socket), and whether TCP callers may.
+    client_uids: tuple[int, ...] = ()
+    client_gids: tuple[int, ...] = ()
+    allow_tcp_clients: bool = True
+    # The audit trail (one hash-chained JSON line per key operation); off
+    # when unset. With audit_fail_closed, a request whose line cannot be
+    # written fails with 503 instead.
+    audit_log: str | None = None
+    audit_fail_closed: bool = False
     vault_user: str | None = None  # None: "kmsd-vault" if it exists, else "nobody"
     vault_timeout: float = 2.0
     max_body_size: int = 1024 * 1024
@@ -236,6 +246,11 @@ _CONVERTERS: dict[str, Any] = {
     "admin_gids": _as_int_list,
     "allow_admin_over_tcp": _as_bool,
     "allowed_hosts": lambda v, n: tuple(_as_str_list(v, n)),
+    "client_uids": _as_int_list,
+    "client_gids": _as_int_list,
+    "allow_tcp_clients": _as_bool,
+    "audit_log": str,
+    "audit_fail_closed": _as_bool,
     "vault_user": str,
     "vault_timeout": lambda v, n: float(v),
     "max_body_size": _as_int,

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .audit import AuditTrail
 from .auth import MAX_USER_ID, Claims, Peer, PeerPolicy, peer_from_socket
 from .config import Settings
 from .errors import (
@@ -33,8 +34,10 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    Unavailable,
 )
 from .logs import get_logger, set_log_level
+from .metrics import CONTENT_TYPE, Metrics, instrument_store
 from .rotation import Rotator
 from .service import KMS
 from .store import Store
@@ -55,10 +58,30 @@ class AppState:
     rotator: Rotator
     policy: PeerPolicy
     log: Any
+    metrics: Metrics
+    audit: AuditTrail | None
 
 
 STATE = web.AppKey("state", AppState)
 PEER = "kmsd.peer"
+# What the audit line of a request names: set by the handler once known.
+AUDIT_SUBJECT = "kmsd.audit.subject"
+AUDIT_TOKEN = "kmsd.audit.token_id"
+
+# Key operations: one audit line each. (method, route template) -> name.
+AUDITED = {
+    ("POST", "/issue"): "issue",
+    ("POST", "/api/keys"): "store",
+    ("GET", "/api/keys"): "fetch",
+    ("DELETE", "/api/keys"): "delete",
+    ("POST", "/api/encrypt"): "encrypt",
+    ("POST", "/api/decrypt-dek"): "decrypt_dek",
+    ("POST", "/api/rotate-mk"): "rotate_master_key",
+    ("POST", "/api/master-keys"): "add_master_key",
+    ("DELETE", "/api/master-keys/{key_id}"): "destroy_master_key",
+}
+# Routes only clients of the policy may use (the admin routes check admins).
+CLIENT_ROUTES = {"/issue", "/verify", "/api/keys", "/api/encrypt", "/api/decrypt-dek"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -148,7 +171,21 @@ async def caller_claims(request: web.Request, *, required: bool) -> Claims | Non
         if required:
             raise Unauthorized("missing bearer token")
         return None
-    return await request.app[STATE].kms.verify_token(token)
+    claims = await request.app[STATE].kms.verify_token(token)
+    request.setdefault(AUDIT_SUBJECT, claims.subject)
+    request[AUDIT_TOKEN] = claims.token_id
+    return claims
+
+
+def policy_from(settings: Settings) -> PeerPolicy:
+    return PeerPolicy(
+        settings.admin_uids,
+        settings.admin_gids,
+        settings.allow_admin_over_tcp,
+        settings.client_uids,
+        settings.client_gids,
+        settings.allow_tcp_clients,
+    )
 
 
 def peer_of(request: web.Request) -> Peer:
@@ -179,16 +216,29 @@ def _error_response(exc: KMSError) -> web.Response:
     return web.json_response({**exc.extra, "error": exc.message, "code": exc.code}, status=exc.status)
 
 
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error as JSON, check the Host of TCP requests, and log
-    one line per request (never a body, a token or a header value)."""
+    """Render every error as JSON, check the Host of TCP requests and the
+    peer policy, and account for the request: one log line (never a body, a
+    token or a header value), metrics, and an audit line for key operations."""
     state = request.app[STATE]
     started = time.perf_counter()
     peer = peer_of(request)
+    route = _route(request)
+    operation = AUDITED.get((request.method, route))
+    audit = state.audit if operation else None
     try:
         if peer.transport == "tcp":
             _check_host(request, state.settings.allowed_hosts)
+        if route in CLIENT_ROUTES and not state.policy.is_client(peer):
+            raise Forbidden("this peer may not use kmsd (not in client_uids or client_gids)")
+        if audit is not None:
+            audit.check()
         response = await handler(request)
     except KMSError as exc:
         response = _error_response(exc)
@@ -209,14 +259,42 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         state.log.exception("unhandled_error", path=request.path, method=request.method)
         response = _error_response(InternalError())
+    if audit is not None and operation is not None:
+        response = _audit(request, audit, operation, peer, response)
+    seconds = time.perf_counter() - started
+    state.metrics.observe_request(route, request.method, response.status, seconds)
     state.log.info(
         "request",
         method=request.method,
         path=request.path,
         status=response.status,
-        ms=round((time.perf_counter() - started) * 1000, 2),
+        ms=round(seconds * 1000, 2),
         **peer.describe(),
     )
+    return response
+
+
+def _audit(
+    request: web.Request, audit: AuditTrail, operation: str, peer: Peer, response: web.StreamResponse
+) -> web.StreamResponse:
+    outcome = "ok"
+    if response.status >= 400:
+        try:
+            outcome = json.loads(response.body)["code"]  # type: ignore[attr-defined]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            outcome = "error"
+    try:
+        audit.record(
+            operation=operation,
+            outcome=outcome,
+            status=response.status,
+            caller=peer.audit(),
+            subject=request.get(AUDIT_SUBJECT),
+            token_id=request.get(AUDIT_TOKEN),
+        )
+    except KMSError as exc:
+        # Fail closed: no answer leaves without its audit line.
+        return _error_response(exc)
     return response
 
 
@@ -245,6 +323,7 @@ def _kms(request: web.Request) -> KMS:
 async def issue(request: web.Request) -> web.Response:
     body = await read_json(request)
     user_id = require_user_id(body, "id")
+    request[AUDIT_SUBJECT] = user_id
     if not request.app[STATE].policy.is_admin(peer_of(request)):
         # A non-admin may only renew a token for its own subject.
         claims = await caller_claims(request, required=False)
@@ -270,6 +349,7 @@ async def verify(request: web.Request) -> web.Response:
 async def store_key(request: web.Request) -> web.Response:
     body = await read_json(request)
     user_id = require_user_id(body)
+    request[AUDIT_SUBJECT] = user_id
     data = require_str(body, "data")
     claims = await caller_claims(request, required=False)
     replace = claims is not None and claims.subject == user_id
@@ -304,6 +384,7 @@ async def encrypt(request: web.Request) -> web.Response:
         owner = claims.subject
     else:
         raise BadRequest("user_id or a bearer token is required to bind the DEK to its owner")
+    request[AUDIT_SUBJECT] = owner
     encrypted_key, encrypted_dek = await _kms(request).encrypt(data, dek, owner)
     return web.json_response({"encrypted_key": encrypted_key, "encrypted_dek": encrypted_dek})
 
@@ -357,6 +438,7 @@ async def destroy_master_key(request: web.Request) -> web.Response:
     key_id = request.match_info["key_id"]
     if not 0 < len(key_id) <= 64 or not key_id.isprintable():
         raise BadRequest("key_id must be 1 to 64 printable characters")
+    request[AUDIT_SUBJECT] = key_id
     await _kms(request).destroy_master_key(key_id)
     return web.json_response({"message": "Master key destroyed", "key_id": key_id})
 
@@ -376,6 +458,18 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.metrics.vault_up.set(1 if state.vault.is_up else 0)
+    state.metrics.vault_restarts.set(state.vault.restarts)
+    try:
+        state.metrics.set_rotation(await state.rotator.status())
+    except KMSError:
+        pass  # the database is down: the rotation gauges keep their last values
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 @routes.get("/.well-known/jwks.json")
 async def jwks(request: web.Request) -> web.Response:
     return web.json_response(_kms(request).tokens.jwks())
@@ -387,7 +481,11 @@ async def jwks(request: web.Request) -> web.Response:
 def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application:
     log = get_logger(process="daemon")
     kms = kms or KMS.from_settings(settings, log=log)
-    policy = PeerPolicy(settings.admin_uids, settings.admin_gids, settings.allow_admin_over_tcp)
+    metrics = Metrics()
+    kms.store = instrument_store(kms.store, metrics)
+    kms.vault.observe = metrics.observe_vault
+    policy = policy_from(settings)
+    audit = AuditTrail(settings.audit_log, fail_closed=settings.audit_fail_closed, log=log) if settings.audit_log else None
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
     rotator = Rotator(
         kms,
@@ -397,7 +495,7 @@ def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application
         period=settings.rotation_period,
         log=log,
     )
-    app[STATE] = AppState(settings, kms.store, kms.vault, kms, rotator, policy, log)
+    app[STATE] = AppState(settings, kms.store, kms.vault, kms, rotator, policy, log, metrics, audit)
     app.add_routes(routes)
     app.cleanup_ctx.append(_backend_ctx)
     app.cleanup_ctx.append(_rotator_ctx)
@@ -416,6 +514,16 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     way out, after every in-flight request has finished: the store, then
     the vault, last."""
     state = app[STATE]
+    if state.audit is not None:
+        try:
+            state.audit.open()
+        except OSError as exc:
+            # Fail closed: refuse to start; otherwise serve, and say so.
+            if state.audit.fail_closed:
+                raise Unavailable(f"cannot open the audit trail {state.audit.path}: {exc.strerror}") from None
+            state.log.error("audit_open_failed", path=state.audit.path, error=exc.strerror)
+    else:
+        state.log.warning("audit_disabled", warning="no audit_log configured: key operations are not audited")
     await state.store.open()
     for warning in state.store.warnings:
         state.log.warning("database_warning", warning=warning)
@@ -440,6 +548,11 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
         await state.store.close()
     finally:
         await state.vault.close()
+        if state.audit is not None:
+            seq, head = state.audit.head
+            # Anchors the end of the chain: `kmsd audit verify --head`.
+            state.log.info("audit_head", path=state.audit.path, seq=seq, hash=head)
+            state.audit.close()
 
 
 async def start_listeners(
@@ -490,15 +603,25 @@ def apply_reload(app: web.Application, new: Settings) -> list[str]:
     peer policy, allowed hosts); the others need a restart. What changed."""
     state = app[STATE]
     old = state.settings
-    reloadable = ("log_level", "admin_uids", "admin_gids", "allow_admin_over_tcp", "allowed_hosts")
+    reloadable = (
+        "log_level", "admin_uids", "admin_gids", "allow_admin_over_tcp", "allowed_hosts",
+        "client_uids", "client_gids", "allow_tcp_clients",
+    )
     changed = [name for name in reloadable if getattr(old, name) != getattr(new, name)]
     ignored = [
         f.name for f in dataclasses.fields(Settings)
         if f.name not in reloadable and getattr(old, f.name) != getattr(new, f.name)
     ]
     state.settings = dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
-    state.policy = PeerPolicy(new.admin_uids, new.admin_gids, new.allow_admin_over_tcp)
+    state.policy = policy_from(state.settings)
     set_log_level(new.log_level)
+    if state.audit is not None:
+        # logrotate moved the file away: continue the chain in a new one.
+        try:
+            state.audit.reopen()
+        except OSError as exc:
+            state.audit.healthy = False
+            state.log.error("audit_reopen_failed", path=state.audit.path, error=exc.strerror)
     if ignored:
         state.log.warning("reload_needs_restart", settings=sorted(ignored))
     return changed
@@ -519,6 +642,9 @@ async def serve(
     notifier = Notifier()
     app = create_app(settings)
     runner = await start_listeners(app, settings, passed)
+    server = runner.server
+    if server is not None:
+        app[STATE].metrics.open_connections.set_function(lambda: len(server.connections))
     if passed:
         addresses = [_describe(p) for p in passed]
     else:

@@ -163,6 +163,8 @@ class VaultClient:
         self._closing = False
         self.restarts = 0
         self.is_passphrase = False
+        # (op name, seconds, ok) after every call: metrics.
+        self.observe: Callable[[str, float, bool], None] | None = None
 
     @property
     def is_up(self) -> bool:
@@ -309,6 +311,20 @@ class VaultClient:
                 fut.set_exception(Unavailable("vault unavailable"))
 
     async def call(self, op: Op, *fields: bytes) -> list[bytes]:
+        if self.observe is None:
+            return await self._call(op, fields)
+        started = time.perf_counter()
+        failed = False
+        try:
+            return await self._call(op, fields)
+        except Unavailable:
+            # Down or timed out; a refusal (bad ciphertext, unknown key) is an answer.
+            failed = True
+            raise
+        finally:
+            self.observe(op.name, time.perf_counter() - started, not failed)
+
+    async def _call(self, op: Op, fields: Sequence[bytes]) -> list[bytes]:
         if not self._up or self._writer is None:
             raise Unavailable("vault unavailable")
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
