@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: .venv run test bench clean
+.PHONY: .venv run test bench clean install
 
 .venv: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	bench/run
+
+# As root on a Debian host with systemd: the service, its users, config and root key.
+install:
+	systemd/install.sh
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis

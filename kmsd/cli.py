@@ -45,6 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     _database_args(migrate)
     migrate.add_argument("--batch-size", type=int, default=500, help="rows per batch (default 500)")
     add_parsers(sub, _database_args)
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate the configuration and print the effective settings (secrets masked)",
+        description="Reads the config file, KMSD_* variables and credentials exactly as `kmsd serve` "
+        "would; exit status 0 if they are valid, 2 if not.",
+    )
+    _database_args(check)
+
+    audit = sub.add_parser("audit", help="audit trail: verify")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify",
+        help="check the hash chain of an audit file",
+        description="Detects an edited, removed, inserted or reordered line. With --head (the hash "
+        "of an `audit_head` log record) also lines cut off at the end.",
+    )
+    verify.add_argument("file")
+    verify.add_argument("--head", help="the hash the last line must have")
+    verify.add_argument(
+        "--from-start", action="store_true", help="the file starts the trail (its first line follows no other)"
+    )
     return parser
 
 
@@ -170,8 +192,60 @@ def _migrate_legacy(args: argparse.Namespace) -> int:
     return 1 if report.unreadable else 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    try:
+        settings = load_settings(
+            config_file=args.config, overrides={"database_url": args.database}, require_root_key=False
+        )
+    except ConfigError as exc:
+        print(f"kmsd: invalid configuration: {exc.message}", file=sys.stderr)
+        return 2
+    effective: dict[str, object] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "database":
+            value = value.masked()
+        elif f.name == "root_key":
+            value = value.describe()
+        elif not f.repr:  # secrets
+            value = "***" if value else None
+        elif isinstance(value, tuple):
+            value = [list(v) if isinstance(v, tuple) else v for v in value]
+        effective[f.name] = value
+    print(json.dumps(effective, indent=2, sort_keys=True))
+    if not settings.root_key.configured:
+        print("kmsd: warning: no root key configured: `kmsd serve` will refuse to start without --dev", file=sys.stderr)
+    print("kmsd: configuration is valid", file=sys.stderr)
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .audit import GENESIS, verify_file
+
+    try:
+        result = verify_file(args.file, head=args.head, first_prev=GENESIS if args.from_start else None)
+    except OSError as exc:
+        print(f"kmsd: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    for problem in result.problems:
+        print(f"{args.file}: {problem}")
+    if result.ok:
+        seq, head = result.head or (0, "-")
+        print(f"{args.file}: {result.lines} lines, chain intact; last seq {seq}, head {head}")
+        return 0
+    print(f"{args.file}: {len(result.problems)} problems in {result.lines} lines")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args)
+    if args.command == "audit":
+        return _audit_verify(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "migrate-legacy":
