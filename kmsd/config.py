@@ -111,6 +111,9 @@ class Settings:
     audit_log: str | None = None
     audit_fail_closed: bool = False
     vault_user: str | None = None  # None: "kmsd-vault" if it exists, else "nobody"
+    # Started as root, the daemon drops to this user once it serves. None:
+    # "kmsd" if it exists (make install creates it), else it stays root.
+    daemon_user: str | None = None
     vault_timeout: float = 2.0
     max_body_size: int = 1024 * 1024
     log_level: str = "info"
@@ -252,6 +255,7 @@ _CONVERTERS: dict[str, Any] = {
     "audit_log": str,
     "audit_fail_closed": _as_bool,
     "vault_user": str,
+    "daemon_user": str,
     "vault_timeout": lambda v, n: float(v),
     "max_body_size": _as_int,
     "log_level": str,

@@ -38,6 +38,7 @@ from .errors import (
 )
 from .logs import get_logger, set_log_level
 from .metrics import CONTENT_TYPE, Metrics, instrument_store
+from .privileges import harden, switch_user, user_exists
 from .rotation import Rotator
 from .service import KMS
 from .store import Store
@@ -598,6 +599,15 @@ def _describe(listener: ListenSocket) -> str:
     return f"{address or '?'} ({listener.name})"
 
 
+def daemon_user(settings: Settings) -> str | None:
+    """The user a daemon started as root drops to, or None."""
+    if os.geteuid() != 0:
+        return None
+    if settings.daemon_user:
+        return settings.daemon_user
+    return "kmsd" if user_exists("kmsd") else None
+
+
 def apply_reload(app: web.Application, new: Settings) -> list[str]:
     """SIGHUP: take the settings that can change at run time (log level,
     peer policy, allowed hosts); the others need a restart. What changed."""
@@ -640,8 +650,23 @@ async def serve(
     log = get_logger(process="daemon")
     passed = listen_fds()
     notifier = Notifier()
+    # Files kmsd creates (SQLite database, audit trail) are its own.
+    os.umask(0o077)
+    drop_to = daemon_user(settings)
     app = create_app(settings)
+    if drop_to is not None:
+        app[STATE].vault.start_launcher()
     runner = await start_listeners(app, settings, passed)
+    if drop_to is not None:
+        # Sockets bound, database open, vault started: root is not needed any more.
+        pw = switch_user(drop_to)
+        harden()
+        log.info("privileges_dropped", user=drop_to, uid=pw.pw_uid, launcher_pid=app[STATE].vault.launcher_pid)
+    elif os.geteuid() == 0:
+        log.warning(
+            "running_as_root",
+            warning="no 'kmsd' user (make install creates it) and no daemon_user: the daemon keeps root",
+        )
     server = runner.server
     if server is not None:
         app[STATE].metrics.open_connections.set_function(lambda: len(server.connections))

@@ -19,21 +19,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import enum
 import json
 import os
-import pwd
-import resource
 import socket
 import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import RootKeySource
+from .privileges import MCL_CURRENT, harden, libc, switch_user, unix_sockets_only, user_exists
 from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
+
+if TYPE_CHECKING:
+    from .launcher import LaunchedProcess, Launcher
 
 __all__ = ["DEK", "Op", "Rewrap", "Status", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
 
@@ -153,7 +155,8 @@ class VaultClient:
         self._timeout = timeout
         self.on_start = on_start
         self._log = log or (lambda *a, **k: None)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | LaunchedProcess | None = None
+        self._launcher: Launcher | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[tuple[int, list[bytes]]]] = {}
         self._next_id = 0
@@ -192,6 +195,8 @@ class VaultClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._supervisor
         await self._stop_process()
+        if self._launcher is not None:
+            await self._launcher.close()
 
     async def _stop_process(self) -> None:
         proc = self._proc
@@ -238,10 +243,10 @@ class VaultClient:
             backoff = 0.05 if time.monotonic() - started > 5 else min(backoff * 2, 2.0)
             await asyncio.sleep(backoff)
 
-    async def _spawn(self) -> asyncio.Future[None]:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [sys.executable, "-I", "-m", "kmsd.vault", "--fd", str(child.fileno())]
-        fds = [child.fileno()]
+    def _vault_args(self) -> tuple[list[str], list[int]]:
+        """The vault's arguments (but its socket) and the fds it inherits."""
+        args: list[str] = []
+        fds: list[int] = []
         if self._source.file:
             args += ["--root-key-file", self._source.file]
         elif self._source.fd is not None:
@@ -253,10 +258,34 @@ class VaultClient:
             args += ["--new-root-key-file", self._new_root_key_file]
         if self._user:
             args += ["--user", self._user]
+        return args, fds
+
+    def start_launcher(self) -> None:
+        """From now on, start vaults through a launcher that stays root, so
+        that this process may drop its own privileges and still restart a
+        vault that reads the root key and becomes its own user."""
+        from .launcher import Launcher
+
+        args, fds = self._vault_args()
+        self._launcher = Launcher(args, fds)
+        self._launcher.start()
+
+    @property
+    def launcher_pid(self) -> int | None:
+        return self._launcher.pid if self._launcher else None
+
+    async def _spawn(self) -> asyncio.Future[None]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *args, pass_fds=fds, env={}, stdin=asyncio.subprocess.DEVNULL, close_fds=True
-            )
+            if self._launcher is not None:
+                self._proc = await self._launcher.spawn(child.fileno())
+            else:
+                args, fds = self._vault_args()
+                argv = [sys.executable, "-I", "-m", "kmsd.vault", "--fd", str(child.fileno()), *args]
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv, pass_fds=[child.fileno(), *fds], env={}, stdin=asyncio.subprocess.DEVNULL,
+                    close_fds=True,
+                )
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
@@ -438,44 +467,19 @@ def stash_root_key(value: str) -> int:
 # -- vault side --------------------------------------------------------------------
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-PR_SET_DUMPABLE = 4
-PR_SET_NO_NEW_PRIVS = 38
-MCL_CURRENT = 1
-
-
 def drop_privileges(user: str | None) -> None:
     """No core files, no new privileges, a dedicated user when root, not
     dumpable (so neither ptrace nor /proc/PID/mem by the same uid)."""
-    libc = _libc()
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if os.geteuid() == 0:
         # Lock what is mapped now while we may; later growth stays unlocked
         # rather than failing allocations under a small RLIMIT_MEMLOCK.
-        libc.mlockall(MCL_CURRENT)
-        name = user or ("kmsd-vault" if _user_exists("kmsd-vault") else "nobody")
-        pw = pwd.getpwnam(name)
-        os.setgroups([])
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-        if os.getuid() == 0 or os.geteuid() == 0:
-            raise SystemExit("vault: failed to drop root")
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise SystemExit("vault: PR_SET_NO_NEW_PRIVS failed")
-    # After setuid: changing credentials resets the dumpable flag.
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise SystemExit("vault: PR_SET_DUMPABLE failed")
-
-
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
+        libc().mlockall(MCL_CURRENT)
+        switch_user(user or ("kmsd-vault" if user_exists("kmsd-vault") else "nobody"))
+    harden()
+    # No network from here on: the vault talks to the daemon only, over the
+    # socket it inherited.
+    if not unix_sockets_only():
+        _vault_log("no_socket_filter", level="warning", warning="seccomp socket filter not available on this CPU")
 
 
 def _read_root_key(args: argparse.Namespace) -> str:
