@@ -1,0 +1,189 @@
+"""Started as root, both processes drop: the daemon to its user once it
+serves, the vault to its own, with only a small root launcher left to
+restart vaults. Checked on the real processes through /proc."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, open_api
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        message = "needs root (to start the daemon as root and create users)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set: {message}", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def users() -> Iterator[tuple[pwd.struct_passwd, pwd.struct_passwd]]:
+    _need_root()
+    tag = os.urandom(3).hex()
+    names = [f"kmsdt-d{tag}", f"kmsdt-v{tag}"]
+    for name in names:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield pwd.getpwnam(names[0]), pwd.getpwnam(names[1])
+    finally:
+        for name in names:
+            subprocess.run(["userdel", name], check=False)
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def processes(d: Daemon) -> tuple[int, int]:
+    """(launcher, vault) of a dropped daemon: the launcher is the daemon's
+    child, the vault the launcher's."""
+    (launcher,) = children(d.pid)
+    assert "kmsd.launcher" in cmdline(launcher)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        kids = children(launcher)
+        if len(kids) == 1 and d.get("/readyz")[0] == 200:
+            return launcher, kids[0]
+        time.sleep(0.05)
+    raise AssertionError("no vault under the launcher")
+
+
+def ids(st: dict[str, str], key: str) -> set[int]:
+    return {int(v) for v in st[key].split()}
+
+
+def probe_as(user: pwd.struct_passwd, path: str) -> dict[str, str]:
+    """What a process with exactly this user's credentials can do: open the
+    file, open a TCP socket. Forked, so that no interpreter has to be
+    readable by that user."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            result = []
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                result.append("file:opened")
+            except OSError as exc:
+                result.append(f"file:{exc.errno}")
+            os.write(w, ",".join(result).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 1024).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return dict(item.split(":") for item in data.split(","))
+
+
+def test_daemon_and_vault_drop_privileges(users: Any, daemon_factory: Any) -> None:
+    daemon_user, vault_user = users
+    d = daemon_factory(extra_env={"KMSD_DAEMON_USER": daemon_user.pw_name, "KMSD_VAULT_USER": vault_user.pw_name})
+    launcher, vault = processes(d)
+    assert "privileges_dropped" in d.logs()
+
+    st = status(d.pid)
+    assert ids(st, "Uid") == {daemon_user.pw_uid} and ids(st, "Gid") == {daemon_user.pw_gid}
+    assert st["Groups"] == "" and st["NoNewPrivs"] == "1"
+    assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+
+    st = status(vault)
+    assert ids(st, "Uid") == {vault_user.pw_uid} and ids(st, "Gid") == {vault_user.pw_gid}
+    assert st["Groups"] == "" and st["NoNewPrivs"] == "1"
+    assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+    # The vault's seccomp filter: Unix sockets only.
+    assert st["Seccomp"] == "2", st.get("Seccomp")
+
+    st = status(launcher)
+    assert ids(st, "Uid") == {0} and st["NoNewPrivs"] == "1"
+
+    # Neither the vault's user nor the daemon's can read the root key; the
+    # vault's user cannot open the database.
+    database = d.database.removeprefix("sqlite:///")
+    assert probe_as(vault_user, database)["file"] == "13"
+    key_file = str(Path(database).parent / "root-key.dev")
+    assert probe_as(vault_user, key_file)["file"] == "13"
+    assert probe_as(daemon_user, key_file)["file"] == "13"
+    assert oct(os.stat(database).st_mode & 0o777) == "0o600"
+
+
+def test_the_vault_filter_refuses_network_sockets() -> None:
+    """The filter itself, in a child process: AF_UNIX works, AF_INET and
+    AF_INET6 fail with EACCES."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            from kmsd.privileges import harden, unix_sockets_only
+
+            harden()
+            unix_sockets_only()
+            out = []
+            for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+                try:
+                    socket.socket(family).close()
+                    out.append("ok")
+                except OSError as exc:
+                    out.append(str(exc.errno))
+            os.write(w, ",".join(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    result = os.read(r, 100).decode()
+    os.waitpid(pid, 0)
+    assert result == "ok,13,13", result
+
+
+async def test_vault_restarts_as_its_user_after_the_daemon_dropped(users: Any, daemon_factory: Any) -> None:
+    daemon_user, vault_user = users
+    d = daemon_factory(extra_env={"KMSD_DAEMON_USER": daemon_user.pw_name, "KMSD_VAULT_USER": vault_user.pw_name})
+    session, api = open_api(d, "unix")
+    async with session:
+        token = await api.store("dropped-1", "kept across vault restarts")
+        launcher, vault = processes(d)
+        for _ in range(2):
+            os.kill(vault, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                kids = children(launcher)
+                if kids and kids[0] != vault and d.get("/readyz")[0] == 200:
+                    break
+                time.sleep(0.05)
+            (new_vault,) = children(launcher)
+            assert new_vault != vault
+            st = status(new_vault)
+            assert ids(st, "Uid") == {vault_user.pw_uid} and st["Seccomp"] == "2"
+            vault = new_vault
+            assert await api.call("GET", "/api/keys", token=token) == (200, {"data": "kept across vault restarts"})
+    # SIGTERM: daemon, launcher and vault all gone, cleanly and quickly.
+    t = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t < 5
+    for pid in (launcher, vault):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in status(pid).get("State", "")
