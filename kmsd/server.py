@@ -599,6 +599,18 @@ def _describe(listener: ListenSocket) -> str:
     return f"{address or '?'} ({listener.name})"
 
 
+def _hand_over(settings: Settings, user: str) -> None:
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    paths = [settings.audit_log] if settings.audit_log else []
+    if settings.database.scheme == "sqlite":
+        paths += [settings.database.path + suffix for suffix in ("", "-wal", "-shm")]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
 def daemon_user(settings: Settings) -> str | None:
     """The user a daemon started as root drops to, or None."""
     if os.geteuid() != 0:
@@ -658,7 +670,10 @@ async def serve(
         app[STATE].vault.start_launcher()
     runner = await start_listeners(app, settings, passed)
     if drop_to is not None:
-        # Sockets bound, database open, vault started: root is not needed any more.
+        # Sockets bound, database open, vault started: root is not needed any
+        # more. The files the daemon keeps writing become its own first, so
+        # that it can reopen them (the audit trail after logrotate).
+        _hand_over(settings, drop_to)
         pw = switch_user(drop_to)
         harden()
         log.info("privileges_dropped", user=drop_to, uid=pw.pw_uid, launcher_pid=app[STATE].vault.launcher_pid)

@@ -187,3 +187,36 @@ async def test_vault_restarts_as_its_user_after_the_daemon_dropped(users: Any, d
     assert time.monotonic() - t < 5
     for pid in (launcher, vault):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in status(pid).get("State", "")
+
+
+async def test_audit_trail_continues_after_logrotate_once_dropped(users: Any, daemon_factory: Any, workdir: Path) -> None:
+    """The daemon, no longer root, still writes and reopens its files."""
+    import hashlib
+    import json
+
+    daemon_user, vault_user = users
+    logs = workdir / f"audit-{os.urandom(3).hex()}"
+    logs.mkdir()
+    os.chown(logs, daemon_user.pw_uid, daemon_user.pw_gid)
+    trail = logs / "audit.jsonl"
+    d = daemon_factory(
+        extra_env={
+            "KMSD_DAEMON_USER": daemon_user.pw_name,
+            "KMSD_VAULT_USER": vault_user.pw_name,
+            "KMSD_AUDIT_LOG": str(trail),
+        }
+    )
+    session, api = open_api(d, "unix")
+    async with session:
+        await api.store("rotated-1", "before logrotate")
+        trail.rename(logs / "audit.jsonl.1")
+        os.kill(d.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "config_reloaded" not in d.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        await api.store("rotated-2", "after logrotate")
+    old = (logs / "audit.jsonl.1").read_bytes().splitlines()
+    new = trail.read_bytes().splitlines()
+    assert json.loads(new[0])["prev"] == hashlib.sha256(old[-1]).hexdigest()
+    assert json.loads(new[0])["subject"] == "rotated-2"
+    assert os.stat(trail).st_uid == daemon_user.pw_uid
