@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -161,6 +162,9 @@ async def _direct(settings: Settings) -> AsyncIterator[_Direct]:
     kms = KMS.from_settings(settings, log=log)
     await kms.store.open()
     try:
+        if not await kms.store.list_master_keys():
+            # Most likely the wrong database: do not make it a kmsd one.
+            raise KMSError(f"{settings.database.masked()} has no master keys: is it kmsd's database?")
         await kms.vault.start()
         rotator = Rotator(
             kms,
@@ -190,6 +194,10 @@ def run_mk(args: argparse.Namespace) -> int:
                 f"no daemon answers on {settings.socket}, and no root key is configured to act on the"
                 " database directly (KMSD_ROOT_KEY_FILE, ROOT_KEY or a 'root-key' credential)"
             )
+        if settings.root_key.file and not os.access(settings.root_key.file, os.R_OK):
+            return _fail(f"cannot read the root key file {settings.root_key.file}")
+        if settings.database.scheme == "sqlite" and not os.path.exists(settings.database.path):
+            return _fail(f"no database at {settings.database.path} (and no daemon on {settings.socket})")
         print(
             f"kmsd: no daemon answers on {settings.socket}: acting on {settings.database.masked()} directly",
             file=sys.stderr,
@@ -308,6 +316,9 @@ def run_root_key(args: argparse.Namespace) -> int:
     try:
         report = uvloop.run(rotate_root_key(settings, args.new_key_file, log=get_logger(process="root-key")))
     except KMSError as exc:
+        if created:
+            # Nothing uses it: a second attempt may --generate again.
+            os.unlink(args.new_key_file)
         return _fail(f"root-key rotation stopped, nothing changed: {exc.message}")
     print(
         f"root key rotated in {time.monotonic() - started:.1f}s: {report.master_keys} master keys and"

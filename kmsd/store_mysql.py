@@ -28,7 +28,7 @@ import pymysql
 import pymysql.constants
 
 from .config import DatabaseURL
-from .errors import Conflict
+from .errors import Conflict, KMSError
 from .store import MasterKeyRow, Record, RotationJob, SigningKeyRow, StoreError, now_utc
 
 __all__ = ["MySQLStore"]
@@ -84,7 +84,7 @@ _MIGRATIONS: Sequence[Sequence[str]] = (
         "index master_keys kmsd_master_keys_one_active UNIQUE (kmsd_one_active)",
         """CREATE TABLE IF NOT EXISTS kmsd_leases (
             name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
-            holder VARCHAR(255) NOT NULL,
+            holder VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL,
             expires_at DOUBLE NOT NULL
         ) ENGINE=InnoDB""",
         """CREATE TABLE IF NOT EXISTS kmsd_rotation_jobs (
@@ -218,7 +218,7 @@ class MySQLStore:
             raise StoreError(f"cannot connect to {where}: {describe_error(exc)}") from None
         try:
             await self._prepare()
-        except StoreError as exc:
+        except KMSError as exc:
             await self.close()
             raise StoreError(f"cannot prepare database {where}: {exc.message}") from None
 
@@ -264,6 +264,15 @@ class MySQLStore:
                 for version, statements in enumerate(_MIGRATIONS, start=1):
                     if version in done:
                         continue
+                    if version == 3:
+                        await cur.execute("SELECT COUNT(*) FROM master_keys WHERE status = 'active'")
+                        actives = (await cur.fetchone())[0]
+                        if actives > 1:
+                            raise StoreError(
+                                f"master_keys has {actives} active keys; exactly one may be: set all but the"
+                                " newest to 'retired' (UPDATE master_keys SET status = 'retired' WHERE ...)"
+                                " and start again"
+                            )
                     for statement in statements:
                         await _apply(cur, statement.format(bin=self.collation))
                     await cur.execute(
@@ -452,7 +461,7 @@ class MySQLStore:
             for table, column, rows in (("master_keys", "key_id", master), ("kmsd_signing_keys", "kid", signing)):
                 for key, old, new in rows:
                     await cur.execute(
-                        f"UPDATE {table} SET key_material = %s WHERE {column} = %s"
+                        f"UPDATE {table} SET key_material = %s WHERE BINARY {column} = %s"
                         " AND BINARY key_material = BINARY %s",
                         (new, key, old),
                     )
@@ -469,7 +478,7 @@ class MySQLStore:
     async def delete_master_key(self, key_id: str) -> bool:
         changed = await self._write(
             (
-                "DELETE FROM master_keys WHERE key_id = %s AND status = 'retired' AND NOT EXISTS"
+                "DELETE FROM master_keys WHERE BINARY key_id = %s AND status = 'retired' AND NOT EXISTS"
                 " (SELECT 1 FROM kms_keys WHERE master_key_id = %s OR master_key_id IS NULL)",
                 (key_id, key_id),
             )
@@ -477,16 +486,27 @@ class MySQLStore:
         return changed > 0
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        take = (
+            f"UPDATE kmsd_leases SET holder = %s, expires_at = {_NOW} + %s"
+            f" WHERE name = %s AND (holder = %s OR holder = '' OR expires_at < {_NOW})"
+        )
+        params = (holder, ttl, name, holder)
+
         async def work(cur: aiomysql.Cursor) -> bool:
-            await cur.execute("INSERT IGNORE INTO kmsd_leases (name, holder, expires_at) VALUES (%s, '', 0)", (name,))
+            # Each statement on its own (autocommit): one row lock at a time,
+            # so concurrent takers queue instead of deadlocking.
+            await cur.execute(take, params)
+            if cur.rowcount:
+                return True
             await cur.execute(
-                f"UPDATE kmsd_leases SET holder = %s, expires_at = {_NOW} + %s"
-                f" WHERE name = %s AND (holder = %s OR holder = '' OR expires_at < {_NOW})",
-                (holder, ttl, name, holder),
+                "INSERT INTO kmsd_leases (name, holder, expires_at) VALUES (%s, '', 0)"
+                " ON DUPLICATE KEY UPDATE name = name",
+                (name,),
             )
+            await cur.execute(take, params)
             return cur.rowcount > 0
 
-        return bool(await self._run(work, write="transaction"))
+        return bool(await self._run(work, write="statement"))
 
     async def release_lease(self, name: str, holder: str) -> None:
         await self._write(
@@ -550,7 +570,7 @@ class MySQLStore:
     async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
         changed = await self._write(
             (
-                "UPDATE master_keys SET key_material = %s WHERE key_id = %s AND BINARY key_material = BINARY %s",
+                "UPDATE master_keys SET key_material = %s WHERE BINARY key_id = %s AND BINARY key_material = BINARY %s",
                 (new, key_id, old),
             )
         )

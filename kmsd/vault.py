@@ -79,6 +79,9 @@ class UnknownKey(VaultError):
 
 
 class WrongRootKey(VaultError):
+    # A 503: this daemon must be restarted with the current root key.
+    status = 503
+    code = "unavailable"
     default_message = "a master key does not unwrap under the configured root key"
 
 
@@ -523,6 +526,7 @@ class _Vault:
         self.root = root
         self.new_root: RootKey | None = None  # set only for a root-key rotation
         self.master: dict[str, bytes] = {}
+        self.materials: dict[str, str] = {}  # the row each master key was loaded from
         self.order: list[str] = []  # active first, then the retired, newest first
         self.active: str | None = None
         self.signing: tuple[str, object] | None = None
@@ -535,18 +539,24 @@ class _Vault:
         if op == Op.LOAD_MASTER_KEYS:
             active = f[0].decode() or None
             keys: dict[str, bytes] = {}
+            materials: dict[str, str] = {}
             for i in range(1, len(f) - 1, 2):
-                key_id = f[i].decode()
-                if key_id in self.master:
+                key_id, material = f[i].decode(), f[i + 1].decode()
+                materials[key_id] = material
+                if key_id in self.master and self.materials.get(key_id) == material:
                     keys[key_id] = self.master[key_id]
                     continue
+                # New, or its row changed (a root-key rotation elsewhere): it
+                # must open under this vault's root key, or nothing changes
+                # here and the caller learns that the root key is stale.
                 try:
-                    keys[key_id] = self._unwrap_mk(key_id, f[i + 1].decode())
+                    keys[key_id] = self._unwrap_mk(key_id, material)
                 except env.InvalidToken:
                     return Status.WRONG_ROOT_KEY, [key_id.encode()]
             if active is not None and active not in keys:
                 return Status.BAD_REQUEST, []
             self.master = keys
+            self.materials = materials
             self.active = active
             ordered = [k for k in f[1::2][::-1] if k.decode() != active]
             self.order = ([active] if active else []) + [k.decode() for k in ordered]
@@ -556,12 +566,14 @@ class _Vault:
             mk = os.urandom(32)
             wrapped = env.wrap_master_key(self.root.kek, key_id, mk)
             self.master[key_id] = mk
+            self.materials[key_id] = env.b64e(wrapped)
             return Status.OK, [env.b64e(wrapped).encode()]
         if op == Op.REWRAP_MASTER_KEY:
             key_id = f[0].decode()
             if key_id not in self.master:
                 return Status.UNKNOWN_KEY, []
             wrapped = env.wrap_master_key(self.root.kek, key_id, self.master[key_id])
+            self.materials[key_id] = env.b64e(wrapped)
             return Status.OK, [env.b64e(wrapped).encode()]
         if op in (Op.NEW_DEK, Op.WRAP_DEK):
             if self.active is None:

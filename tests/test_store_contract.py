@@ -901,3 +901,893 @@ async def test_mysql_open_migrates_an_original_database(mysql_server: MariaDBSer
         " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'kms_keys' AND COLUMN_NAME = 'user_id'",
         (name,),
     ) == [("utf8mb4_nopad_bin",)]
+
+
+# == master-key lifecycle: records by key, rewrap, key materials, leases, jobs ===============
+
+
+def keyed(user_id: str, key_id: str | None, n: int = 0, created_at: str | None = T0) -> Record:
+    """``rec`` under master key ``key_id``."""
+    return Record(user_id, f"ek:{user_id}:{n}", f"dek:{user_id}:{n}", created_at, key_id)
+
+
+def fields(r: Record | None) -> tuple[Any, ...] | None:
+    """Every column of a record (its repr hides them), for readable failures."""
+    if r is None:
+        return None
+    return (r.user_id, r.encrypted_key, r.encrypted_dek, r.created_at, r.master_key_id)
+
+
+def rewrapped(old: Record, key_id: str) -> tuple[Record, str, str]:
+    """One change for ``rewrap_records``: ``old``'s DEK wrapped under ``key_id``."""
+    return old, f"rewrapped:{old.user_id}:{key_id}", key_id
+
+
+def after_rewrap(old: Record, key_id: str) -> Record:
+    """What ``rewrapped(old, key_id)`` leaves in the row."""
+    return Record(old.user_id, old.encrypted_key, f"rewrapped:{old.user_id}:{key_id}", old.created_at, key_id)
+
+
+async def all_records(store: Store) -> dict[str, tuple[Any, ...] | None]:
+    return {r.user_id: fields(r) for r in await store.scan_records(None, 10_000)}
+
+
+# -- master_key_id on records ------------------------------------------------------------
+
+
+async def test_master_key_id_round_trips_through_every_record_write(store: Store) -> None:
+    # Omitted: NULL (as the original system, and kmsd before the column, wrote).
+    await store.insert_record(rec("plain"))
+    assert fields(await store.get_record("plain")) == fields(Record("plain", "ek:plain:0", "dek:plain:0", T0, None))
+
+    await store.insert_record(keyed("ins", "key-1"))
+    assert fields(await store.get_record("ins")) == fields(keyed("ins", "key-1"))
+
+    # upsert: inserts with the key, then replaces it (also back to NULL).
+    await store.upsert_record(keyed("ups", "key-1"))
+    assert fields(await store.get_record("ups")) == fields(keyed("ups", "key-1"))
+    await store.upsert_record(keyed("ups", "key-2", 1))
+    assert fields(await store.get_record("ups")) == fields(keyed("ups", "key-2", 1))
+    await store.upsert_record(keyed("ups", None, 2))
+    assert fields(await store.get_record("ups")) == fields(keyed("ups", None, 2))
+
+    # replace_record writes new's key; the compare part ignores old's key.
+    assert await store.replace_record(keyed("ins", "some-other-key"), keyed("ins", "key-2", 1)) is True
+    assert fields(await store.get_record("ins")) == fields(keyed("ins", "key-2", 1))
+    assert await store.replace_record(keyed("ins", "key-2", 1), keyed("ins", None, 2)) is True
+    assert fields(await store.get_record("ins")) == fields(keyed("ins", None, 2))
+    assert await store.replace_record(keyed("plain", None), keyed("plain", "key-3", 1)) is True
+
+    # Exact key ids, four-byte characters included.
+    await store.insert_record(keyed("odd", "KEY-1 🔑"))
+    assert (await store.get_record("odd")).master_key_id == "KEY-1 🔑"  # type: ignore[union-attr]
+
+    assert await all_records(store) == {
+        "ins": fields(keyed("ins", None, 2)),
+        "odd": fields(keyed("odd", "KEY-1 🔑")),
+        "plain": fields(keyed("plain", "key-3", 1)),
+        "ups": fields(keyed("ups", None, 2)),
+    }
+
+
+async def test_count_records_by_key(store: Store) -> None:
+    assert await store.count_records_by_key() == {}
+    await store.insert_record(rec("legacy-1"))
+    await store.insert_record(Record("legacy-2", None, None, None))
+    for i in range(3):
+        await store.insert_record(keyed(f"k1-{i}", "key-1"))
+    await store.insert_record(keyed("k2-0", "key-2"))
+    # Key ids that differ by case or a trailing space are different keys.
+    await store.insert_record(keyed("case", "KEY-1"))
+    await store.insert_record(keyed("pad", "key-1 "))
+    assert await store.count_records_by_key() == {None: 2, "key-1": 3, "key-2": 1, "KEY-1": 1, "key-1 ": 1}
+
+    await store.upsert_record(keyed("legacy-1", "key-2", 1))
+    await store.delete_record("k1-0")
+    assert await store.replace_record(keyed("k1-1", "key-1"), keyed("k1-1", "key-2", 1)) is True
+    assert await store.rewrap_records([rewrapped(keyed("k1-2", "key-1"), "key-2")]) == 1
+    await store.delete_record("case")
+    assert await store.count_records_by_key() == {None: 1, "key-2": 4, "key-1 ": 1}
+    assert sum((await store.count_records_by_key()).values()) == await store.count_records()
+
+
+# -- scan_records_to_rewrap ---------------------------------------------------------------------
+
+
+async def test_scan_records_to_rewrap_skips_the_active_key_and_walks_in_binary_order(store: Store) -> None:
+    assert await store.scan_records_to_rewrap("key-2", None, 10) == []
+    # Round-robin over the active key, an old key, NULL and look-alikes of
+    # the active key id (which are other keys).
+    keys: list[str | None] = ["key-2", "key-1", None, "KEY-2", "key-2 ", "key-2"]
+    for i, user_id in enumerate(SCAN_IDS):
+        await store.insert_record(keyed(user_id, keys[i % len(keys)]))
+    by_id = {u: keys[i % len(keys)] for i, u in enumerate(SCAN_IDS)}
+    expected = sorted(u for u, k in by_id.items() if k != "key-2")
+    assert 0 < len(expected) < len(SCAN_IDS)
+
+    for limit in (1, 2, 5, len(expected), 100):
+        seen: list[str] = []
+        after: str | None = None
+        pages = 0
+        while page := await store.scan_records_to_rewrap("key-2", after, limit):
+            pages += 1
+            assert len(page) <= limit
+            if len(seen) + len(page) < len(expected):
+                assert len(page) == limit  # the filter comes before the limit
+            for r in page:
+                assert fields(r) == fields(keyed(r.user_id, by_id[r.user_id])), r.user_id
+            seen += [r.user_id for r in page]
+            after = page[-1].user_id
+            assert pages <= len(SCAN_IDS) + 1, "the walk does not end"
+        assert seen == expected, limit
+
+    # Resumable from any id, listed or not (an id under the active key too).
+    for user_id in sorted(SCAN_IDS):
+        got = [r.user_id for r in await store.scan_records_to_rewrap("key-2", user_id, 1000)]
+        assert got == [u for u in expected if u > user_id], repr(user_id)
+
+    # Another active key: everything not under it.
+    assert [r.user_id for r in await store.scan_records_to_rewrap("key-1", None, 1000)] == sorted(
+        u for u, k in by_id.items() if k != "key-1"
+    )
+    # Once rewrapped, a row is no longer listed; a row moved off the active key is.
+    rows = await store.scan_records_to_rewrap("key-2", None, 3)
+    assert await store.rewrap_records([rewrapped(r, "key-2") for r in rows]) == 3
+    assert [r.user_id for r in await store.scan_records_to_rewrap("key-2", None, 1000)] == expected[3:]
+    first_active = sorted(u for u, k in by_id.items() if k == "key-2")[0]
+    await store.upsert_record(keyed(first_active, None, 1))
+    assert first_active in [r.user_id for r in await store.scan_records_to_rewrap("key-2", None, 1000)]
+
+
+# -- rewrap_records --------------------------------------------------------------------------
+
+
+async def test_rewrap_records_sets_the_dek_and_key_and_counts_the_matches(store: Store) -> None:
+    rows = {u: keyed(u, "key-1", created_at=f"2023-0{i + 1}-01 00:00:00") for i, u in enumerate("abcdef")}
+    for r in rows.values():
+        await store.insert_record(r)
+    await store.insert_record(Record("legacy", "ek:legacy", "dek:legacy", None))
+
+    assert await store.rewrap_records([]) == 0
+    assert await store.count_records_by_key() == {"key-1": 6, None: 1}
+
+    # Changed meanwhile (upsert, replace), deleted meanwhile, never there.
+    await store.upsert_record(keyed("c", "key-1", 1))
+    assert await store.replace_record(rows["d"], keyed("d", "key-9", 1)) is True
+    await store.delete_record("e")
+    # `old` as the scan returned it may carry another created_at or key id:
+    # only its ciphertexts are compared.
+    seen_b = Record("b", rows["b"].encrypted_key, rows["b"].encrypted_dek, "1999-01-01 00:00:00", "key-x")
+    changes = [
+        rewrapped(rows["a"], "key-2"),
+        rewrapped(seen_b, "key-2"),
+        rewrapped(rows["c"], "key-2"),
+        rewrapped(rows["d"], "key-2"),
+        rewrapped(rows["e"], "key-2"),
+        rewrapped(keyed("never", "key-1"), "key-2"),
+        rewrapped(Record("legacy", "ek:legacy", "dek:legacy", None), "key-2"),
+    ]
+    assert await store.rewrap_records(changes) == 3
+
+    assert await all_records(store) == {
+        # encrypted_key and created_at untouched.
+        "a": fields(after_rewrap(rows["a"], "key-2")),
+        "b": fields(after_rewrap(rows["b"], "key-2")),
+        "c": fields(keyed("c", "key-1", 1)),
+        "d": fields(keyed("d", "key-9", 1)),
+        "f": fields(rows["f"]),
+        "legacy": fields(after_rewrap(Record("legacy", "ek:legacy", "dek:legacy", None), "key-2")),
+    }
+    # The same batch again: every row changed since (its DEK is the new one).
+    assert await store.rewrap_records(changes) == 0
+    # A rewrap that writes what is already there still matched.
+    now_a = after_rewrap(rows["a"], "key-2")
+    assert await store.rewrap_records([(now_a, now_a.encrypted_dek, "key-2")]) == 1  # type: ignore[list-item]
+    assert fields(await store.get_record("a")) == fields(now_a)
+
+
+async def test_rewrap_records_compares_exactly_and_null_safe(store: Store) -> None:
+    rows = [
+        Record("nulls", None, None, None),
+        Record("no-dek", "ek", None, T0),
+        Record("no-ek", None, "dek", T0),
+        Record("b64", "QUJD", "ZGVr", T0),
+    ]
+    for r in rows:
+        await store.insert_record(r)
+    before = await all_records(store)
+    stale = [
+        Record("nulls", "", None, None),  # '' is not NULL
+        Record("nulls", None, "", None),
+        Record("nulls", "ek", None, None),
+        Record("no-dek", "ek", "", T0),
+        Record("no-dek", None, None, T0),
+        Record("no-dek", "EK", None, T0),
+        Record("no-ek", "", "dek", T0),
+        Record("no-ek", None, "dek ", T0),
+        Record("b64", "qujd", "ZGVr", T0),
+        Record("b64", "QUJD", "zgvr", T0),
+        Record("b64", "QUJD ", "ZGVr", T0),
+        Record("b64", "QUJD", "ZGVr ", T0),
+        Record("b64", "QUJD", None, T0),
+        Record("B64", "QUJD", "ZGVr", T0),
+        Record("b64 ", "QUJD", "ZGVr", T0),
+    ]
+    for old in stale:
+        assert await store.rewrap_records([rewrapped(old, "key-2")]) == 0, fields(old)
+    assert await store.rewrap_records([rewrapped(old, "key-2") for old in stale]) == 0
+    assert await all_records(store) == before
+
+    # The exact values, NULLs included, match.
+    assert await store.rewrap_records([rewrapped(r, "key-2") for r in rows]) == len(rows)
+    assert await all_records(store) == {r.user_id: fields(after_rewrap(r, "key-2")) for r in rows}
+
+
+async def test_rewrap_records_touches_only_exactly_the_named_users(store: Store) -> None:
+    # Same ciphertexts under ids that a case- or pad-insensitive comparison
+    # would take for one another: only the named one is rewrapped.
+    ids = ["SMOKE1", "smoke1", "smoke1 ", "Smoke1", "josé", "jose\u0301", "🔑"]
+    for user_id in ids:
+        await store.insert_record(Record(user_id, "same-ek", "same-dek", T0, "key-1"))
+    for target in ("smoke1", "jose\u0301", "🔑"):
+        old = Record(target, "same-ek", "same-dek", T0, "key-1")
+        assert await store.rewrap_records([rewrapped(old, "key-2")]) == 1, target
+    assert await all_records(store) == {
+        u: fields(
+            after_rewrap(Record(u, "same-ek", "same-dek", T0, "key-1"), "key-2")
+            if u in ("smoke1", "jose\u0301", "🔑")
+            else Record(u, "same-ek", "same-dek", T0, "key-1")
+        )
+        for u in ids
+    }
+
+
+async def test_rewrap_records_of_a_large_batch(store: Store) -> None:
+    rows = [keyed(f"big-{i:04d}", "key-1" if i % 3 else None, i) for i in range(400)]
+    await asyncio.gather(*(store.insert_record(r) for r in rows))
+    # One stale entry in the middle of the batch does not stop the others.
+    await store.upsert_record(keyed("big-0200", "key-1", 9999))
+    assert await store.rewrap_records([rewrapped(r, "key-2") for r in rows]) == 399
+    got = await all_records(store)
+    for r in rows:
+        want = keyed("big-0200", "key-1", 9999) if r.user_id == "big-0200" else after_rewrap(r, "key-2")
+        assert got[r.user_id] == fields(want), r.user_id
+    assert await store.count_records_by_key() == {"key-2": 399, "key-1": 1}
+
+
+async def test_rewrap_records_racing_client_writes_never_overwrites_them(database_url: str) -> None:
+    """A rewrap (batches, as the rotation runs them) racing client upserts,
+    replaces and deletes of the same rows, through two stores on one
+    database: a row a client wrote keeps exactly the client's values, a
+    deleted row stays deleted, every other row is rewrapped."""
+    first = await open_url(database_url)
+    second = await open_url(database_url)
+    try:
+        rows = [keyed(f"race-{i:03d}", "key-1", i, created_at=f"2024-01-01 00:00:{i % 60:02d}") for i in range(120)]
+        await asyncio.gather(*(first.insert_record(r) for r in rows))
+        scanned = await first.scan_records_to_rewrap("key-2", None, 1000)
+        assert [fields(r) for r in scanned] == [fields(r) for r in rows]
+
+        upserted = {r.user_id: keyed(r.user_id, "key-client", 1000 + i) for i, r in enumerate(rows) if i % 3 == 0}
+        replaced = {r.user_id: keyed(r.user_id, "key-2", 2000 + i) for i, r in enumerate(rows) if i % 3 == 1 and i % 4 == 0}
+        deleted = {r.user_id for i, r in enumerate(rows) if i % 3 == 1 and i % 4 == 1}
+        untouched = [r for r in rows if r.user_id not in upserted and r.user_id not in replaced and r.user_id not in deleted]
+        by_id = {r.user_id: r for r in rows}
+        replaced_won: dict[str, bool] = {}
+
+        async def client(i: int, user_id: str) -> None:
+            await asyncio.sleep(0.001 * (i % 7))
+            if user_id in upserted:
+                await second.upsert_record(upserted[user_id])
+            elif user_id in replaced:
+                # A compare-and-set on the row as first read: it loses to a
+                # rewrap that got there first (the row is not what it read).
+                replaced_won[user_id] = await second.replace_record(by_id[user_id], replaced[user_id])
+            else:
+                assert await second.delete_record(user_id) is True
+
+        async def rewrap(batch: list[Record], i: int) -> int:
+            await asyncio.sleep(0.001 * (i % 5))
+            return await first.rewrap_records([rewrapped(r, "key-2") for r in batch])
+
+        batches = [scanned[i:i + 10] for i in range(0, len(scanned), 10)]
+        touched = [*upserted, *replaced, *deleted]
+        results = await asyncio.gather(
+            *(rewrap(b, i) for i, b in enumerate(batches)),
+            *(client(i, u) for i, u in enumerate(touched)),
+        )
+        matched = sum(results[: len(batches)])
+
+        got = await all_records(second)
+        expected = {r.user_id: fields(after_rewrap(r, "key-2")) for r in untouched}
+        expected.update({u: fields(r) for u, r in upserted.items()})
+        expected.update(
+            {u: fields(r if replaced_won[u] else after_rewrap(by_id[u], "key-2")) for u, r in replaced.items()}
+        )
+        assert got == expected
+        # The rewrap matched every untouched row and every row whose replace
+        # lost to it, none whose replace won, and at most the upserted and
+        # deleted rows it reached before the client did.
+        lost = list(replaced_won.values()).count(False)
+        assert len(untouched) + lost <= matched <= len(untouched) + lost + len(upserted) + len(deleted)
+    finally:
+        await first.close()
+        await second.close()
+
+
+# -- replace_key_materials ------------------------------------------------------------------
+
+
+async def seed_keys(store: Store) -> None:
+    for key_id in ("key-1", "key-2", "key-3"):
+        await store.add_master_key(mk(key_id))
+    for kid in ("kid-1", "kid-2"):
+        await store.add_signing_key(sk(kid))
+
+
+async def key_materials(store: Store) -> tuple[dict[str, str], dict[str, str]]:
+    return (
+        {r.key_id: r.key_material for r in await store.list_master_keys()},
+        {r.kid: r.key_material for r in await store.list_signing_keys()},
+    )
+
+
+async def test_replace_key_materials_replaces_all(store: Store) -> None:
+    await seed_keys(store)
+    master_before = await store.list_master_keys()
+    assert await store.replace_key_materials(
+        [(k, f"material:{k}:0", f"rewrapped:{k}") for k in ("key-1", "key-2", "key-3")],
+        [(k, f"material:{k}", f"rewrapped:{k}") for k in ("kid-1", "kid-2")],
+    ) is True
+    assert await key_materials(store) == (
+        {k: f"rewrapped:{k}" for k in ("key-1", "key-2", "key-3")},
+        {k: f"rewrapped:{k}" for k in ("kid-1", "kid-2")},
+    )
+    # Only the material changes: status, created_at, description, public key stay.
+    assert [(r.key_id, r.status, r.created_at, r.description) for r in await store.list_master_keys()] == [
+        (r.key_id, r.status, r.created_at, r.description) for r in master_before
+    ]
+    assert [(r.kid, r.public_key, r.status) for r in await store.list_signing_keys()] == [
+        ("kid-1", "pub:kid-1", "retired"), ("kid-2", "pub:kid-2", "active"),
+    ]
+    # Only some of them, only one table, the same material again: all fine.
+    assert await store.replace_key_materials([("key-2", "rewrapped:key-2", "again:key-2")], []) is True
+    assert await store.replace_key_materials([], [("kid-1", "rewrapped:kid-1", "again:kid-1")]) is True
+    assert await store.replace_key_materials([("key-3", "rewrapped:key-3", "rewrapped:key-3")], []) is True
+    masters, signing = await key_materials(store)
+    assert masters == {"key-1": "rewrapped:key-1", "key-2": "again:key-2", "key-3": "rewrapped:key-3"}
+    assert signing == {"kid-1": "again:kid-1", "kid-2": "rewrapped:kid-2"}
+
+
+async def test_replace_key_materials_is_all_or_nothing(store: Store) -> None:
+    await seed_keys(store)
+    before = await key_materials(store)
+    masters_ok = [(k, f"material:{k}:0", f"new:{k}") for k in ("key-1", "key-2", "key-3")]
+    signing_ok = [(k, f"material:{k}", f"new:{k}") for k in ("kid-1", "kid-2")]
+
+    def with_master(i: int, entry: tuple[str, str, str]) -> list[tuple[str, str, str]]:
+        return [entry if j == i else m for j, m in enumerate(masters_ok)]
+
+    def with_signing(i: int, entry: tuple[str, str, str]) -> list[tuple[str, str, str]]:
+        return [entry if j == i else s for j, s in enumerate(signing_ok)]
+
+    refused = [
+        # One stale material, first, in the middle, last of the master keys...
+        (with_master(0, ("key-1", "stale", "new:key-1")), signing_ok),
+        (with_master(1, ("key-2", "stale", "new:key-2")), signing_ok),
+        (with_master(2, ("key-3", "stale", "new:key-3")), signing_ok),
+        # ...or of the signing keys, after every master key matched.
+        (masters_ok, with_signing(0, ("kid-1", "stale", "new:kid-1"))),
+        (masters_ok, with_signing(1, ("kid-2", "stale", "new:kid-2"))),
+        # Exact comparison: case and a trailing space differ.
+        (with_master(1, ("key-2", "MATERIAL:KEY-2:0", "new:key-2")), signing_ok),
+        (with_master(2, ("key-3", "material:key-3:0 ", "new:key-3")), signing_ok),
+        (masters_ok, with_signing(1, ("kid-2", "Material:kid-2", "new:kid-2"))),
+        # Unknown ids; a key looked up in the wrong table.
+        (with_master(2, ("key-9", "material:key-9:0", "new:key-9")), signing_ok),
+        (masters_ok, with_signing(1, ("kid-9", "material:kid-9", "new:kid-9"))),
+        ([*masters_ok, ("kid-1", "material:kid-1", "x")], signing_ok),
+        (masters_ok, [*signing_ok, ("key-1", "material:key-1:0", "x")]),
+        # The same key twice: its second old value no longer matches.
+        ([*masters_ok, ("key-1", "material:key-1:0", "other")], signing_ok),
+    ]
+    for master, signing in refused:
+        assert await store.replace_key_materials(master, signing) is False, (master, signing)
+        assert await key_materials(store) == before, (master, signing)
+
+    # After all those refusals the store works, and the good set applies.
+    assert await store.replace_key_materials(masters_ok, signing_ok) is True
+    assert await key_materials(store) == (
+        {k: f"new:{k}" for k in ("key-1", "key-2", "key-3")}, {k: f"new:{k}" for k in ("kid-1", "kid-2")},
+    )
+    # The old values are stale now.
+    assert await store.replace_key_materials(masters_ok, signing_ok) is False
+
+
+async def test_concurrent_replace_key_materials_exactly_one_wins_whole(store: Store) -> None:
+    await seed_keys(store)
+
+    def attempt(n: int) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        return (
+            [(k, f"material:{k}:0", f"try{n}:{k}") for k in ("key-1", "key-2", "key-3")],
+            [(k, f"material:{k}", f"try{n}:{k}") for k in ("kid-1", "kid-2")],
+        )
+
+    results = await asyncio.gather(*(store.replace_key_materials(*attempt(n)) for n in range(8)))
+    assert results.count(True) == 1, results
+    n = results.index(True)
+    # Every material from the one winner: never a mix of two attempts.
+    assert await key_materials(store) == (
+        {k: f"try{n}:{k}" for k in ("key-1", "key-2", "key-3")}, {k: f"try{n}:{k}" for k in ("kid-1", "kid-2")},
+    )
+
+
+# -- delete_master_key ---------------------------------------------------------------------
+
+
+async def test_delete_master_key(store: Store) -> None:
+    assert await store.delete_master_key("key-1") is False  # none at all
+    await store.add_master_key(mk("key-1"))
+    # The active key, even with no record at all.
+    assert await store.delete_master_key("key-1") is False
+    await store.add_master_key(mk("key-2"))
+    await store.add_master_key(mk("key-3"))
+    await store.insert_record(keyed("u1", "key-1"))
+    await store.insert_record(keyed("u3", "key-3"))
+
+    # Retired, but a record is under it.
+    assert await store.delete_master_key("key-1") is False
+    # Retired and unused, but a record is unclassified (it may be under it).
+    await store.insert_record(rec("legacy"))
+    assert await store.delete_master_key("key-2") is False
+    assert [r.key_id for r in await store.list_master_keys()] == ["key-1", "key-2", "key-3"]
+
+    # Once the unclassified record is classified: the unused retired key goes.
+    assert await store.rewrap_records([rewrapped(rec("legacy"), "key-3")]) == 1
+    assert await store.delete_master_key("key-2") is True
+    assert await store.delete_master_key("key-2") is False
+    assert await store.delete_master_key("key-1") is False  # still used by u1
+    assert await store.delete_master_key("key-3") is False  # active
+    assert await store.delete_master_key("key-9") is False
+    assert [(r.key_id, r.status) for r in await store.list_master_keys()] == [("key-1", "retired"), ("key-3", "active")]
+
+    # Records under keys that merely look like key-1 do not hold it back.
+    await store.upsert_record(keyed("u1", "key-3", 1))
+    await store.insert_record(keyed("look-alike-1", "KEY-1"))
+    await store.insert_record(keyed("look-alike-2", "key-1 "))
+    assert await store.delete_master_key("key-1") is True
+    assert [(r.key_id, r.status) for r in await store.list_master_keys()] == [("key-3", "active")]
+    # Records are never touched by it.
+    assert await store.count_records_by_key() == {"key-3": 3, "KEY-1": 1, "key-1 ": 1}
+    # And a new key after a deletion works.
+    await store.add_master_key(mk("key-4"))
+    assert active(await store.list_master_keys()) == ["key-4"]
+
+
+async def test_delete_master_key_compares_the_key_id_exactly(
+    store: Store, backend: str, request: pytest.FixtureRequest
+) -> None:
+    await store.add_master_key(mk("key-1"))
+    await store.add_master_key(mk("key-2"))
+    await store.insert_record(keyed("u1", "key-1"))
+    for look_alike in ("KEY-1", "key-1 ", "Key-1"):
+        assert await store.delete_master_key(look_alike) is False, repr(look_alike)
+        assert [r.key_id for r in await store.list_master_keys()] == ["key-1", "key-2"], repr(look_alike)
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+async def test_lease_take_renew_refuse_release(store: Store) -> None:
+    assert await store.get_lease("rotation") is None
+    assert await store.acquire_lease("rotation", "host-a", 5.0) is True
+    holder, left = await store.get_lease("rotation")  # type: ignore[misc]
+    assert holder == "host-a" and 4.0 < left <= 5.0, (holder, left)
+
+    # Another holder while it runs: refused, nothing changes.
+    assert await store.acquire_lease("rotation", "host-b", 60.0) is False
+    holder, left = await store.get_lease("rotation")  # type: ignore[misc]
+    assert holder == "host-a" and left <= 5.0
+
+    # The holder renews (longer, then shorter).
+    assert await store.acquire_lease("rotation", "host-a", 30.0) is True
+    holder, left = await store.get_lease("rotation")  # type: ignore[misc]
+    assert holder == "host-a" and 29.0 < left <= 30.0, left
+    assert await store.acquire_lease("rotation", "host-a", 10.0) is True
+    assert 9.0 < (await store.get_lease("rotation"))[1] <= 10.0  # type: ignore[index]
+
+    # Other names are other leases.
+    assert await store.get_lease("other") is None
+    assert await store.acquire_lease("other", "host-b", 5.0) is True
+    assert (await store.get_lease("other"))[0] == "host-b"  # type: ignore[index]
+    assert (await store.get_lease("rotation"))[0] == "host-a"  # type: ignore[index]
+
+    # Only the holder's release counts.
+    await store.release_lease("rotation", "host-b")
+    await store.release_lease("never-taken", "host-a")
+    assert (await store.get_lease("rotation"))[0] == "host-a"  # type: ignore[index]
+    await store.release_lease("rotation", "host-a")
+    assert await store.get_lease("rotation") is None
+    await store.release_lease("rotation", "host-a")  # twice: nothing
+    assert await store.get_lease("never-taken") is None
+
+    # Released: free for anyone.
+    assert await store.acquire_lease("rotation", "host-b", 5.0) is True
+    assert (await store.get_lease("rotation"))[0] == "host-b"  # type: ignore[index]
+    assert await store.acquire_lease("rotation", "host-a", 5.0) is False
+    assert (await store.get_lease("other"))[0] == "host-b"  # type: ignore[index]
+
+
+async def test_lease_expires(store: Store) -> None:
+    ttl = 0.4
+    assert await store.acquire_lease("rotation", "host-a", ttl) is True
+    assert await store.acquire_lease("own", "host-c", ttl) is True
+    assert await store.acquire_lease("rotation", "host-b", ttl) is False
+    assert (await store.get_lease("rotation"))[0] == "host-a"  # type: ignore[index]
+    await asyncio.sleep(ttl + 0.15)
+
+    # Run out: nobody holds it, and another holder takes it.
+    assert await store.get_lease("rotation") is None
+    assert await store.acquire_lease("rotation", "host-b", 5.0) is True
+    holder, left = await store.get_lease("rotation")  # type: ignore[misc]
+    assert holder == "host-b" and 4.0 < left <= 5.0
+    # The former holder can neither renew it nor release it now.
+    assert await store.acquire_lease("rotation", "host-a", 5.0) is False
+    await store.release_lease("rotation", "host-a")
+    assert (await store.get_lease("rotation"))[0] == "host-b"  # type: ignore[index]
+
+    # A holder may take its own run-out lease again.
+    assert await store.get_lease("own") is None
+    assert await store.acquire_lease("own", "host-c", 5.0) is True
+    assert (await store.get_lease("own"))[0] == "host-c"  # type: ignore[index]
+
+
+async def test_lease_holders_compare_exactly(store: Store, backend: str, request: pytest.FixtureRequest) -> None:
+    assert await store.acquire_lease("rotation", "host-a", 30.0) is True
+    for other in ("HOST-A", "host-a ", "Host-A"):
+        assert await store.acquire_lease("rotation", other, 30.0) is False, repr(other)
+        await store.release_lease("rotation", other)
+        assert (await store.get_lease("rotation"))[0] == "host-a", repr(other)  # type: ignore[index]
+
+
+async def race_for_lease(stores: list[Store], takers: int, rounds: int) -> list[list[Any]]:
+    """``takers`` holders (spread over ``stores``) take one lease at once:
+    a new lease, then one whose holder's time ran out, ``rounds`` times
+    each. Every race's outcomes, exceptions included."""
+    outcomes = []
+    for r in range(rounds):
+        for expired in (False, True):
+            name = f"race-{r}-{expired}"
+            if expired:
+                assert await stores[0].acquire_lease(name, "gone", 0.05) is True
+                await asyncio.sleep(0.08)
+            results = await asyncio.gather(
+                *(stores[i % len(stores)].acquire_lease(name, f"holder-{i}", 30.0) for i in range(takers)),
+                return_exceptions=True,
+            )
+            outcomes.append(results)
+            if results.count(True) == 1:
+                winner = f"holder-{results.index(True)}"
+                for s in stores:
+                    assert (await s.get_lease(name))[0] == winner  # type: ignore[index]
+    return outcomes
+
+
+async def test_two_daemons_racing_for_a_lease_exactly_one_wins(database_url: str) -> None:
+    stores = [await open_url(database_url), await open_url(database_url)]
+    try:
+        for results in await race_for_lease(stores, 2, rounds=5):
+            assert sorted(results, key=repr) == [False, True], results
+        # The holder renews while the other tries to take it.
+        assert await stores[0].acquire_lease("held", "a", 30.0) is True
+        results = await asyncio.gather(*(
+            s.acquire_lease("held", holder, 30.0) for _ in range(3) for s, holder in zip(stores, ("a", "b"))
+        ))
+        assert results == [True, False] * 3, results
+        assert (await stores[1].get_lease("held"))[0] == "a"  # type: ignore[index]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_many_concurrent_lease_takers_exactly_one_wins_and_none_fails(
+    database_url: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    stores = [await open_url(database_url), await open_url(database_url)]
+    try:
+        for results in await race_for_lease(stores, 10, rounds=3):
+            assert results.count(True) == 1 and results.count(False) == 9, results
+    finally:
+        for s in stores:
+            await s.close()
+
+
+# -- rotation jobs ---------------------------------------------------------------------------
+
+
+async def test_rotation_jobs(store: Store) -> None:
+    import datetime as dt
+
+    from kmsd.store import RotationJob
+
+    assert await store.latest_rotation_job() is None
+    first = await store.start_rotation_job("key-2", "admin@example 🔑")
+    assert (first.state, first.target_key_id, first.requested_by) == ("running", "key-2", "admin@example 🔑")
+    assert (first.finished_at, first.rewrapped, first.changed, first.unreadable, first.active_seconds) == (
+        None, 0, 0, 0, 0.0,
+    )
+    started = dt.datetime.strptime(first.started_at, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - started).total_seconds()) < 60
+    assert await store.latest_rotation_job() == first
+
+    second = await store.start_rotation_job("key-3", None)
+    assert second.id > first.id
+    assert second.requested_by is None
+    assert await store.latest_rotation_job() == second
+
+    # Updating the older job does not make it the latest.
+    await store.update_rotation_job(
+        RotationJob(first.id, "finished", "key-2", "admin@example 🔑", first.started_at, "2024-05-01 12:30:00", 5, 1, 0, 0.5)
+    )
+    assert await store.latest_rotation_job() == second
+
+    # Progress, then the end: every counter written, the rest kept.
+    progress = RotationJob(second.id, "running", "key-3", None, second.started_at, None, 1000, 2, 1, 1.25)
+    await store.update_rotation_job(progress)
+    assert await store.latest_rotation_job() == progress
+    done = RotationJob(
+        second.id, "finished", "key-3", None, second.started_at, "2030-01-02 03:04:05", 3_000_000_000, 17, 3, 4321.5
+    )
+    await store.update_rotation_job(done)
+    assert await store.latest_rotation_job() == done
+
+    third = await store.start_rotation_job("key-4", "cli")
+    assert third.id > second.id
+    assert await store.latest_rotation_job() == third
+
+
+async def test_concurrent_rotation_jobs_get_distinct_ids(store: Store) -> None:
+    jobs = await asyncio.gather(*(store.start_rotation_job(f"key-{i}", f"req-{i}") for i in range(10)))
+    assert len({j.id for j in jobs}) == 10
+    latest = await store.latest_rotation_job()
+    assert latest == max(jobs, key=lambda j: j.id)
+
+
+# -- one active master key --------------------------------------------------------------
+
+
+async def test_concurrent_master_key_additions_on_two_stores_leave_exactly_one_active(database_url: str) -> None:
+    """Two daemons on one database add keys at once: each addition retires
+    the others in its own transaction, so exactly one key is active."""
+    first = await open_url(database_url)
+    second = await open_url(database_url)
+    try:
+        for round_ in range(3):
+            rows = [mk(f"key-{round_}-{i}") for i in range(8)]
+            results = await asyncio.gather(
+                *((first if i % 2 else second).add_master_key(r) for i, r in enumerate(rows)),
+                return_exceptions=True,
+            )
+            assert results == [None] * len(rows), results
+            for s in (first, second):
+                listed = await s.list_master_keys()
+                assert len(listed) == 8 * (round_ + 1)
+                assert len(active(listed)) == 1, [(r.key_id, r.status) for r in listed]
+            assert active(await first.list_master_keys()) == active(await second.list_master_keys())
+        # Duplicates racing from both stores: one lands, the other is a Conflict.
+        results = await asyncio.gather(
+            first.add_master_key(mk("dup", 1)), second.add_master_key(mk("dup", 2)), return_exceptions=True
+        )
+        assert sorted(type(r).__name__ for r in results) == ["Conflict", "NoneType"], results
+        listed = await first.list_master_keys()
+        assert active(listed) == ["dup"]
+        assert [r.key_material for r in listed if r.key_id == "dup"] in (
+            [mk("dup", 1).key_material], [mk("dup", 2).key_material],
+        )
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_database_itself_refuses_a_second_active_master_key(
+    backend: str, database_url: str, request: pytest.FixtureRequest
+) -> None:
+    store = await open_url(database_url)
+    try:
+        await store.add_master_key(mk("key-1"))
+        await store.add_master_key(mk("key-2"))
+    finally:
+        await store.close()
+    parsed = parse_database_url(database_url)
+    sql = "UPDATE master_keys SET status = 'active' WHERE key_id = 'key-1'"
+    if parsed.scheme == "sqlite":
+        with contextlib.closing(sqlite3.connect(parsed.path)) as conn, pytest.raises(sqlite3.IntegrityError):
+            conn.execute(sql)
+    else:
+        import pymysql
+
+        server: MariaDBServer = request.getfixturevalue("mariadb")
+        with pytest.raises(pymysql.IntegrityError):
+            server.admin(sql, db=parsed.database)
+    store = await open_url(database_url)
+    try:
+        assert [(r.key_id, r.status) for r in await store.list_master_keys()] == [
+            ("key-1", "retired"), ("key-2", "active"),
+        ]
+    finally:
+        await store.close()
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
+async def test_reopening_keeps_the_lifecycle_data_and_applies_nothing_again(
+    backend: str, database_url: str, request: pytest.FixtureRequest
+) -> None:
+    store = await open_url(database_url)
+    try:
+        await store.add_master_key(mk("key-1"))
+        await store.add_master_key(mk("key-2"))
+        await store.insert_record(keyed("a", "key-1"))
+        await store.insert_record(keyed("b", "key-2"))
+        await store.insert_record(rec("c"))
+        assert await store.acquire_lease("rotation", "host-a", 60.0) is True
+        job = await store.start_rotation_job("key-2", "admin")
+    finally:
+        await store.close()
+
+    for _ in range(2):
+        store = await open_url(database_url)
+        try:
+            assert schema_versions(database_url, request) == expected_versions(database_url)
+            assert await all_records(store) == {
+                "a": fields(keyed("a", "key-1")), "b": fields(keyed("b", "key-2")), "c": fields(keyed("c", None)),
+            }
+            assert await store.count_records_by_key() == {"key-1": 1, "key-2": 1, None: 1}
+            assert (await store.get_lease("rotation"))[0] == "host-a"  # type: ignore[index]
+            assert await store.latest_rotation_job() == job
+            assert active(await store.list_master_keys()) == ["key-2"]
+            assert [r.user_id for r in await store.scan_records_to_rewrap("key-2", None, 10)] == ["a", "c"]
+        finally:
+            await store.close()
+    # And the reopened database takes every lifecycle write.
+    store = await open_url(database_url)
+    try:
+        assert await store.rewrap_records([rewrapped(keyed("a", "key-1"), "key-2")]) == 1
+        assert await store.count_records_by_key() == {"key-2": 2, None: 1}
+        assert await store.delete_master_key("key-1") is False  # "c" is unclassified
+        await store.update_rotation_job(type(job)(job.id, "finished", "key-2", "admin", job.started_at, T0, 1, 0, 0, 0.1))
+        assert (await store.latest_rotation_job()).state == "finished"  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+async def test_mysql_an_interrupted_lifecycle_migration_completes_on_the_next_open(
+    mysql_server: MariaDBServer,
+) -> None:
+    """MySQL commits DDL at once: a migration interrupted after some of its
+    steps is applied again, step by step, on the next open."""
+    from kmsd.store_mysql import _MIGRATIONS
+
+    url = mysql_server.new_database()
+    name = db_name(url)
+    store = await open_url(url)
+    try:
+        await store.add_master_key(mk("key-1"))
+        await store.insert_record(keyed("a", "key-1"))
+        await store.insert_record(rec("b"))
+    finally:
+        await store.close()
+    last = len(_MIGRATIONS)
+    # As if the last migration stopped half way: the column is there, its
+    # index and the jobs table are not, and the version is not recorded.
+    mysql_server.admin("DELETE FROM kmsd_schema_migrations WHERE version = %s", (last,), db=name)
+    mysql_server.admin("ALTER TABLE kms_keys DROP INDEX kms_keys_master_key_id", db=name)
+    mysql_server.admin("DROP TABLE kmsd_rotation_jobs", db=name)
+
+    for round_ in range(2):
+        store = await open_url(url)
+        try:
+            assert [r[0] for r in mysql_server.admin(
+                "SELECT version FROM kmsd_schema_migrations ORDER BY version", db=name
+            )] == list(range(1, last + 1))
+            assert await all_records(store) == {"a": fields(keyed("a", "key-1")), "b": fields(keyed("b", None))}
+            assert await store.count_records_by_key() == {"key-1": 1, None: 1}
+            # The jobs table is back (empty the first time round).
+            assert (await store.latest_rotation_job() is None) == (round_ == 0)
+            await store.start_rotation_job("key-1", None)
+        finally:
+            await store.close()
+    assert mysql_server.admin(
+        "SELECT COUNT(DISTINCT INDEX_NAME) FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'kms_keys' AND INDEX_NAME = 'kms_keys_master_key_id'",
+        (name,),
+    ) == [(1,)]
+
+
+async def test_mysql_open_migrates_an_original_database_to_the_lifecycle_schema(mysql_server: MariaDBServer) -> None:
+    url = mysql_server.new_database(original_schema=True)
+    name = db_name(url)
+    mysql_server.admin(
+        "INSERT INTO kms_keys (user_id, encrypted_key, encrypted_dek, created_at) VALUES"
+        " ('SMOKE1', 'ek:SMOKE1:0', 'dek:SMOKE1:0', %s), ('alice', 'ek:alice:0', 'dek:alice:0', %s),"
+        " ('legacy', NULL, NULL, NULL)",
+        (T0, T0), db=name,
+    )
+    mysql_server.admin(
+        "INSERT INTO master_keys (key_id, key_material, created_at, status) VALUES"
+        " ('key-0', 'm0', %s, 'retired'), ('key-1', 'm1', %s, 'active')",
+        (T0, T0), db=name,
+    )
+
+    store = await open_url(url)
+    try:
+        # The old rows: readable, unclassified.
+        assert await all_records(store) == {
+            "SMOKE1": fields(keyed("SMOKE1", None)),
+            "alice": fields(keyed("alice", None)),
+            "legacy": ("legacy", None, None, None, None),
+        }
+        assert await store.count_records_by_key() == {None: 3}
+        assert [r.user_id for r in await store.scan_records_to_rewrap("key-1", None, 10)] == ["SMOKE1", "alice", "legacy"]
+        assert [(r.key_id, r.status) for r in await store.list_master_keys()] == [("key-0", "retired"), ("key-1", "active")]
+        # An unused retired key cannot go while records are unclassified.
+        assert await store.delete_master_key("key-0") is False
+
+        # Classify them all, then the retired key can go.
+        old = await store.scan_records_to_rewrap("key-1", None, 10)
+        assert await store.rewrap_records([rewrapped(r, "key-1") for r in old]) == 3
+        assert await store.count_records_by_key() == {"key-1": 3}
+        assert await store.scan_records_to_rewrap("key-1", None, 10) == []
+        assert await store.delete_master_key("key-0") is True
+        # New writes, leases, jobs; one active key.
+        await store.insert_record(keyed("smoke1", "key-1", 1))
+        assert await store.acquire_lease("rotation", "host-a", 30.0) is True
+        job = await store.start_rotation_job("key-2", None)
+        await store.add_master_key(mk("key-2"))
+        assert active(await store.list_master_keys()) == ["key-2"]
+    finally:
+        await store.close()
+
+    columns = mysql_server.admin(
+        "SELECT TABLE_NAME, COLUMN_NAME, IS_NULLABLE, COLLATION_NAME FROM information_schema.COLUMNS"
+        " WHERE TABLE_SCHEMA = %s AND COLUMN_NAME IN ('master_key_id', 'kmsd_one_active') ORDER BY TABLE_NAME",
+        (name,),
+    )
+    assert columns == [("kms_keys", "master_key_id", "YES", "utf8mb4_nopad_bin"), ("master_keys", "kmsd_one_active", "YES", None)]
+    tables = {r[0] for r in mysql_server.admin(
+        "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (name,)
+    )}
+    assert {"kms_keys", "master_keys", "kmsd_leases", "kmsd_rotation_jobs", "kmsd_signing_keys"} <= tables
+
+    # Opened again: nothing applied twice, nothing lost.
+    store = await open_url(url)
+    try:
+        assert [r[0] for r in mysql_server.admin(
+            "SELECT version FROM kmsd_schema_migrations ORDER BY version", db=name
+        )] == expected_versions(url)
+        assert await store.count_records_by_key() == {"key-1": 4}
+        assert (await store.get_lease("rotation"))[0] == "host-a"  # type: ignore[index]
+        assert await store.latest_rotation_job() == job
+    finally:
+        await store.close()
+
+
+async def test_mysql_original_database_with_two_active_keys_is_a_clear_error(mysql_server: MariaDBServer) -> None:
+    """kmsd allows one active master key (a unique index); a database with
+    two is reported, not half-migrated, and nothing is left open."""
+    url = mysql_server.new_database(original_schema=True)
+    name = db_name(url)
+    for key_id in ("key-1", "key-2"):
+        mysql_server.admin(
+            "INSERT INTO master_keys (key_id, key_material, created_at, status) VALUES (%s, 'm', %s, 'active')",
+            (key_id, T0), db=name,
+        )
+    with pytest.raises(StoreError, match="2 active keys"):
+        await open_url(url)
+    mysql_server.admin("UPDATE master_keys SET status = 'retired' WHERE key_id = 'key-1'", db=name)
+    store = await open_url(url)
+    try:
+        assert [k.key_id for k in await store.list_master_keys() if k.status == "active"] == ["key-2"]
+    finally:
+        await store.close()
