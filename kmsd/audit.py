@@ -158,8 +158,11 @@ class AuditTrail:
             try:
                 if self._fd is None:
                     raise OSError("audit trail not open")
+                size = os.fstat(self._fd).st_size
                 written = os.write(self._fd, line + b"\n")
                 if written != len(line) + 1:
+                    # Cut the partial line off, or the next one would be glued to it.
+                    os.ftruncate(self._fd, size)
                     raise OSError("short write")
             except OSError as exc:
                 self.healthy = False

@@ -75,8 +75,9 @@ def _database_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", help="sqlite:///path or mysql://... (env KMSD_DATABASE_URL)")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, *, require_root_key: bool = True) -> Settings:
     return load_settings(
+        require_root_key=require_root_key,
         config_file=args.config,
         overrides={
             "socket": getattr(args, "socket", None),
@@ -121,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
-        await serve(settings, stop=stop, hup=hup, reload=lambda: settings_from_args(args))
+        await serve(settings, stop=stop, hup=hup, reload=lambda: settings_from_args(args, require_root_key=False))
 
     try:
         uvloop.run(run())
@@ -212,6 +213,8 @@ def _check_config(args: argparse.Namespace) -> int:
             value = value.describe()
         elif not f.repr:  # secrets
             value = "***" if value else None
+        elif f.name == "socket_mode":
+            value = f"{value:04o}"
         elif isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
         effective[f.name] = value

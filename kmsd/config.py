@@ -288,10 +288,19 @@ def _convert(name: str, value: Any) -> Any:
         raise ConfigError(f"invalid value for {name}") from None
 
 
+def _exists(path: Path) -> bool:
+    """Like ``Path.exists``, but a directory this process may not search
+    (a credentials directory after the privilege drop) holds nothing."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _read_secret_file(path: str | None, creds: str | None, credential: str) -> str | None:
     """A secret from its configured file, else from the systemd credential
     of that name, else None. One trailing newline is not part of it."""
-    if path is None and creds and Path(creds, credential).exists():
+    if path is None and creds and _exists(Path(creds, credential)):
         path = str(Path(creds, credential))
     if path is None:
         return None
@@ -350,6 +359,12 @@ def load_settings(
             kwargs[name] = value
     settings = Settings(**kwargs)
 
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("log_level must be one of debug, info, warning, error, critical")
+    if not 0 < settings.vault_timeout <= 300:
+        raise ConfigError("vault_timeout must be between 0 and 300 seconds")
+    if not 0 <= settings.socket_mode <= 0o777:
+        raise ConfigError("socket_mode must be an octal file mode such as 0660")
     if settings.token_lifetime <= 0:
         raise ConfigError("token_lifetime must be positive")
     if settings.max_body_size <= 0:
@@ -390,7 +405,7 @@ def load_settings(
         source = RootKeySource(fd=_as_int(env["KMSD_ROOT_KEY_FD"], "KMSD_ROOT_KEY_FD"))
     elif env.get("ROOT_KEY"):
         raise ConfigError("ROOT_KEY must be moved out of the environment first (kmsd serve does this)")
-    elif creds and Path(creds, "root-key").exists():
+    elif creds and _exists(Path(creds, "root-key")):
         source = RootKeySource(file=str(Path(creds, "root-key")))
     elif settings.dev:
         base = (

@@ -51,8 +51,13 @@ def set_log_level(level: str) -> None:
 _METHOD_LEVELS = {**logging.getLevelNamesMapping(), "EXCEPTION": logging.ERROR, "MSG": logging.INFO}
 
 
+# Records that anchor something outside the log (the audit trail's head),
+# or mark the process's life: written whatever the level.
+ALWAYS_LOGGED = frozenset({"audit_head", "kmsd_started", "kmsd_stopped"})
+
+
 def _filter_level(_logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    if _METHOD_LEVELS.get(method.upper(), logging.INFO) < _level[0]:
+    if _METHOD_LEVELS.get(method.upper(), logging.INFO) < _level[0] and event.get("event") not in ALWAYS_LOGGED:
         raise structlog.DropEvent
     return event
 

@@ -68,6 +68,7 @@ PEER = "kmsd.peer"
 # What the audit line of a request names: set by the handler once known.
 AUDIT_SUBJECT = "kmsd.audit.subject"
 AUDIT_TOKEN = "kmsd.audit.token_id"
+AUDIT_ISSUED = "kmsd.audit.issued_token_id"  # the jti of a token the request minted
 
 # Key operations: one audit line each. (method, route template) -> name.
 AUDITED = {
@@ -238,8 +239,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             _check_host(request, state.settings.allowed_hosts)
         if route in CLIENT_ROUTES and not state.policy.is_client(peer):
             raise Forbidden("this peer may not use kmsd (not in client_uids or client_gids)")
-        if audit is not None:
-            audit.check()
+        if audit is not None and audit.fail_closed:
+            # Nothing happens that the trail cannot show: the attempt is on
+            # record (or the request is refused) before the operation runs.
+            audit.record(
+                operation=operation or "", outcome="started", status=0, caller=peer.audit(),
+                subject=request.get(AUDIT_SUBJECT),
+            )
         response = await handler(request)
     except KMSError as exc:
         response = _error_response(exc)
@@ -292,6 +298,7 @@ def _audit(
             caller=peer.audit(),
             subject=request.get(AUDIT_SUBJECT),
             token_id=request.get(AUDIT_TOKEN),
+            detail={"issued_token_id": request[AUDIT_ISSUED]} if AUDIT_ISSUED in request else None,
         )
     except KMSError as exc:
         # Fail closed: no answer leaves without its audit line.
@@ -330,7 +337,9 @@ async def issue(request: web.Request) -> web.Response:
         claims = await caller_claims(request, required=False)
         if claims is None or claims.subject != user_id:
             raise Forbidden("issuing a token for an arbitrary id requires an admin peer")
-    return web.json_response({"token": await _kms(request).issue_token(user_id)})
+    token, token_id = await _kms(request).issue_token_with_id(user_id)
+    request[AUDIT_ISSUED] = token_id
+    return web.json_response({"token": token})
 
 
 @routes.post("/verify")
@@ -354,7 +363,7 @@ async def store_key(request: web.Request) -> web.Response:
     data = require_str(body, "data")
     claims = await caller_claims(request, required=False)
     replace = claims is not None and claims.subject == user_id
-    token = await _kms(request).store_record(user_id, data, replace=replace)
+    token, request[AUDIT_ISSUED] = await _kms(request).store_record(user_id, data, replace=replace)
     return web.json_response({"message": "Key stored successfully", "access_token": token})
 
 
@@ -630,10 +639,16 @@ def apply_reload(app: web.Application, new: Settings) -> list[str]:
         "client_uids", "client_gids", "allow_tcp_clients",
     )
     changed = [name for name in reloadable if getattr(old, name) != getattr(new, name)]
+    # Secrets and the root key are re-read by a restart only (the reload may
+    # run without access to them after the privilege drop): not compared.
+    unseen = ("root_key", "legacy_jwt_secret")
     ignored = [
         f.name for f in dataclasses.fields(Settings)
-        if f.name not in reloadable and getattr(old, f.name) != getattr(new, f.name)
+        if f.name not in reloadable and f.name not in unseen and f.name != "database"
+        and getattr(old, f.name) != getattr(new, f.name)
     ]
+    if old.database.masked() != new.database.masked():
+        ignored.append("database")
     state.settings = dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
     state.policy = policy_from(state.settings)
     set_log_level(new.log_level)
@@ -743,4 +758,8 @@ async def _reloader(
         except KMSError as exc:
             # A broken file keeps the running settings.
             log.error("config_reload_failed", error=exc.message)
-        notifier.ready("serving (reloaded)")
+        except Exception as exc:  # noqa: BLE001 - the reloader must survive anything
+            log.error("config_reload_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            # Always: systemd waits for READY=1 after RELOADING=1.
+            notifier.ready("serving (reloaded)")

@@ -283,7 +283,12 @@ class KMS:
     # -- tokens --------------------------------------------------------------
 
     async def issue_token(self, user_id: str) -> str:
-        return await self.vault.sign_jwt(self.tokens.claims_for(user_id))
+        return (await self.issue_token_with_id(user_id))[0]
+
+    async def issue_token_with_id(self, user_id: str) -> tuple[str, str]:
+        """A token for ``user_id`` and its ``jti`` (for the audit trail)."""
+        claims = self.tokens.claims_for(user_id)
+        return await self.vault.sign_jwt(claims), str(claims["jti"])
 
     async def verify_token(self, token: str) -> Any:
         if not self.tokens.has_key(token):
@@ -294,13 +299,13 @@ class KMS:
 
     # -- records -------------------------------------------------------------
 
-    async def store_record(self, user_id: str, data: str, *, replace: bool) -> str:
+    async def store_record(self, user_id: str, data: str, *, replace: bool) -> tuple[str, str]:
         """Encrypt ``data`` under a new DEK and store it; the answer is a
-        token for ``user_id``. Without ``replace`` an existing user id is
-        ``Conflict``; with it the row is replaced in one statement."""
+        token for ``user_id`` and its ``jti``. Without ``replace`` an existing
+        user id is ``Conflict``; with it the row is replaced in one statement."""
         # Sign first: a write that succeeded must not be followed by a
         # failure that makes the client believe it did not.
-        token = await self.issue_token(user_id)
+        token, token_id = await self.issue_token_with_id(user_id)
         dek = await self.vault.new_dek(user_id, env.Purpose.RECORD)
         record = Record(
             user_id,
@@ -316,7 +321,7 @@ class KMS:
                 await self.store.insert_record(record)
             except Conflict:
                 raise Conflict("user_id already has a stored key; present its token to replace it") from None
-        return token
+        return token, token_id
 
     async def fetch_record(self, user_id: str) -> str:
         record = await self.store.get_record(user_id)

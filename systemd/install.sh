@@ -32,7 +32,9 @@ systemd-sysusers --root="${root:-/}" "$root/usr/lib/sysusers.d/kmsd.conf"
 systemd-tmpfiles --root="${root:-/}" --create "$root/usr/lib/tmpfiles.d/kmsd.conf"
 
 if [ ! -e "$root/etc/kmsd/kmsd.toml" ]; then
+    # Group kmsd: the daemon re-reads it on SIGHUP, after it dropped root.
     install -m 0640 "$src/docs/kmsd.toml" "$root/etc/kmsd/kmsd.toml"
+    chgrp "$(awk -F: '$1 == "kmsd" {print $3}' "$root/etc/group")" "$root/etc/kmsd/kmsd.toml"
 fi
 if [ ! -e "$root/etc/kmsd/root-key" ]; then
     # 32 random bytes, hex; readable by root only. systemd hands it to the
