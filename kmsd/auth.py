@@ -8,6 +8,7 @@ here with the public keys only, against a fixed algorithm allow-list: the
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import secrets
 import socket
@@ -145,6 +146,7 @@ class TokenService:
         lifetime: int,
         legacy_secret: str | None = None,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 50_000,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
@@ -153,6 +155,13 @@ class TokenService:
         self._clock = clock
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._jwks: list[dict[str, Any]] = []
+        # Verified tokens: SHA-256 of the token -> its claims (never the
+        # token itself). A signature check is most of a read's CPU, and
+        # clients present the same token many times. Bounded; an entry is
+        # used only until the token's exp; emptied whenever the keys change.
+        self._cache: dict[bytes, Claims] = {}
+        self.cache_size = cache_size
+        self._last_sweep = float("-inf")
 
     def set_public_keys(self, keys: Iterable[tuple[str, str]]) -> None:
         """(kid, base64 raw Ed25519 public key) pairs that may verify tokens."""
@@ -173,6 +182,7 @@ class TokenService:
             )
         self._keys = loaded
         self._jwks = jwks
+        self._cache.clear()
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": list(self._jwks)}
@@ -198,10 +208,44 @@ class TokenService:
         kid = header.get("kid")
         return header.get("alg") in LEGACY_ALGORITHMS or (isinstance(kid, str) and kid in self._keys)
 
+    def cached(self, token: str) -> Claims | None:
+        """The claims of a token verified before and not expired since."""
+        if not self._cache or not isinstance(token, str):
+            return None
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        claims = self._cache.get(digest)
+        if claims is None:
+            return None
+        if claims.payload["exp"] <= self._clock():
+            self._cache.pop(digest, None)
+            raise Unauthorized()
+        return claims
+
     def verify(self, token: str) -> Claims:
         """The token's claims, or ``Unauthorized`` (never saying why)."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized()
+        claims = self.cached(token)
+        if claims is None:
+            claims = self._verify(token)
+            if self.cache_size > 0 and (len(self._cache) < self.cache_size or self._sweep()):
+                self._cache[hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()] = claims
+        return claims
+
+    def _sweep(self) -> bool:
+        """Make room by dropping expired entries (at most once a second);
+        True if there is room now. A full cache of live tokens admits no
+        more: evicting one to admit another would make clients that cycle
+        through more tokens than fit miss every time (LRU and FIFO do)."""
+        now = self._clock()
+        if now - self._last_sweep < 1.0:
+            return False
+        self._last_sweep = now
+        for digest in [d for d, c in self._cache.items() if c.payload["exp"] <= now]:
+            del self._cache[digest]
+        return len(self._cache) < self.cache_size
+
+    def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
             if header.get("alg") in LEGACY_ALGORITHMS:

@@ -94,6 +94,9 @@ class Settings:
     issuer: str = "kmsd"
     audience: str = "kmsd"
     token_lifetime: int = 3600
+    # Verified tokens remembered (by hash, with their claims, until they
+    # expire) so that a token presented again costs no signature check; 0: off.
+    token_cache_size: int = 50_000
     admin_uids: tuple[int, ...] = (0,)
     admin_gids: tuple[int, ...] = ()
     # Admin routes over TCP: callers there are anonymous, so this is off by
@@ -245,6 +248,7 @@ _CONVERTERS: dict[str, Any] = {
     "issuer": str,
     "audience": str,
     "token_lifetime": _as_int,
+    "token_cache_size": _as_int,
     "admin_uids": _as_int_list,
     "admin_gids": _as_int_list,
     "allow_admin_over_tcp": _as_bool,
@@ -365,6 +369,8 @@ def load_settings(
         raise ConfigError("vault_timeout must be between 0 and 300 seconds")
     if not 0 <= settings.socket_mode <= 0o777:
         raise ConfigError("socket_mode must be an octal file mode such as 0660")
+    if not 0 <= settings.token_cache_size <= 10_000_000:
+        raise ConfigError("token_cache_size must be between 0 and 10000000")
     if settings.token_lifetime <= 0:
         raise ConfigError("token_lifetime must be positive")
     if settings.max_body_size <= 0:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -190,10 +191,21 @@ def policy_from(settings: Settings) -> PeerPolicy:
     )
 
 
+# A connection's peer does not change: read SO_PEERCRED once per connection,
+# not once per request on it.
+_PEERS: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
+
+
 def peer_of(request: web.Request) -> Peer:
     peer = request.get(PEER)
     if peer is None:
-        peer = peer_from_socket(request.transport.get_extra_info("socket") if request.transport else None)
+        transport = request.transport
+        peer = _PEERS.get(transport) if transport is not None else None
+        if peer is None:
+            peer = peer_from_socket(transport.get_extra_info("socket") if transport else None)
+            if transport is not None:
+                with contextlib.suppress(TypeError):  # a transport without weak references
+                    _PEERS[transport] = peer
         request[PEER] = peer
     return peer
 

@@ -79,6 +79,7 @@ class KMS:
             audience=settings.audience,
             lifetime=settings.token_lifetime,
             legacy_secret=settings.legacy_jwt_secret,
+            cache_size=settings.token_cache_size,
         )
         return cls(store, vault, tokens, log=log)
 
@@ -291,6 +292,9 @@ class KMS:
         return await self.vault.sign_jwt(claims), str(claims["jti"])
 
     async def verify_token(self, token: str) -> Any:
+        claims = self.tokens.cached(token)
+        if claims is not None:
+            return claims
         if not self.tokens.has_key(token):
             # Signed with a key this daemon has not loaded (another daemon
             # may have added one): reload, then judge.

@@ -368,8 +368,11 @@ class VaultClient:
         except (ConnectionError, RuntimeError):
             self._pending.pop(req_id, None)
             raise Unavailable("vault unavailable") from None
+        # A timer that fails the future: cheaper than wait_for, which
+        # wraps every call in a task of its own.
+        timer = asyncio.get_running_loop().call_later(self._timeout, _time_out, fut)
         try:
-            code, out = await asyncio.wait_for(fut, self._timeout)
+            code, out = await fut
         except asyncio.TimeoutError:
             self._pending.pop(req_id, None)
             # A vault that does not answer is as good as dead: kill it so
@@ -379,6 +382,8 @@ class VaultClient:
                 with contextlib.suppress(ProcessLookupError):
                     self._proc.kill()
             raise Unavailable("vault timed out") from None
+        finally:
+            timer.cancel()
         if code == Status.OK:
             return out
         if code == Status.INVALID:
@@ -448,6 +453,11 @@ class VaultClient:
     async def sign_jwt(self, claims: dict[str, object]) -> str:
         (token,) = await self.call(Op.SIGN_JWT, json.dumps(claims).encode())
         return token.decode()
+
+
+def _time_out(fut: asyncio.Future[object]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
 
 
 def stash_root_key(value: str) -> int:
