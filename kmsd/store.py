@@ -13,12 +13,13 @@ while the previous commit ran.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import itertools
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -281,7 +282,7 @@ _JOB_COLUMNS = (
 # Seconds since the epoch by SQLite's clock (julianday works on every version).
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
-_WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+_WriteOp = Callable[[sqlite3.Connection], Any]
 
 # Errors that mean "the database is not usable right now", as opposed to a
 # constraint the caller violated.
@@ -302,6 +303,9 @@ class SQLiteStore:
         self._queue: asyncio.Queue[tuple[_WriteOp, bool, asyncio.Future[Any]]] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._point: sqlite3.Connection | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: list[tuple[_WriteOp, bool, asyncio.Future[Any]]] = []
         self.warnings: list[str] = []
 
     async def open(self) -> None:
@@ -313,6 +317,10 @@ class SQLiteStore:
             await self._migrate(self._writer)
             for _ in range(self._n_readers):
                 self._readers.append(await self._connect())
+            # Group commits run in one thread of their own, on a plain
+            # connection: a batch is one hop there and back, not one per op.
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+            self._wconn = await asyncio.get_running_loop().run_in_executor(self._executor, self._connect_writer)
         except _SQLITE_DOWN as exc:
             await self.close()
             raise StoreError(f"cannot open SQLite database: {type(exc).__name__}") from exc
@@ -322,6 +330,13 @@ class SQLiteStore:
             self._point = self._connect_point_reader()
         except _SQLITE_DOWN:
             self._point = None
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # FULL: with WAL, a commit is on disk (fsync of the WAL) before it returns.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
 
     def _connect_point_reader(self) -> sqlite3.Connection:
         """A plain connection for single-row reads on the event loop itself:
@@ -370,6 +385,17 @@ class SQLiteStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
             self._writer_task = None
+        if self._executor is not None:
+            # Let a commit in progress finish first.
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+            self._executor = None
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+        for _, _, fut in self._inflight:
+            if not fut.done():
+                fut.set_exception(StoreError())
+        self._inflight = []
         while not self._queue.empty():
             _, _, fut = self._queue.get_nowait()
             if not fut.done():
@@ -467,27 +493,26 @@ class SQLiteStore:
         return await asyncio.shield(fut)
 
     async def _write_loop(self) -> None:
-        assert self._writer is not None
-        conn = self._writer
+        loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            results: list[tuple[bool, Any]] = []
+            self._inflight = batch
             try:
-                await conn.execute("BEGIN IMMEDIATE")
-                for op, multi, _ in batch:
-                    results.append(await self._run_op(conn, op, multi))
-                await conn.execute("COMMIT")
+                # The whole batch in one trip to the writer thread: BEGIN,
+                # every op, COMMIT (one fsync).
+                ops = [(op, multi) for op, multi, _ in batch]
+                results = await loop.run_in_executor(self._executor, self._commit, ops)
             except _SQLITE_DOWN as exc:
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
                 error = StoreError()
                 error.__cause__ = exc
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(error)
                 continue
+            finally:
+                self._inflight = []
             for (_, _, fut), (ok, value) in zip(batch, results):
                 if fut.done():
                     continue
@@ -496,29 +521,39 @@ class SQLiteStore:
                 else:
                     fut.set_exception(value)
 
-    @staticmethod
-    async def _run_op(conn: aiosqlite.Connection, op: _WriteOp, multi: bool) -> tuple[bool, Any]:
-        if multi:
-            await conn.execute("SAVEPOINT op")
+    def _commit(self, batch: list[tuple[_WriteOp, bool]]) -> list[tuple[bool, Any]]:
+        """In the writer thread: one transaction for the batch."""
+        conn = self._wconn
+        if conn is None:
+            raise sqlite3.ProgrammingError("store closed")
         try:
-            value = await op(conn)
-        except sqlite3.IntegrityError:
-            if multi:
-                await conn.execute("ROLLBACK TO op")
-                await conn.execute("RELEASE op")
-            return False, Conflict()
-        except KMSError as exc:
-            if multi:
-                await conn.execute("ROLLBACK TO op")
-                await conn.execute("RELEASE op")
-            return False, exc
+            conn.execute("BEGIN IMMEDIATE")
+            results = [self._run_op(conn, op, multi) for op, multi in batch]
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    @staticmethod
+    def _run_op(conn: sqlite3.Connection, op: _WriteOp, multi: bool) -> tuple[bool, Any]:
         if multi:
-            await conn.execute("RELEASE op")
+            conn.execute("SAVEPOINT op")
+        try:
+            value = op(conn)
+        except (sqlite3.IntegrityError, KMSError) as exc:
+            if multi:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            return False, exc if isinstance(exc, KMSError) else Conflict()
+        if multi:
+            conn.execute("RELEASE op")
         return True, value
 
     async def insert_record(self, record: Record) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
                 (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at,
                  record.master_key_id),
@@ -527,8 +562,8 @@ class SQLiteStore:
         await self._write(op)
 
     async def upsert_record(self, record: Record) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (user_id) DO UPDATE SET"
                 " encrypted_key = excluded.encrypted_key, encrypted_dek = excluded.encrypted_dek,"
@@ -540,15 +575,15 @@ class SQLiteStore:
         await self._write(op)
 
     async def delete_record(self, user_id: str) -> bool:
-        async def op(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute("DELETE FROM kms_keys WHERE user_id = ?", (user_id,))
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM kms_keys WHERE user_id = ?", (user_id,))
             return cur.rowcount > 0
 
         return bool(await self._write(op))
 
     async def replace_record(self, old: Record, new: Record) -> bool:
-        async def op(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute(
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
                 "UPDATE kms_keys SET encrypted_key = ?, encrypted_dek = ?, created_at = ?, master_key_id = ?"
                 " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
                 (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
@@ -559,10 +594,10 @@ class SQLiteStore:
         return bool(await self._write(op))
 
     async def rewrap_records(self, changes: Sequence[tuple[Record, str, str]]) -> int:
-        async def op(conn: aiosqlite.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> int:
             # One call into the driver's thread for the whole batch; rowcount
             # of executemany is the sum over its rows.
-            cur = await conn.executemany(
+            cur = conn.executemany(
                 "UPDATE kms_keys SET encrypted_dek = ?, master_key_id = ?"
                 " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
                 [(dek, key_id, old.user_id, old.encrypted_key, old.encrypted_dek) for old, dek, key_id in changes],
@@ -574,10 +609,10 @@ class SQLiteStore:
     async def replace_key_materials(
         self, master: Sequence[tuple[str, str, str]], signing: Sequence[tuple[str, str, str]]
     ) -> bool:
-        async def op(conn: aiosqlite.Connection) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
             for table, column, rows in (("master_keys", "key_id", master), ("kmsd_signing_keys", "kid", signing)):
                 for key, old, new in rows:
-                    cur = await conn.execute(
+                    cur = conn.execute(
                         f"UPDATE {table} SET key_material = ? WHERE {column} = ? AND key_material = ?",
                         (new, key, old),
                     )
@@ -592,8 +627,8 @@ class SQLiteStore:
             return False
 
     async def delete_master_key(self, key_id: str) -> bool:
-        async def op(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute(
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
                 "DELETE FROM master_keys WHERE key_id = ? AND status = 'retired'"
                 " AND NOT EXISTS (SELECT 1 FROM kms_keys WHERE master_key_id = ? OR master_key_id IS NULL)",
                 (key_id, key_id),
@@ -603,11 +638,11 @@ class SQLiteStore:
         return bool(await self._write(op))
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
-        async def op(conn: aiosqlite.Connection) -> bool:
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute(
                 "INSERT OR IGNORE INTO kmsd_leases (name, holder, expires_at) VALUES (?, '', 0)", (name,)
             )
-            cur = await conn.execute(
+            cur = conn.execute(
                 f"UPDATE kmsd_leases SET holder = ?, expires_at = {_SQLITE_NOW} + ?"
                 f" WHERE name = ? AND (holder = ? OR holder = '' OR expires_at < {_SQLITE_NOW})",
                 (holder, ttl, name, holder),
@@ -617,8 +652,8 @@ class SQLiteStore:
         return bool(await self._write(op, multi=True))
 
     async def release_lease(self, name: str, holder: str) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE kmsd_leases SET holder = '', expires_at = 0 WHERE name = ? AND holder = ?", (name, holder)
             )
 
@@ -627,8 +662,8 @@ class SQLiteStore:
     async def start_rotation_job(self, target_key_id: str, requested_by: str | None) -> RotationJob:
         started = now_utc()
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
                 "INSERT INTO kmsd_rotation_jobs (state, target_key_id, requested_by, started_at)"
                 " VALUES ('running', ?, ?, ?)",
                 (target_key_id, requested_by, started),
@@ -639,8 +674,8 @@ class SQLiteStore:
         return RotationJob(job_id, "running", target_key_id, requested_by, started)
 
     async def update_rotation_job(self, job: RotationJob) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE kmsd_rotation_jobs SET state = ?, finished_at = ?, rewrapped = ?, changed = ?,"
                 " unreadable = ?, active_seconds = ? WHERE id = ?",
                 (job.state, job.finished_at, job.rewrapped, job.changed, job.unreadable, job.active_seconds, job.id),
@@ -649,8 +684,8 @@ class SQLiteStore:
         await self._write(op)
 
     async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
-        async def op(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute(
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
                 "UPDATE master_keys SET key_material = ? WHERE key_id = ? AND key_material = ?",
                 (new, key_id, old),
             )
@@ -659,9 +694,9 @@ class SQLiteStore:
         return bool(await self._write(op))
 
     async def add_master_key(self, row: MasterKeyRow) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute("UPDATE master_keys SET status = 'retired' WHERE status = 'active'")
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE master_keys SET status = 'retired' WHERE status = 'active'")
+            conn.execute(
                 "INSERT INTO master_keys (key_id, key_material, created_at, status, description)"
                 " VALUES (?, ?, ?, 'active', ?)",
                 (row.key_id, row.key_material, row.created_at, row.description),
@@ -670,9 +705,9 @@ class SQLiteStore:
         await self._write(op, multi=True)
 
     async def add_signing_key(self, row: SigningKeyRow) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute("UPDATE kmsd_signing_keys SET status = 'retired' WHERE status = 'active'")
-            await conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE kmsd_signing_keys SET status = 'retired' WHERE status = 'active'")
+            conn.execute(
                 "INSERT INTO kmsd_signing_keys (kid, public_key, key_material, status, created_at)"
                 " VALUES (?, ?, ?, 'active', ?)",
                 (row.kid, row.public_key, row.key_material, row.created_at),
