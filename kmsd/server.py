@@ -15,9 +15,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ from .vault import VaultClient
 __all__ = ["AppState", "STATE", "create_app", "serve"]
 
 DEK_HEX_LENGTH = 64
+_HEX_DEK = re.compile(f"[0-9a-fA-F]{{{DEK_HEX_LENGTH}}}")
 
 
 @dataclass
@@ -150,12 +152,11 @@ def require_base64(body: dict[str, Any], name: str) -> bytes:
 
 def require_dek(body: dict[str, Any], name: str = "dek") -> bytes:
     value = require_str(body, name)
-    if len(value) != DEK_HEX_LENGTH:
+    # fullmatch, not fromhex alone: fromhex skips whitespace, so 62 digits
+    # and two spaces would pass as a 31-byte key.
+    if not _HEX_DEK.fullmatch(value):
         raise BadRequest(f"{name} must be 32 bytes as 64 hex digits")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be 32 bytes as 64 hex digits") from None
+    return bytes.fromhex(value)
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -226,8 +227,13 @@ _HTTP_ERRORS: dict[int, type[KMSError]] = {
 }
 
 
-def _error_response(exc: KMSError) -> web.Response:
-    return web.json_response({**exc.extra, "error": exc.message, "code": exc.code}, status=exc.status)
+def _error_response(exc: KMSError, headers: Mapping[str, str] | None = None) -> web.Response:
+    response = web.json_response({**exc.extra, "error": exc.message, "code": exc.code}, status=exc.status)
+    if headers:
+        response.headers.update(headers)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def _route(request: web.Request) -> str:
@@ -244,7 +250,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     started = time.perf_counter()
     peer = peer_of(request)
     route = _route(request)
-    operation = AUDITED.get((request.method, route))
+    # aiohttp answers HEAD with the GET handler: audit it as that.
+    operation = AUDITED.get(("GET" if request.method == "HEAD" else request.method, route))
     audit = state.audit if operation else None
     try:
         if peer.transport == "tcp":
@@ -272,7 +279,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         else:
             err = BadRequest(exc.reason)
             err.status = exc.status
-        response = _error_response(err)
+        # A 405 must say what is allowed.
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        response = _error_response(err, allow)
     except asyncio.CancelledError:
         raise
     except Exception:
