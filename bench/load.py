@@ -33,7 +33,6 @@ import ipaddress
 import json
 import math
 import multiprocessing as mp
-import os
 import resource
 import secrets
 import signal

@@ -485,7 +485,7 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
         f"- load average at start: {m['loadavg_at_start']} (a busy machine skews every number)",
         f"- per point: {meta['duration']} s measured after {meta['warmup']} s warm-up; "
         f"client processes: {meta['procs']} (1 at c=1); bench/load.py (aiohttp client, keep-alive)",
-        f"- kmsd: `kmsd serve --dev`, logging at its default level (one JSON line per request to a file)",
+        "- kmsd: `kmsd serve --dev`, logging at its default level (one JSON line per request to a file)",
         "",
         "## Throughput and latency",
         "",
@@ -557,7 +557,7 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
                 lines.append(f"| new child {pid} (`{k['cmd'][:40]}`) | - | {fmt_kib(k.get('VmRSS'))} | {fmt_kib(k.get('VmHWM'))} |")
         rw = leg.get("rewrap")
         if rw:
-            lines += ["", f"- master-key rotation, rewrap of every record: "
+            lines += ["", "- master-key rotation, rewrap of every record: "
                       + (rw["failed"] if "failed" in rw else
                          f"{rw['rewrapped']} of {rw['records']} records in {rw['active_seconds']} s of work = "
                          f"**{rw['records_per_s']:.0f} records/s** ({rw['wall_s']} s wall, including the "

@@ -214,7 +214,7 @@ class KMS:
         if unclassified:
             raise Conflict(
                 f"{unclassified} records are not yet attributed to a master key (written by the original"
-                " system or before kmsd tracked keys); run `kmsd mk rotate` or `kmsd migrate-legacy` first",
+                " system or before kmsd tracked keys); a rotation (`kmsd mk rotate`) attributes them",
                 extra={"records": unclassified},
             )
         if not await self.store.delete_master_key(key_id):

@@ -33,7 +33,7 @@ import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LOG_FILES, Daemon, free_port, open_api, remember
+from conftest import LOG_FILES, Daemon, _UnixHTTPConnection, free_port, open_api, remember
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -86,17 +86,6 @@ def kmsd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
 def call(
     target: str | int,
     method: str,
@@ -112,7 +101,7 @@ def call(
     if isinstance(target, int):
         conn = http.client.HTTPConnection("127.0.0.1", target, timeout=timeout)
     else:
-        conn = _UnixConnection(target, timeout)
+        conn = _UnixHTTPConnection(target, timeout)
     headers = {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
