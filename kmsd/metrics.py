@@ -22,6 +22,7 @@ __all__ = ["CONTENT_TYPE", "Metrics", "instrument_store"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Milliseconds matter here: a request is ~1 ms, a database call less.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -60,12 +61,28 @@ class Metrics:
             "kmsd_rotation_records_per_second", "Rewrap rate of the current or last rotation job", registry=r
         )
 
+        # Labelled children by label values: labels() costs more than the
+        # observation itself, and these run on every request. Bounded like
+        # the labels (routes x methods x statuses, vault operations).
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._vault_children: dict[str, Any] = {}
+
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route, method).observe(seconds)
+        if method not in _METHODS:
+            method = "OTHER"  # a client picks the method: never let it mint label values
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.request_seconds.labels(route, method))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_vault(self, op: str, seconds: float, ok: bool) -> None:
-        self.vault_seconds.labels(op).observe(seconds)
+        child = self._vault_children.get(op)
+        if child is None:
+            child = self._vault_children[op] = self.vault_seconds.labels(op)
+        child.observe(seconds)
         if not ok:
             self.vault_errors.labels(op).inc()
 

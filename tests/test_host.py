@@ -503,6 +503,10 @@ def test_metrics_are_prometheus_text_with_bounded_labels_and_no_secrets(daemon_f
     assert 400 <= status < 500, body
     probe = f"/no-such-path-{uuid.uuid4().hex[:10]}"
     assert call(d.port, "GET", probe)[0] == 404
+    # A client picks the method too (the HTTP parser knows some 40, more
+    # without its C extension): they must not mint label values.
+    for method in ("PROPFIND", "MKCOL", "LOCK"):
+        assert call(d.port, method, "/api/keys")[0] == 405
 
     text, after = _metrics(d)
     assert _requests(after, "/api/keys", "POST", 200) == _requests(before, "/api/keys", "POST", 200) + 1
@@ -518,6 +522,9 @@ def test_metrics_are_prometheus_text_with_bounded_labels_and_no_secrets(daemon_f
     labels = {s.labels["route"] for f in ("kmsd_http_requests", "kmsd_http_request_duration_seconds")
               for s in after[f].samples if "route" in s.labels}
     assert labels <= templates, labels - templates
+    methods = {s.labels["method"] for s in after["kmsd_http_requests"].samples}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER"}, methods
+    assert "OTHER" in methods
 
     def count(family: str) -> float:
         return sum(s.value for s in after[family].samples if s.name.endswith("_count"))
