@@ -19,6 +19,7 @@ server closed when it restarted), a deadlock or a lock-wait timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -133,6 +134,93 @@ _SAME_CIPHERTEXTS = "BINARY encrypted_key <=> BINARY %s AND BINARY encrypted_dek
 
 _Work = Callable[[aiomysql.Cursor], Awaitable[Any]]
 
+# Coalesced point reads and inserts: at most this many in one statement,
+# and (inserts) at most this many bytes of ciphertext, well under the
+# server's max_allowed_packet.
+_MAX_BATCH = 128
+_MAX_BATCH_BYTES = 1 << 20
+
+
+class _Coalescer:
+    """Calls that queue while earlier batches are on their way to the
+    server leave together: one statement (and for inserts one commit) for
+    many requests. aiomysql parses every result in Python, so under load
+    the per-statement cost, not the server, bounds the daemon. With no
+    load a call leaves at once, alone."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Any]], Awaitable[list[Any]]],
+        *,
+        flushers: int,
+        timeout: float,
+        size: Callable[[Any], int] = lambda _: 0,
+    ) -> None:
+        self._run = run
+        self._timeout = timeout
+        self._flushers = flushers
+        self._size = size
+        self._active = 0
+        self._queue: collections.deque[tuple[Any, asyncio.Future[Any]]] = collections.deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Any) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        if self._active < self._flushers:
+            self._active += 1
+            task = asyncio.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            # The caller's budget covers its wait in the queue too: a hung
+            # server is a 503 within the time limit, however long the queue.
+            async with asyncio.timeout(self._timeout):
+                return await fut
+        except TimeoutError:
+            raise StoreError() from None
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch: list[tuple[Any, asyncio.Future[Any]]] = []
+                size = 0
+                while self._queue and len(batch) < _MAX_BATCH and (not batch or size < _MAX_BATCH_BYTES):
+                    item, fut = self._queue.popleft()
+                    if fut.done():  # its caller went away
+                        continue
+                    batch.append((item, fut))
+                    size += self._size(item)
+                if not batch:
+                    continue
+                try:
+                    results = await self._run([item for item, _ in batch])
+                except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+        finally:
+            self._active -= 1
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._queue:
+            _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(StoreError())
+
 _RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_id"
 _JOB_COLUMNS = (
     "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable, active_seconds"
@@ -185,6 +273,13 @@ class MySQLStore:
         self._gate = asyncio.Semaphore(pool_size)
         self.collation = _NOPAD_COLLATIONS[0]
         self.warnings: list[str] = []
+        # Half the pool each: reads and inserts keep going side by side.
+        flushers = max(1, pool_size // 2)
+        self._reads = _Coalescer(self._get_records, flushers=flushers, timeout=timeout)
+        self._inserts = _Coalescer(
+            self._insert_records, flushers=flushers, timeout=timeout,
+            size=lambda r: len(r.encrypted_key or "") + len(r.encrypted_dek or ""),
+        )
 
     def _connect_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -287,6 +382,8 @@ class MySQLStore:
         await self._run(migrate, detail=True, timeout=self._timeout * 20)
 
     async def close(self) -> None:
+        await self._reads.close()
+        await self._inserts.close()
         if self._pool is not None:
             self._pool.close()
             await self._pool.wait_closed()
@@ -374,8 +471,15 @@ class MySQLStore:
         await self._read("SELECT 1")
 
     async def get_record(self, user_id: str) -> Record | None:
-        rows = await self._read(f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id = %s", (user_id,))
-        return _record(rows[0]) if rows else None
+        record: Record | None = await self._reads.submit(user_id)
+        return record
+
+    async def _get_records(self, user_ids: list[str]) -> list[Record | None]:
+        marks = ", ".join(["%s"] * len(user_ids))
+        rows = await self._read(f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id IN ({marks})", user_ids)
+        # user_id compares exactly (binary, no pad), so it is the key back.
+        found = {r.user_id: r for r in map(_record, rows)}
+        return [found.get(u) for u in user_ids]
 
     async def count_records(self) -> int:
         rows = await self._read("SELECT COUNT(*) FROM kms_keys")
@@ -389,13 +493,29 @@ class MySQLStore:
         return [_record(r) for r in rows]
 
     async def insert_record(self, record: Record) -> None:
-        await self._write(
-            (
-                f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (%s, %s, %s, %s, %s)",
-                (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at,
-                 record.master_key_id),
-            )
-        )
+        await self._inserts.submit(record)
+
+    async def _insert_records(self, records: list[Record]) -> list[BaseException | None]:
+        """One multi-row INSERT: a single statement, so it commits whole or
+        not at all. If any row is a duplicate nothing was written, and each
+        record is tried on its own so that only that caller gets 409."""
+        marks = ", ".join(["(%s, %s, %s, %s, %s)"] * len(records))
+        params = [v for r in records for v in (r.user_id, r.encrypted_key, r.encrypted_dek, r.created_at,
+                                                r.master_key_id)]
+        try:
+            await self._write((f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES {marks}", params))
+            return [None] * len(records)
+        except Conflict:
+            if len(records) == 1:
+                raise
+        results: list[BaseException | None] = []
+        for record in records:
+            try:
+                await self._insert_records([record])
+                results.append(None)
+            except (Conflict, StoreError) as exc:
+                results.append(exc)
+        return results
 
     async def upsert_record(self, record: Record) -> None:
         await self._write(

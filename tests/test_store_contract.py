@@ -477,6 +477,21 @@ async def test_concurrent_inserts_of_one_user_exactly_one_wins(store: Store) -> 
     assert await store.count_records() == 1
 
 
+async def test_concurrent_mix_of_new_and_taken_ids_answers_each_caller(store: Store) -> None:
+    """Concurrent calls may share a statement (MySQL coalesces them): a
+    duplicate among them fails only its own caller, and ids that differ
+    only in case or a trailing space stay distinct records."""
+    await store.insert_record(rec("taken-1"))
+    await store.insert_record(rec("taken-2"))
+    ids = ["mix-a", "taken-1", "Mix-A", "mix-a ", "taken-2", "mix-b"]
+    attempts = [rec(u, i + 10) for i, u in enumerate(ids)]
+    results = await asyncio.gather(*(store.insert_record(r) for r in attempts), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType", "Conflict", "NoneType", "NoneType", "Conflict", "NoneType"]
+    lookups = ["mix-a", "Mix-A", "mix-a ", "MIX-A", "taken-1", "mix-b", "nobody"]
+    got = await asyncio.gather(*(store.get_record(u) for u in lookups))
+    assert got == [attempts[0], attempts[2], attempts[3], None, rec("taken-1"), attempts[5], None]
+
+
 async def test_concurrent_upserts_of_one_user_leave_one_whole_write(store: Store) -> None:
     await store.insert_record(rec("hot", 0))
     writes = [rec("hot", i, created_at=f"2024-06-01 00:00:{i:02d}") for i in range(1, 31)]
