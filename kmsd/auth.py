@@ -162,6 +162,7 @@ class TokenService:
         self._cache: dict[bytes, Claims] = {}
         self.cache_size = cache_size
         self._last_sweep = float("-inf")
+        self._last_header: tuple[str, dict[str, Any]] | None = None
 
     def set_public_keys(self, keys: Iterable[tuple[str, str]]) -> None:
         """(kid, base64 raw Ed25519 public key) pairs that may verify tokens."""
@@ -200,9 +201,20 @@ class TokenService:
             "jti": secrets.token_urlsafe(12),
         }
 
+    def _header(self, token: str) -> dict[str, Any]:
+        """The unverified header; the last one is kept because has_key and
+        _verify look at the same token one after the other (a parse is ~10 us
+        of pyjwt's Python)."""
+        last = self._last_header
+        if last is not None and last[0] is token:
+            return last[1]
+        header = jwt.get_unverified_header(token)
+        self._last_header = (token, header)
+        return header
+
     def has_key(self, token: str) -> bool:
         try:
-            header = jwt.get_unverified_header(token)
+            header = self._header(token)
         except jwt.PyJWTError:
             return True  # let verify() reject it
         kid = header.get("kid")
@@ -247,7 +259,8 @@ class TokenService:
 
     def _verify(self, token: str) -> Claims:
         try:
-            header = jwt.get_unverified_header(token)
+            header = self._header(token)
+            self._last_header = None  # no token stays behind in the memo
             if header.get("alg") in LEGACY_ALGORITHMS:
                 return self._verify_legacy(token)
             kid = header.get("kid")
