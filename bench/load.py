@@ -363,6 +363,8 @@ def run_phase(kind: str, target: Target, procs: int, **kw: Any) -> dict[str, Any
     """Run one phase on ``procs`` processes (1: in this process) and merge."""
     conc = kw.get("concurrency", 1)
     procs = max(1, min(procs, conc)) if kind != "burst" else max(1, procs)
+    if kw.get("max_requests", 0) > 0:  # a process given a share of 0 would run uncapped
+        procs = min(procs, kw["max_requests"])
     wires: list[dict[str, Any]] = []
     if procs == 1:
         _raise_nofile()
@@ -377,6 +379,12 @@ def run_phase(kind: str, target: Target, procs: int, **kw: Any) -> dict[str, Any
         maxes = _split(kw.get("max_requests", 0), procs) if kw.get("max_requests", 0) > 0 else [0] * procs
         bursts = _split(kw.get("n", 0), procs) if kind == "burst" else [0] * procs
         tokens = kw.get("tokens")
+        # Each process starts at its own offset: the tokens are split the way
+        # --max-requests is, so that a phase with --max-requests = len(tokens)
+        # reads every token exactly once (the cold-token read); offsets of
+        # len*p//procs made two processes share a token when the count was odd.
+        shares = _split(len(tokens), procs) if tokens is not None else [0] * procs
+        offsets = [sum(shares[:p]) for p in range(procs)]
         for p in range(procs):
             ck = dict(kw, unix=target.unix, tcp=target.tcp, start_at_offset=0.2)
             if kind != "burst":
@@ -388,7 +396,7 @@ def run_phase(kind: str, target: Target, procs: int, **kw: Any) -> dict[str, Any
                 ck["prefix"] = f"{ck['prefix']}p{p}"
             if tokens is not None:
                 # every process cycles through all tokens, from its own offset
-                off = (len(tokens) * p) // procs
+                off = offsets[p]
                 ck["tokens"] = tokens[off:] + tokens[:off]
             c = ctx.Process(target=_child, args=(kind, ck, barrier, out), daemon=True)
             c.start()
@@ -540,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-tokens", metavar="FILE", help="write/both: save collected tokens (JSON lines)")
     p.add_argument("--seed", type=int, default=1000, help="read mode without --tokens: records to write first")
     p.add_argument("--max-tokens", type=int, default=20000, help="keep at most this many tokens for reading")
+    p.add_argument("--skip-tokens", type=int, default=0, metavar="K",
+                   help="read: leave out the first K tokens (e.g. a warm working set), then apply --max-tokens")
     p.add_argument("--no-verify", action="store_true", help="do not check plaintexts (for bench/baseline.py)")
     p.add_argument("--prefix", default=None, help="user id prefix (default: random per run)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -549,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.concurrency < 1 or args.procs < 1:
         p.error("--concurrency and --procs must be >= 1")
+    if args.skip_tokens < 0 or args.max_tokens < 1:
+        p.error("--skip-tokens must be >= 0 and --max-tokens >= 1")
     if args.mode != "burst" and args.duration <= 0 and args.max_requests <= 0:
         p.error("a phase must be bounded: give --duration > 0 and/or --max-requests > 0")
     target = Target(args.unix, args.tcp)
@@ -580,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokens = seed["_tokens"]
                 results.append(seed)
         if args.mode in ("read", "both"):
-            tokens = tokens[: args.max_tokens]
+            tokens = tokens[args.skip_tokens:][: args.max_tokens]
             if not tokens:
                 print("load.py: no tokens to read with (every write failed?)", file=sys.stderr)
             else:

@@ -4,9 +4,12 @@
 Starts kmsd (--dev, fresh temporary SQLite database) and bench/baseline.py
 on free loopback ports and Unix sockets in a temporary directory, runs every
 point with bench/load.py (kmsd and baseline interleaved, point by point, so
-that each ratio compares two measurements taken at the same moment), and
-writes Markdown, JSON and a PNG chart to bench/results/. Everything it
-starts is stopped on exit, on Ctrl-C, on SIGTERM/SIGHUP and on failure.
+that each ratio compares two measurements taken at the same moment), soaks
+the SQLite daemon with reads while sampling its memory, then runs the same
+points against MariaDB (a private server it starts, when the binaries are
+there, or --mysql URL), and writes Markdown, JSON and a PNG chart to
+bench/results/. Everything it starts is stopped on exit, on Ctrl-C, on
+SIGTERM/SIGHUP and on failure.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -38,6 +41,17 @@ LOAD = str(BENCH / "load.py")
 WRITE_CONC = (1, 16, 64)
 READ_CONC = (16, 64, 256)
 LISTENERS = ("unix", "tcp")
+# The cold-token read: one point, before the warm reads of each listener.
+COLD_CONC = 64
+# At most this many cold tokens per point. kmsd's token cache holds 50,000
+# by default and, once full, admits nothing until entries expire: two
+# listeners' cold points must leave room for the warm working sets after
+# them, or the warm reads of the second listener would be cold too.
+COLD_MAX_TOKENS = 20_000
+# The memory soak (end of the SQLite leg): read load and RSS sampling.
+SOAK_CONC = 64
+SOAK_EVERY = 10.0
+MYSQL_DATABASE = "kmsd_bench"
 
 
 # -- small helpers ----------------------------------------------------------------------
@@ -233,6 +247,98 @@ class Managed:
             self._fh.close()
 
 
+class Stoppable(Protocol):
+    """What the cleanup stack holds: anything the run started."""
+
+    name: str
+
+    def stop(self) -> None: ...
+
+
+class PrivateMariaDB:
+    """The MariaDB leg's own server: tests/mariadb.py's MariaDBServer (its
+    own datadir, socket and loopback port) under the run's temporary
+    directory, so the leg needs no database set up beforehand and touches
+    no system MariaDB."""
+
+    name = "mariadb"
+
+    def __init__(self, module: Any, base: Path) -> None:
+        self.server = module.MariaDBServer(base)
+
+    def start(self) -> None:
+        self.server.install()
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def mariadb_module() -> tuple[Any | None, str]:
+    """tests/mariadb.py, when the MariaDB server binaries are installed; else
+    None and why not. The same discovery as the tests, so the bench and the
+    tests agree on whether MariaDB is there."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        import tests.mariadb as module  # needs pymysql, a kmsd dependency
+    except ImportError as exc:
+        return None, f"cannot import tests/mariadb.py ({exc})"
+    mariadbd, install_db = module.find_binaries()
+    missing = [name for name, path in (("mariadbd", mariadbd), ("mariadb-install-db", install_db)) if not path]
+    if missing:
+        return None, (f"{' and '.join(missing)} not found on PATH or in /usr/sbin "
+                      "(sudo apt-get install mariadb-server; no running service is needed)")
+    return module, ""
+
+
+def mysql_server_info(url: str, origin: str) -> dict[str, str]:
+    """How the leg reaches its server, and the server's SELECT VERSION()
+    (best effort: the leg runs anyway, kmsd reports its own errors)."""
+    parts = urlsplit(url)
+    sock = parse_qs(parts.query).get("unix_socket", [None])[0]
+    transport = f"Unix socket {sock}" if sock else f"TCP {parts.hostname}:{parts.port or 3306}"
+    try:
+        import pymysql
+
+        conn = pymysql.connect(
+            host=parts.hostname or "localhost", port=parts.port or 3306, unix_socket=sock,
+            user=unquote(parts.username or ""), password=unquote(parts.password or ""),
+            database=unquote(parts.path.lstrip("/")) or None, connect_timeout=5,
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT VERSION()")
+                version = str(cur.fetchone()[0])
+        finally:
+            conn.close()
+    except Exception as exc:  # noqa: BLE001 - best effort; the error names user and host, never the password
+        version = f"version unknown ({type(exc).__name__}: {str(exc)[:120]})"
+    return {"origin": origin, "transport": transport, "version": version}
+
+
+def mysql_database(args: argparse.Namespace, tmp: Path, stack: list[Stoppable]) -> tuple[str | None, dict[str, Any]]:
+    """The MariaDB leg's database URL and what to say about its server;
+    None with {"skipped": why} or {"failed": what} when there is no leg."""
+    if args.mysql != "auto":
+        return args.mysql, mysql_server_info(args.mysql, "given by --mysql")
+    module, why = mariadb_module()
+    if module is None:
+        log(f"MariaDB leg skipped: {why}")
+        return None, {"skipped": why}
+    private = PrivateMariaDB(module, tmp / "my")
+    stack.append(private)  # before it starts: stopped whatever happens from here on
+    log(f"starting a private MariaDB server in {private.server.base}")
+    try:
+        private.start()
+        tcp_url = private.server.new_database(MYSQL_DATABASE)
+    except Exception as exc:  # noqa: BLE001 - install or start failed: the leg fails, the rest of the run stands
+        log(f"private MariaDB server did not start: {exc}")
+        return None, {"failed": f"private MariaDB server did not start: {exc}"}
+    url = tcp_url if args.mysql_tcp else private.server.socket_url(MYSQL_DATABASE)
+    return url, mysql_server_info(url, "private server started by the run (tests/mariadb.py)")
+
+
 def wait_ready(server: Managed, sock_path: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -296,20 +402,30 @@ def run_point(
     out = tmp / f"point-{time.monotonic_ns()}.json"
     argv = [PY, LOAD, f"--{listener}", address, "--json", str(out), "--quiet", "--label", target,
             "--timeout", str(args.request_timeout)]
+    warmup = 0.0 if mode in ("burst", "read-cold") else args.warmup
     if mode == "burst":
         argv += ["--mode", "burst", "--burst", str(args.burst), "--timeout", str(args.burst_timeout)]
         limit = args.burst_timeout + 120
     else:
-        argv += ["--mode", mode, "--concurrency", str(conc), "--duration", str(args.duration),
-                 "--warmup", str(args.warmup), "--procs", str(args.procs if conc >= 16 else 1)]
+        argv += ["--mode", "read" if mode == "read-cold" else mode, "--concurrency", str(conc),
+                 "--duration", str(args.duration), "--warmup", str(warmup),
+                 "--procs", str(args.procs if conc >= 16 else 1)]
         if mode == "read":
             if tokens and tokens.exists():
-                argv += ["--tokens", str(tokens)]
+                # the warm working set: the first --read-users tokens, over and over
+                argv += ["--tokens", str(tokens), "--max-tokens", str(args.read_users)]
             else:
                 argv += ["--seed", "1000"]
+        elif mode == "read-cold":
+            # the tokens after the working set, each at most once (load.py
+            # splits them between its processes without overlap); no warm-up,
+            # which would spend tokens uncounted; bounded by time as well
+            cold = cold_token_count(tokens, args.read_users)
+            argv += ["--tokens", str(tokens), "--skip-tokens", str(args.read_users),
+                     "--max-tokens", str(cold), "--max-requests", str(cold)]
         if save_tokens:
             argv += ["--save-tokens", str(save_tokens)]
-        limit = args.duration + args.warmup + 180
+        limit = args.duration + warmup + 180
     if not verify:
         argv.append("--no-verify")
     cpu0 = {k: cpu_seconds(p) for k, p in cpu_pids.items()}
@@ -325,6 +441,8 @@ def run_point(
     doc = json.loads(out.read_text())
     r = next(x for x in doc["results"] if x["mode"] in ("write", "read", "burst"))
     r["target"] = target
+    r["mode"] = mode  # read-cold is load.py's read
+    r["warmup_s"] = warmup
     if proc.returncode not in (0, 3):
         r["load_exit"] = proc.returncode
     for k in cpu_pids:
@@ -335,11 +453,21 @@ def run_point(
     return r
 
 
+def cold_token_count(tokens: Path | None, read_users: int) -> int:
+    """How many tokens the cold-token point reads: those after the warm
+    working set, at most COLD_MAX_TOKENS."""
+    if not tokens or not tokens.exists():
+        return 0
+    with open(tokens) as fh:
+        saved = sum(1 for line in fh if line.strip())
+    return max(0, min(saved - read_users, COLD_MAX_TOKENS))
+
+
 def short(r: dict[str, Any]) -> str:
     if "failed_to_run" in r:
-        return f"{r['target']:<14} {r['listener']:<4} {r['mode']:<5} c={r['concurrency']:<4} FAILED: {r['failed_to_run']}"
+        return f"{r['target']:<14} {r['listener']:<4} {r['mode']:<9} c={r['concurrency']:<4} FAILED: {r['failed_to_run']}"
     errs = ",".join(f"{k}:{v}" for k, v in r.get("errors", {}).items()) or "-"
-    return (f"{r['target']:<14} {r['listener']:<4} {r['mode']:<5} c={r['concurrency']:<4} "
+    return (f"{r['target']:<14} {r['listener']:<4} {r['mode']:<9} c={r['concurrency']:<4} "
             f"{r['rps']:>9.1f} req/s  p50 {r['p50_ms']:>8.2f}  p99 {r['p99_ms']:>8.2f}  max {r['max_ms']:>8.2f} ms"
             f"  ok {r['ok']}/{r['requests']}  errors {errs}  mismatches {r['mismatches']}")
 
@@ -347,7 +475,7 @@ def short(r: dict[str, Any]) -> str:
 def run_leg(
     leg: str, database_url: str, args: argparse.Namespace, tmp: Path, baseline: Managed | None,
     base_addr: dict[str, str], env: dict[str, str], results: list[dict[str, Any]], legs: list[dict[str, Any]],
-    stack: list[Managed],
+    stack: list[Stoppable], server_info: dict[str, str] | None = None,
 ) -> None:
     sock = str(tmp / f"{leg}.sock")
     port = free_port()
@@ -358,6 +486,8 @@ def run_leg(
     stack.append(daemon)
     info: dict[str, Any] = {"leg": leg, "database": mask_url(database_url),
                             "socket": sock, "tcp": f"127.0.0.1:{port}"}
+    if server_info:
+        info["server"] = server_info
     legs.append(info)
     t = time.monotonic()
     try:
@@ -403,11 +533,26 @@ def run_leg(
             tokens = tmp / f"tokens-{leg}-{listener}.jsonl"
             for c in WRITE_CONC:
                 point(listener, "write", c, save=tokens if c == max(WRITE_CONC) else None)
+            # Cold before warm: the warm points touch only the first
+            # --read-users tokens, the cold one only those after them.
+            if cold_token_count(tokens, args.read_users):
+                point(listener, "read-cold", COLD_CONC, tokens=tokens)
+            else:
+                log(f"{listener} read-cold skipped: the write c={max(WRITE_CONC)} point saved no more than "
+                    f"--read-users {args.read_users} tokens")
             for c in READ_CONC:
                 point(listener, "read", c, tokens=tokens)
         if not args.no_burst:
             for listener in LISTENERS:
                 point(listener, "burst", args.burst)
+        if leg == "sqlite" and args.soak > 0:
+            info["soak"] = run_soak(daemon, vault, sock, [tmp / f"tokens-{leg}-{x}.jsonl" for x in LISTENERS],
+                                    args, tmp)
+            log(f"soak ({leg}): {soak_line(info['soak'])}")
+            if not daemon.alive():
+                info["died"] = f"exit code {daemon.proc.returncode} during the memory soak"
+                log(f"kmsd ({leg}) DIED during the memory soak:\n{tail(daemon.logfile)}")
+                raise DaemonDied()
         if not args.no_rewrap:
             info["rewrap"] = measure_rewrap(sock)
             log(f"rewrap ({leg}): {info['rewrap']}")
@@ -456,11 +601,107 @@ def measure_rewrap(sock: str, timeout: float = 600.0) -> dict[str, Any]:
     return {"failed": f"rewrap not finished after {timeout} s"}
 
 
+def rss_kib(pid: int | None) -> int | None:
+    return proc_status(pid).get("VmRSS") if pid else None
+
+
+def run_soak(
+    daemon: Managed, vault: int | None, sock: str, token_files: list[Path], args: argparse.Namespace, tmp: Path,
+) -> dict[str, Any]:
+    """Reads at c=64 over the Unix socket for --soak seconds, cycling through
+    every token the leg saved (in a full run more than the token cache
+    holds, so the cache fills up to its bound), sampling the RSS of the
+    daemon and of the vault every SOAK_EVERY s. Memory that grows in the
+    first minute is the cache and the pools filling; memory that keeps
+    growing after it is what the soak is looking for."""
+    tokens = tmp / "tokens-soak.jsonl"
+    count = 0
+    with open(tokens, "w") as out:
+        for path in token_files:
+            lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+            out.writelines(line + "\n" for line in lines)
+            count += len(lines)
+    info: dict[str, Any] = {"seconds": args.soak, "concurrency": SOAK_CONC, "listener": "unix",
+                            "tokens": count, "interval_s": SOAK_EVERY}
+    if not count:
+        info["failed"] = "no tokens saved in this leg (did every write fail?)"
+        return info
+    result = tmp / "soak.json"
+    argv = [PY, LOAD, "--unix", sock, "--mode", "read", "--concurrency", str(SOAK_CONC),
+            "--duration", str(args.soak), "--warmup", "0", "--procs", str(args.procs),
+            "--tokens", str(tokens), "--max-tokens", str(count), "--timeout", str(args.request_timeout),
+            "--json", str(result), "--quiet", "--label", "soak"]
+
+    def sample(t: float) -> dict[str, Any]:
+        return {"t": round(t, 1), "daemon_kib": rss_kib(daemon.pid), "vault_kib": rss_kib(vault)}
+
+    log(f"memory soak: reads at c={SOAK_CONC} over the Unix socket for {args.soak:.0f} s, "
+        f"cycling through {count} tokens; RSS every {SOAK_EVERY:.0f} s")
+    samples = [sample(0.0)]
+    with open(tmp / "soak-load.log", "wb") as fh:
+        proc = subprocess.Popen(
+            argv, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig,  # noqa: PLW1509 - only prctl
+        )
+    t0 = time.monotonic()
+    limit = args.soak + 180
+    try:
+        due = SOAK_EVERY
+        while True:
+            try:
+                proc.wait(timeout=max(0.0, t0 + due - time.monotonic()))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            samples.append(sample(time.monotonic() - t0))
+            due += SOAK_EVERY
+            if due > limit:
+                info["failed"] = f"load.py did not finish in {limit:.0f}s"
+                break
+    finally:  # also on Ctrl-C/SIGTERM: the load must not outlive the run
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    samples.append(sample(time.monotonic() - t0))  # the end, just after the load
+    info["samples"] = samples
+    info["summary"] = soak_summary(samples)
+    if result.exists():
+        r = next(x for x in json.loads(result.read_text())["results"] if x["mode"] == "read")
+        info["result"] = {k: r[k] for k in ("elapsed_s", "requests", "ok", "rps", "p50_ms", "p90_ms", "p99_ms",
+                                            "max_ms", "errors", "error_count", "mismatches", "procs")}
+    elif "failed" not in info:
+        info["failed"] = f"load.py exit {proc.returncode}: {tail(tmp / 'soak-load.log', 5)}"
+    return info
+
+
+def soak_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Before, after the first minute (or the first sample after the start,
+    when the soak is shorter), the end, and the growth from the first minute
+    to the end: the cache filling shows before it, a leak after it."""
+    before, end = samples[0], samples[-1]
+    ref = next((s for s in samples[1:-1] if s["t"] >= 60), samples[1] if len(samples) > 2 else end)
+    growth = {}
+    for proc in ("daemon", "vault"):
+        a, b = ref[f"{proc}_kib"], end[f"{proc}_kib"]
+        growth[f"{proc}_kib"] = b - a if isinstance(a, int) and isinstance(b, int) else None
+    return {"before": before, "first_minute": ref, "end": end, "growth": growth}
+
+
+def soak_line(soak: dict[str, Any]) -> str:
+    if "result" not in soak:
+        return f"FAILED: {soak.get('failed')}"
+    r, g = soak["result"], soak["summary"]["growth"]
+    errs = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "-"
+    return (f"{r['rps']:.1f} req/s, ok {r['ok']}/{r['requests']}, errors {errs}, mismatches {r['mismatches']}; "
+            f"RSS growth after t={soak['summary']['first_minute']['t']:.0f} s: daemon "
+            f"{fmt_kib(g['daemon_kib'], sign=True)}, vault {fmt_kib(g['vault_kib'], sign=True)}"
+            + (f"; {soak['failed']}" if "failed" in soak else ""))
+
+
 # -- reports -------------------------------------------------------------------------------------
 
 
-def fmt_kib(v: int | None) -> str:
-    return f"{v / 1024:.1f} MiB" if isinstance(v, int) else "-"
+def fmt_kib(v: int | None, *, sign: bool = False) -> str:
+    return f"{v / 1024:{'+' if sign else ''}.1f} MiB" if isinstance(v, int) else "-"
 
 
 def ratios(results: list[dict[str, Any]]) -> None:
@@ -472,6 +713,65 @@ def ratios(results: list[dict[str, Any]]) -> None:
             b = base.get((r["leg"], r["listener"], r["mode"], r["concurrency"]))
             if b and b["rps"]:
                 r["ratio_vs_baseline"] = round(r["rps"] / b["rps"], 3)
+
+
+def mysql_header(meta: dict[str, Any], legs: list[dict[str, Any]]) -> str:
+    """The MariaDB leg in one line of the header: what ran, or why not."""
+    if meta["mysql"] == "none":
+        return "- MariaDB leg: not run (--mysql none)"
+    if meta.get("mysql_skipped"):
+        return f"- MariaDB leg: **skipped**, {meta['mysql_skipped']}"
+    leg = next((x for x in legs if x["leg"] == "mysql"), None)
+    if leg is None:
+        return "- MariaDB leg: not reached"
+    server = leg.get("server")
+    if not server:
+        return f"- MariaDB leg: **failed**: {str(leg.get('failed', '?')).splitlines()[0][:200]}"
+    return f"- MariaDB leg (kmsd-mysql): {server['version']} over {server['transport']}; {server['origin']}"
+
+
+def soak_markdown(soak: dict[str, Any], max_rows: int = 16) -> list[str]:
+    lines = [
+        "",
+        f"#### Memory soak: reads at c={soak['concurrency']} over the Unix socket for {soak['seconds']:.0f} s",
+        "",
+        (f"- cycling through all {soak['tokens']} tokens this leg saved (the token cache fills up to its "
+         "bound, 50,000 by default, when there are more)"),
+    ]
+    r = soak.get("result")
+    if r:
+        errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "-"
+        lines.append(f"- **{r['rps']:.0f} req/s**; ok {r['ok']}/{r['requests']}; errors {errs}; "
+                     f"mismatches {r['mismatches']}; p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                     f"max {r['max_ms']:.2f} ms")
+    if soak.get("failed"):
+        lines.append(f"- **failed**: {soak['failed']}")
+    sm = soak.get("summary")
+    if not sm:
+        return lines + [""]
+    ref = sm["first_minute"]
+    ref_name = (f"after the first minute (t={ref['t']:.0f} s)" if ref["t"] >= 60
+                else f"at t={ref['t']:.0f} s (the first sample: the soak is shorter than a minute)")
+
+    def both(s: dict[str, Any]) -> str:
+        return f"{fmt_kib(s['daemon_kib'])} / {fmt_kib(s['vault_kib'])}"
+
+    g = sm["growth"]
+    lines.append(
+        f"- RSS daemon / vault: before {both(sm['before'])}; {ref_name} {both(ref)}; "
+        f"end (t={sm['end']['t']:.0f} s) {both(sm['end'])}; **growth from t={ref['t']:.0f} s to the end: "
+        f"{fmt_kib(g['daemon_kib'], sign=True)} / {fmt_kib(g['vault_kib'], sign=True)}**"
+    )
+    samples = soak["samples"]
+    # A long soak has dozens of samples: show every k-th (and the last); all are in the JSON.
+    step = -(-len(samples) // max_rows)
+    shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+    lines += ["", "| t (s) | daemon RSS | vault RSS |", "|---:|---:|---:|"]
+    lines += [f"| {s['t']:.1f}{' (end)' if s is samples[-1] else ''} | {fmt_kib(s['daemon_kib'])} | "
+              f"{fmt_kib(s['vault_kib'])} |" for s in shown]
+    if step > 1:
+        lines.append(f"\nOne sample in {step} of {len(samples)}, and the last (all are in the JSON).")
+    return lines
 
 
 def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dict[str, Any]]) -> str:
@@ -486,12 +786,20 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
         f"- per point: {meta['duration']} s measured after {meta['warmup']} s warm-up; "
         f"client processes: {meta['procs']} (1 at c=1); bench/load.py (aiohttp client, keep-alive)",
         "- kmsd: `kmsd serve --dev`, logging at its default level (one JSON line per request to a file)",
+        mysql_header(meta, legs),
         "",
         "## Throughput and latency",
         "",
         "ratio = kmsd req/s ÷ baseline req/s at the same point (the baseline is bench/baseline.py, "
         "aiohttp answering a fixed body). CPU = seconds of CPU the server (daemon / vault) used during the point, "
         "per second of the point.",
+        "",
+        (f"Reads: **read** is warm: {meta['read_users']} users reading over and over (the first "
+         f"{meta['read_users']} tokens of that listener's write c={max(WRITE_CONC)} point, cycled), so after its "
+         "first read each token is in kmsd's verified-token cache and no read pays a signature check; "
+         f"**read-cold** (c={COLD_CONC}, no warm-up) is cold: every read presents a token kmsd has never seen "
+         f"(the tokens after those, each used once, at most {COLD_MAX_TOKENS}), so every read pays an Ed25519 "
+         "signature check."),
         "",
         "| target | via | mode | conc | req/s | ratio | p50 ms | p90 ms | p99 ms | max ms | ok/reqs | errors | mismatches | CPU daemon/vault |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
@@ -504,7 +812,7 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
                          f"FAILED: {r['failed_to_run'][:120]} | | | | | | | | | |")
             continue
         errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "-"
-        el = r["elapsed_s"] + meta["warmup"]
+        el = r["elapsed_s"] + r.get("warmup_s", meta["warmup"])
         cpu = "-"
         if "cpu_daemon_s" in r:
             cpu = f"{r['cpu_daemon_s'] / el:.2f} / {r.get('cpu_vault_s', 0) / el:.2f}"
@@ -534,10 +842,15 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
                          f"{r['elapsed_s']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} |")
     lines += ["", "## Daemon", ""]
     for leg in legs:
-        lines.append(f"### kmsd-{leg['leg']} ({leg['database']})")
-        lines.append("")
+        server = leg.get("server")
+        if server:  # the MariaDB leg: which server, and how kmsd reached it
+            lines += [f"### kmsd-{leg['leg']} — {server['version']} over {server['transport']}", "",
+                      f"- {server['origin']}; database `{leg.get('database', '-')}`"]
+        else:
+            lines += [f"### kmsd-{leg['leg']} ({leg.get('database', '-')})", ""]
         if leg.get("failed"):
-            lines += [f"- **did not start**: exit code {leg.get('exit_code')}", "", "```", leg["failed"], "```", ""]
+            code = f": exit code {leg['exit_code']}" if "exit_code" in leg else ""
+            lines += [f"- **did not start**{code}", "", "```", leg["failed"], "```", ""]
             continue
         lines.append(f"- ready after {leg.get('startup_s', '-')} s; open-files limit {leg.get('nofile_limit', '-')}")
         if leg.get("died"):
@@ -555,6 +868,8 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
         for pid, k in kids_after.items():
             if pid not in {c["pid"] for c in before.get("children", [])}:
                 lines.append(f"| new child {pid} (`{k['cmd'][:40]}`) | - | {fmt_kib(k.get('VmRSS'))} | {fmt_kib(k.get('VmHWM'))} |")
+        if leg.get("soak"):
+            lines += soak_markdown(leg["soak"])
         rw = leg.get("rewrap")
         if rw:
             lines += ["", "- master-key rotation, rewrap of every record: "
@@ -581,10 +896,14 @@ def chart(results: list[dict[str, Any]], path: Path, title: str) -> bool:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex="col")
     series: dict[tuple[str, str], dict[str, list[tuple[int, dict[str, Any]]]]] = {}
+    cold: dict[tuple[str, str], dict[str, Any]] = {}  # one read-cold point per line of the read panels
     for r in results:
-        if r.get("mode") in ("write", "read") and "rps" in r:
+        if r.get("mode") in ("write", "read", "read-cold") and "rps" in r:
             name = r["target"] if r["target"] != "baseline" or r["leg"] == "sqlite" else None
             if name is None:  # baseline points of later legs: plot the first only
+                continue
+            if r["mode"] == "read-cold":
+                cold[(name, r["listener"])] = r
                 continue
             series.setdefault((name, r["listener"]), {}).setdefault(r["mode"], []).append((r["concurrency"], r))
     styles = {"unix": "-", "tcp": "--"}
@@ -599,11 +918,17 @@ def chart(results: list[dict[str, Any]], path: Path, title: str) -> bool:
             kw = dict(linestyle=styles[listener], marker=marker, label=f"{name} ({listener})")
             if color:
                 kw["color"] = color
-            axes[0][col].plot(xs, [r["rps"] for _, r in pts], **kw)
+            (line,) = axes[0][col].plot(xs, [r["rps"] for _, r in pts], **kw)
             axes[1][col].plot(xs, [r["p99_ms"] for _, r in pts], **kw)
-        axes[0][col].set_title(f"{mode}: throughput")
+            c = cold.get((name, listener)) if mode == "read" else None
+            if c:  # the cold point: a cross in its line's colour, not joined to the warm line
+                for row, key in ((0, "rps"), (1, "p99_ms")):
+                    axes[row][col].plot([c["concurrency"]], [c[key]], linestyle="none", marker="x",
+                                        markersize=10, markeredgewidth=2, color=line.get_color())
+        cold_note = " (warm; × = read-cold)" if mode == "read" and cold else ""
+        axes[0][col].set_title(f"{mode}: throughput{cold_note}")
         axes[0][col].set_ylabel("requests/s")
-        axes[1][col].set_title(f"{mode}: p99 latency")
+        axes[1][col].set_title(f"{mode}: p99 latency{cold_note}")
         axes[1][col].set_ylabel("p99 (ms)")
         axes[1][col].set_yscale("log")
         axes[1][col].set_xlabel("concurrency (connections)")
@@ -639,7 +964,7 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the kmsd benchmark (see bench/README.md).")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default 10)")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per point (default 10; --quick 2)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per point (default 1; --quick 0.5)")
     p.add_argument("--quick", action="store_true", help="~2 s points (a smoke run, numbers are rough)")
     p.add_argument("--procs", type=int, default=2, help="client processes for c>=16 (default 2)")
@@ -649,26 +974,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline points (no ratios)")
     p.add_argument("--no-burst", action="store_true", help="skip the burst")
     p.add_argument("--no-rewrap", action="store_true", help="skip the master-key rotation at the end of a leg")
-    # ---- MariaDB/MySQL leg hook -------------------------------------------------------------
-    # Given a URL, the same kmsd points run a second time against a daemon
-    # started with `--database URL` (after the SQLite leg, with the baseline
-    # interleaved again). Skipped when not given. The database must exist and
-    # be reachable on loopback or a Unix socket; if it already holds master
+    p.add_argument("--read-users", type=int, default=1000, metavar="N",
+                   help="warm reads cycle through the first N saved tokens; read-cold uses those after (default 1000)")
+    p.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                   help="memory soak at the end of the SQLite leg (default 300; --quick 0 = none)")
+    # ---- MariaDB/MySQL leg -------------------------------------------------------------------
+    # The same kmsd points run a second time against a daemon started with
+    # `--database URL` (after the SQLite leg, with the baseline interleaved
+    # again). auto (the default): a private mariadbd in the temporary
+    # directory (tests/mariadb.py), reached over its Unix socket (--mysql-tcp:
+    # its loopback port), skipped with a reason when the server binaries are
+    # missing; none: no leg; a URL: that database, which must exist and be
+    # reachable on loopback or a Unix socket; if it already holds master
     # keys, give the root key they were wrapped under with --root-key-file
     # (otherwise --dev generates a new one in the temporary directory).
-    p.add_argument("--mysql", metavar="URL", help="also run a MariaDB/MySQL leg: mysql://user:pass@127.0.0.1:3306/db")
-    p.add_argument("--skip-sqlite", action="store_true", help="run only the --mysql leg")
+    p.add_argument("--mysql", metavar="auto|none|URL", default="auto",
+                   help="MariaDB/MySQL leg: auto (private server, default), none, or "
+                        "mysql://user:pass@127.0.0.1:3306/db")
+    p.add_argument("--mysql-tcp", action="store_true",
+                   help="--mysql auto: reach the private server over loopback TCP instead of its Unix socket")
+    p.add_argument("--skip-sqlite", action="store_true", help="run only the MariaDB/MySQL leg")
     p.add_argument("--root-key-file", help="root key for the daemon (KMSD_ROOT_KEY_FILE); default: --dev key")
     p.add_argument("--log-level", help="KMSD_LOG_LEVEL for the daemon (default: kmsd's own default)")
     p.add_argument("--out", default=str(BENCH / "results"), help="results directory (default bench/results)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (logs, database)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.duration = 2.0
+    # --quick sets defaults, never overrides what was given
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 10.0
     if args.warmup is None:
         args.warmup = 0.5 if args.quick else 1.0
+    if args.soak is None:
+        args.soak = 0.0 if args.quick else 300.0
     if args.duration <= 0 or args.burst < 1:
         p.error("--duration and --burst must be positive")
+    if args.read_users < 1 or args.soak < 0:
+        p.error("--read-users must be >= 1 and --soak >= 0")
+    if args.mysql_tcp and args.mysql != "auto":
+        p.error("--mysql-tcp applies to the private server of --mysql auto only")
+    if args.skip_sqlite and args.mysql == "none":
+        p.error("--skip-sqlite with --mysql none leaves nothing to run")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -676,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     started = dt.datetime.now()
     tmp = Path(tempfile.mkdtemp(prefix="kmsd-bench-", dir="/tmp"))
-    stack: list[Managed] = []
+    stack: list[Stoppable] = []
     results: list[dict[str, Any]] = []
     legs: list[dict[str, Any]] = []
     status = 0
@@ -687,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         env["KMSD_LOG_LEVEL"] = args.log_level
     log(f"temporary directory {tmp}; {machine['cpu_count']} CPUs ({machine['cpu_model']}); "
         f"commit {machine['commit']}{'-dirty' if machine['dirty'] else ''}; load average {machine['loadavg_at_start']}")
+    mysql_skipped = ""
     try:
         baseline = None
         base_addr: dict[str, str] = {}
@@ -700,8 +1046,14 @@ def main(argv: list[str] | None = None) -> int:
         db = tmp / "kmsd.db"
         if not args.skip_sqlite:
             run_leg("sqlite", f"sqlite:///{db}", args, tmp, baseline, base_addr, env, results, legs, stack)
-        if args.mysql:  # MariaDB/MySQL leg (hook; see --mysql above)
-            run_leg("mysql", args.mysql, args, tmp, baseline, base_addr, env, results, legs, stack)
+        if args.mysql != "none":  # MariaDB/MySQL leg (see --mysql above)
+            url, server_info = mysql_database(args, tmp, stack)
+            if url:
+                run_leg("mysql", url, args, tmp, baseline, base_addr, env, results, legs, stack, server_info)
+            elif "failed" in server_info:
+                legs.append({"leg": "mysql", "database": "private MariaDB server", **server_info})
+            else:
+                mysql_skipped = server_info["skipped"]
     except (KeyboardInterrupt, Stop) as exc:
         log(f"interrupted ({str(exc) or 'Ctrl-C'}): stopping everything")
         status = 130
@@ -739,6 +1091,13 @@ def main(argv: list[str] | None = None) -> int:
         "burst": args.burst,
         "burst_timeout": args.burst_timeout,
         "quick": args.quick,
+        "read_users": args.read_users,
+        "cold_concurrency": COLD_CONC,
+        "cold_max_tokens": COLD_MAX_TOKENS,
+        "soak": args.soak,
+        "mysql": args.mysql if args.mysql in ("auto", "none") else mask_url(args.mysql),
+        "mysql_tcp": args.mysql_tcp,
+        "mysql_skipped": mysql_skipped,
         "interrupted": status != 0,
         "chart": None,
     }
@@ -756,7 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"logs and database kept in {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    if any(r.get("mismatches") for r in results):
+    if any(r.get("mismatches") for r in results) or any(
+        (leg.get("soak") or {}).get("result", {}).get("mismatches") for leg in legs
+    ):
         log("MISMATCHES: some reads returned another value than was stored")
         status = status or 3
     if any(leg.get("died") for leg in legs):
