@@ -119,6 +119,17 @@ class Settings:
     daemon_user: str | None = None
     vault_timeout: float = 2.0
     max_body_size: int = 1024 * 1024
+    # Slow and idle clients (seconds): a request head must be complete this
+    # long after a connection opens or after its first byte; a body must
+    # have arrived this long after its head (else 408 and the connection is
+    # closed); a connection idle between requests is closed after this.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    # Open connections, Unix socket and TCP together. At the cap, the least
+    # recently active connection that waits for a request is closed to make
+    # room; if every one is busy, the newcomer is answered 503.
+    max_connections: int = 4096
     log_level: str = "info"
     database_pool_size: int = 10
     # One time budget per database call: an unreachable or hung server is
@@ -262,6 +273,10 @@ _CONVERTERS: dict[str, Any] = {
     "daemon_user": str,
     "vault_timeout": lambda v, n: float(v),
     "max_body_size": _as_int,
+    "header_timeout": lambda v, n: float(v),
+    "body_timeout": lambda v, n: float(v),
+    "idle_timeout": lambda v, n: float(v),
+    "max_connections": _as_int,
     "log_level": str,
     "database_pool_size": _as_int,
     "database_timeout": lambda v, n: float(v),
@@ -375,6 +390,11 @@ def load_settings(
         raise ConfigError("token_lifetime must be positive")
     if settings.max_body_size <= 0:
         raise ConfigError("max_body_size must be positive")
+    for name in ("header_timeout", "body_timeout", "idle_timeout"):
+        if not 0 < getattr(settings, name) <= 3600:
+            raise ConfigError(f"{name} must be between 0 and 3600 seconds")
+    if not 1 <= settings.max_connections <= 1_000_000:
+        raise ConfigError("max_connections must be between 1 and 1000000")
     if not 1 <= settings.database_pool_size <= 1000:
         raise ConfigError("database_pool_size must be between 1 and 1000")
     if not 0 < settings.database_timeout <= 300:

@@ -18,6 +18,7 @@ __all__ = [
     "NotFound",
     "MethodNotAllowed",
     "Conflict",
+    "RequestTimeout",
     "PayloadTooLarge",
     "DecryptionFailed",
     "Unavailable",
@@ -78,6 +79,15 @@ class Conflict(KMSError):
     default_message = "conflict"
 
 
+class RequestTimeout(KMSError):
+    """The request (its head or its body) did not arrive in time: a slow or
+    stalled client. The connection is closed after this answer."""
+
+    status = 408
+    code = "timeout"
+    default_message = "request timed out"
+
+
 class PayloadTooLarge(KMSError):
     status = 413
     code = "too_large"
@@ -116,6 +126,7 @@ ERRORS_BY_CODE: dict[str, type[KMSError]] = {
         NotFound,
         MethodNotAllowed,
         Conflict,
+        RequestTimeout,
         PayloadTooLarge,
         DecryptionFailed,
         Unavailable,

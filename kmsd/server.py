@@ -1,7 +1,8 @@
 """The HTTP face of kmsd: app factory, routes, the one error middleware, and
 the listeners (a Unix socket and loopback TCP side by side).
 
-The only module that imports ``aiohttp.web``. Handlers validate input at
+The only module that imports ``aiohttp.web`` (``connections`` holds the
+limits on connections, below it). Handlers validate input at
 the edge and call the service; every error is an exception rendered once,
 in ``error_middleware``.
 """
@@ -28,6 +29,7 @@ from aiohttp import web
 from .audit import AuditTrail
 from .auth import MAX_USER_ID, Claims, Peer, PeerPolicy, peer_from_socket
 from .config import Settings
+from .connections import GuardedRunner, Limits, raise_fd_limit
 from .errors import (
     BadRequest,
     Forbidden,
@@ -36,6 +38,7 @@ from .errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     Unavailable,
 )
@@ -95,17 +98,39 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # -- input validation -------------------------------------------------------------
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # {"user_id": "a", "user_id": "b"}: a proxy or log reader that takes the
+    # first would see another request than kmsd, which would take the last.
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        raise _RepeatedKey
+    return body
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx."""
-    limit = request.app[STATE].settings.max_body_size
-    if request.content_length is not None and request.content_length > limit:
+    """The body as a JSON object, or a 4xx (408 if it does not arrive
+    within body_timeout)."""
+    settings = request.app[STATE].settings
+    if request.content_length is not None and request.content_length > settings.max_body_size:
         raise PayloadTooLarge()
     try:
-        raw = await request.read()
+        if request.content.is_eof():  # it came with the head: no timer needed
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge() from None
+    except TimeoutError:
+        raise RequestTimeout() from None
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _RepeatedKey:
+        raise BadRequest("body must not repeat a key") from None
     except (ValueError, RecursionError):
         raise BadRequest("body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -138,9 +163,13 @@ def require_user_id(body: dict[str, Any], name: str = "user_id") -> str:
     value = require_str(body, name)
     if len(value) > MAX_USER_ID:
         raise BadRequest(f"{name} must be at most {MAX_USER_ID} characters")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+    if _has_controls(value):
         raise BadRequest(f"{name} must not contain control characters")
     return value
+
+
+def _has_controls(value: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
 
 
 def require_base64(body: dict[str, Any], name: str) -> bytes:
@@ -264,6 +293,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     # aiohttp answers HEAD with the GET handler: audit it as that.
     operation = AUDITED.get(("GET" if request.method == "HEAD" else request.method, route))
     audit = state.audit if operation else None
+    failure: dict[str, str] = {}
     try:
         if peer.transport == "tcp":
             _check_host(request, state.settings.allowed_hosts)
@@ -279,6 +309,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except KMSError as exc:
         response = _error_response(exc)
+        if exc.status >= 500:
+            failure = _failure(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -302,15 +334,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _audit(request, audit, operation, peer, response)
     seconds = time.perf_counter() - started
     state.metrics.observe_request(route, request.method, response.status, seconds)
-    state.log.info(
+    (state.log.warning if failure else state.log.info)(
         "request",
         method=request.method,
         path=request.path,
         status=response.status,
         ms=round(seconds * 1000, 2),
         **peer.describe(),
+        **failure,
     )
     return response
+
+
+def _failure(exc: KMSError) -> dict[str, str]:
+    """For the log line of a 5xx: its code and why the dependency failed
+    (the driver's exception and message: "database or disk is full", a
+    refused connection), which the client is never told."""
+    out = {"error": exc.code}
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        out["cause"] = f"{type(cause).__name__}: {cause}"[:200]
+    return out
 
 
 def _audit(
@@ -478,8 +522,9 @@ async def add_master_key(request: web.Request) -> web.Response:
 async def destroy_master_key(request: web.Request) -> web.Response:
     require_admin(request)
     key_id = request.match_info["key_id"]
-    if not 0 < len(key_id) <= 64 or not key_id.isprintable():
-        raise BadRequest("key_id must be 1 to 64 printable characters")
+    # The rule of user ids, which the document can state as a pattern.
+    if not 0 < len(key_id) <= 64 or not _utf8(key_id) or _has_controls(key_id):
+        raise BadRequest("key_id must be 1 to 64 characters without control characters")
     request[AUDIT_SUBJECT] = key_id
     await _kms(request).destroy_master_key(key_id)
     return json_response({"message": "Master key destroyed", "key_id": key_id})
@@ -600,7 +645,11 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
 async def start_listeners(
     app: web.Application, settings: Settings, passed: Sequence[ListenSocket] = ()
 ) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    limits = Limits(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
+    runner = GuardedRunner(
+        app, limits, app[STATE].log, access_log=None, handle_signals=False, shutdown_timeout=10,
+        keepalive_timeout=settings.idle_timeout,
+    )
     try:
         await runner.setup()
         if passed:
@@ -712,6 +761,9 @@ async def serve(
     # Files kmsd creates (SQLite database, audit trail) are its own.
     os.umask(0o077)
     drop_to = daemon_user(settings)
+    fds, wanted = raise_fd_limit(settings.max_connections)
+    if fds < wanted:
+        log.warning("open_files_limit_low", limit=fds, wanted=wanted, max_connections=settings.max_connections)
     app = create_app(settings)
     if drop_to is not None:
         app[STATE].vault.start_launcher()

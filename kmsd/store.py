@@ -45,6 +45,13 @@ class StoreError(Unavailable):
 
     default_message = "storage unavailable"
 
+    @classmethod
+    def outcome_unknown(cls) -> StoreError:
+        """A write that the database may have applied before it went away
+        (the connection broke, or the time ran out, after the statement was
+        sent): the client must not take this 503 to mean nothing was written."""
+        return cls("storage unavailable; the write may have been applied", extra={"outcome": "unknown"})
+
 
 def now_utc() -> str:
     """DATETIME text, as the original stored it (UTC, second precision)."""

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import datetime as dt
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -134,6 +136,17 @@ _SAME_CIPHERTEXTS = "BINARY encrypted_key <=> BINARY %s AND BINARY encrypted_dek
 
 _Work = Callable[[aiomysql.Cursor], Awaitable[Any]]
 
+# Set by a coalescer's flusher around a batch of writes: called once the
+# statement may reach the server, from when on no answer leaves it unknown.
+_ON_SEND: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("kmsd_on_send", default=None)
+
+
+def _sending() -> None:
+    notify = _ON_SEND.get()
+    if notify is not None:
+        notify()
+
+
 # Coalesced point reads and inserts: at most this many in one statement,
 # and (inserts) at most this many bytes of ciphertext, well under the
 # server's max_allowed_packet.
@@ -155,8 +168,13 @@ class _Coalescer:
         flushers: int,
         timeout: float,
         size: Callable[[Any], int] = lambda _: 0,
+        writes: bool = False,
     ) -> None:
         self._run = run
+        self._writes = writes
+        # Writes whose statement went to the server (each caller removes its
+        # own): one that times out after that may have been applied.
+        self._sent: set[asyncio.Future[Any]] = set()
         self._timeout = timeout
         self._flushers = flushers
         self._size = size
@@ -178,7 +196,11 @@ class _Coalescer:
             async with asyncio.timeout(self._timeout):
                 return await fut
         except TimeoutError:
+            if fut in self._sent:
+                raise StoreError.outcome_unknown() from None
             raise StoreError() from None
+        finally:
+            self._sent.discard(fut)
 
     async def _flush(self) -> None:
         try:
@@ -193,6 +215,9 @@ class _Coalescer:
                     size += self._size(item)
                 if not batch:
                     continue
+                on_send = _ON_SEND.set(
+                    functools.partial(self._sent.update, [fut for _, fut in batch]) if self._writes else None
+                )
                 try:
                     results = await self._run([item for item, _ in batch])
                 except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
@@ -202,6 +227,8 @@ class _Coalescer:
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
+                finally:
+                    _ON_SEND.reset(on_send)
                 for (_, fut), result in zip(batch, results, strict=True):
                     if fut.done():
                         continue
@@ -277,7 +304,7 @@ class MySQLStore:
         flushers = max(1, pool_size // 2)
         self._reads = _Coalescer(self._get_records, flushers=flushers, timeout=timeout)
         self._inserts = _Coalescer(
-            self._insert_records, flushers=flushers, timeout=timeout,
+            self._insert_records, flushers=flushers, timeout=timeout, writes=True,
             size=lambda r: len(r.encrypted_key or "") + len(r.encrypted_dek or ""),
         )
 
@@ -406,6 +433,7 @@ class MySQLStore:
         pool = self._pool
         if pool is None:
             raise StoreError()
+        maybe_committed = False
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 for attempt in range(1, _ATTEMPTS + 1):
@@ -419,10 +447,13 @@ class MySQLStore:
                                 if write == "transaction":
                                     await conn.begin()
                                 maybe_committed = write == "statement"
+                                if maybe_committed:
+                                    _sending()
                                 async with conn.cursor() as cur:
                                     result = await work(cur)
                                 if write == "transaction":
                                     maybe_committed = True
+                                    _sending()
                                     await conn.commit()
                             except BaseException:
                                 # Its state is unknown: never hand it out again.
@@ -445,7 +476,12 @@ class MySQLStore:
         except (Conflict, StoreError):
             raise
         except (pymysql.MySQLError, OSError) as exc:
-            # TimeoutError is an OSError: the budget ran out.
+            # TimeoutError is an OSError: the budget ran out. An error the
+            # server answered undid the statement; no answer leaves it open.
+            if maybe_committed and (
+                isinstance(exc, (OSError, pymysql.InterfaceError)) or _code(exc) in _CONNECTION_LOST
+            ):
+                raise StoreError.outcome_unknown() from exc
             raise StoreError(describe_error(exc) if detail else None) from exc
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:

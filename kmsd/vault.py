@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import enum
 import json
 import os
@@ -129,6 +130,9 @@ class DEK:
 
 
 # -- daemon side -----------------------------------------------------------------
+
+# True in the supervisor while ``on_start`` loads the keys into a new vault.
+_STARTING: contextvars.ContextVar[bool] = contextvars.ContextVar("kmsd_vault_starting", default=False)
 
 
 class VaultClient:
@@ -311,8 +315,14 @@ class VaultClient:
         loop_task = asyncio.ensure_future(self._read_loop(reader))
         try:
             if self.on_start:
-                self._up = True  # calls from on_start must go through
-                await self.on_start()
+                # Only on_start's own calls reach the new vault until it has
+                # its keys: a request now would find none (a 422 for a sound
+                # record, a record counted unreadable by a rewrap).
+                starting = _STARTING.set(True)
+                try:
+                    await self.on_start()
+                finally:
+                    _STARTING.reset(starting)
         except BaseException:
             self._up = False
             loop_task.cancel()
@@ -376,7 +386,7 @@ class VaultClient:
             self.observe(op.name, time.perf_counter() - started, not failed)
 
     async def _call(self, op: Op, fields: Sequence[bytes]) -> list[bytes]:
-        if not self._up or self._writer is None:
+        if not (self._up or _STARTING.get()) or self._writer is None:
             raise Unavailable("vault unavailable")
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         req_id = self._next_id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,10 +23,14 @@ import aiohttp
 import pytest
 from mariadb import MariaDBServer, find_binaries
 
-# Every plaintext, DEK and token a test hands to a daemon goes here; at the
-# end of the session no daemon log may contain any of them.
+# Every plaintext, DEK and token a test hands to a daemon or gets back goes
+# here (``API.call`` adds what passes through it); at the end of the session
+# no daemon log (stdout and stderr) and no audit trail may contain any of them.
 SECRETS: set[str] = set()
 LOG_FILES: list[Path] = []
+AUDIT_FILES: list[Path] = []
+# Fields of request and response bodies that carry a secret.
+SECRET_FIELDS = ("data", "dek", "token", "access_token")
 
 
 def remember(*values: str | bytes) -> None:
@@ -78,6 +83,8 @@ class Daemon:
     def start(self, timeout: float = 20.0, expect_ready: bool = True) -> None:
         self.log_path = self.dir / f"daemon-{len(list(self.dir.glob('daemon-*.log')))}.log"
         LOG_FILES.append(self.log_path)
+        if self.env.get("KMSD_AUDIT_LOG"):
+            AUDIT_FILES.append(Path(self.env["KMSD_AUDIT_LOG"]))
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kmsd", "serve", "--socket", self.socket,
@@ -175,16 +182,87 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_secrets_in_logs() -> Iterator[None]:
-    yield
+def secret_files(workdir: Path | None = None) -> list[Path]:
+    """Every daemon log, every audit trail a daemon was given (with the files
+    logrotate made of it), and any other audit trail under ``workdir``."""
+    files = {p for p in LOG_FILES if p.is_file()}
+    for trail in AUDIT_FILES:
+        files.update(p for p in trail.parent.glob(glob_escape(trail.name) + "*") if p.is_file())
+    if workdir is not None:
+        files.update(p for p in workdir.rglob("*audit*") if p.is_file())
+    return sorted(files)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+# Fields of a JSON log or audit line that the logger or the trail fills in
+# itself (times, durations, counters, pids, the chain's hashes): no secret can
+# be there, and leaving them out makes most lines alike.
+_FILLED_IN = ("timestamp", "time", "ms", "seq", "hash", "prev", "peer_pid", "pid")
+
+
+def _distinct_content(text: str) -> str:
+    """The lines of a log or audit file, each once, JSON ones decoded (so
+    that escapes do not hide a secret) and without ``_FILLED_IN``: what is
+    searched costs a fraction of the whole file."""
+    seen = set()
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                for key in _FILLED_IN:
+                    entry.pop(key, None)
+                line = json.dumps(entry, ensure_ascii=False, sort_keys=True)
+        seen.add(line)
+    return "\n".join(seen)
+
+
+_WORD = re.compile(r"[\w.\-]+")
+_ANCHOR = 8
+
+
+def find_leaks(files: list[Path], secrets: set[str] | None = None) -> list[str]:
+    """Which remembered secrets appear in ``files``. Short or degenerate
+    ones (a DEK of zeros is the audit chain's first hash) are not looked for.
+
+    Thousands of secrets times megabytes of logs is too slow one ``in`` at a
+    time, so each secret is anchored by the last characters of its longest
+    word (run of ``[\\w.-]``): a secret can only be in a file where its
+    anchor is inside a word, and only those are searched for."""
+    wanted = [s for s in (SECRETS if secrets is None else secrets) if len(s) >= 6 and len(set(s)) >= 4]
+    anchored: dict[str, list[str]] = {}
+    unanchored = []
+    for secret in wanted:
+        word = max(_WORD.findall(secret), key=len, default="")
+        if len(word) >= _ANCHOR:
+            anchored.setdefault(word[-_ANCHOR:], []).append(secret)
+        else:
+            unanchored.append(secret)
     leaks = []
-    for log in LOG_FILES:
-        if not log.exists():
-            continue
-        text = log.read_text(errors="replace")
-        leaks += [f"{log.name}: {s[:12]}..." for s in SECRETS if len(s) >= 6 and s in text]
-    assert not leaks, f"secrets found in daemon logs: {leaks}"
+    for path in files:
+        text = _distinct_content(path.read_text(errors="replace"))
+        hits = {
+            word[i : i + _ANCHOR]
+            for word in set(_WORD.findall(text))
+            for i in range(len(word) - _ANCHOR + 1)
+            if word[i : i + _ANCHOR] in anchored
+        }
+        candidates = [s for anchor in hits for s in anchored[anchor]] + unanchored
+        leaks += [f"{path}: {s[:12]}..." for s in candidates if s in text]
+    return leaks
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs(workdir: Path) -> Iterator[None]:
+    # On workdir: its files must still be there when this runs.
+    yield
+    leaks = find_leaks(secret_files(workdir))
+    assert not leaks, f"secrets found in daemon logs or audit trails: {leaks}"
 
 
 _counter = iter(range(1_000_000))
@@ -294,15 +372,19 @@ class API:
         hdrs = dict(headers or {})
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
+            remember(token)
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         if data is not None:
             hdrs.setdefault("Content-Type", "application/json")
+        _remember_fields(body)
         async with self.session.request(method, self.base + path, data=data, headers=hdrs) as resp:
             text = await resp.read()
             try:
-                return resp.status, json.loads(text)
+                answer = json.loads(text)
             except ValueError:
                 return resp.status, text
+            _remember_fields(answer)
+            return resp.status, answer
 
     async def store(self, user_id: str, data: str, token: str | None = None) -> str:
         remember(data)
@@ -310,6 +392,11 @@ class API:
         assert status == 200, body
         remember(body["access_token"])
         return body["access_token"]
+
+
+def _remember_fields(body: Any) -> None:
+    if isinstance(body, dict):
+        remember(*(v for k, v in body.items() if k in SECRET_FIELDS and isinstance(v, str)))
 
 
 def open_api(daemon: Daemon, transport: str) -> tuple[aiohttp.ClientSession, API]:

@@ -113,3 +113,17 @@ def test_legacy_jwt_secret_is_off_unless_configured(tmp_path: Path) -> None:
     secret.write_text("")
     with pytest.raises(ConfigError, match="empty"):
         load_settings(environ={**base, "KMSD_LEGACY_JWT_SECRET_FILE": str(secret)})
+
+
+def test_slow_client_and_connection_settings() -> None:
+    env = {"KMSD_ROOT_KEY_FILE": "/k"}
+    s = load_settings(environ=env)
+    assert (s.header_timeout, s.body_timeout, s.idle_timeout, s.max_connections) == (10.0, 30.0, 75.0, 4096)
+    # Above the load test's burst of 2,000 simultaneous writes, with room to spare.
+    assert s.max_connections > 2000 + 256
+    s = load_settings(environ={**env, "KMSD_HEADER_TIMEOUT": "0.5", "KMSD_MAX_CONNECTIONS": "16"})
+    assert (s.header_timeout, s.max_connections) == (0.5, 16)
+    for name, value in [("header_timeout", 0), ("body_timeout", -1), ("idle_timeout", 4000),
+                        ("header_timeout", "nan"), ("max_connections", 0), ("max_connections", "many")]:
+        with pytest.raises(ConfigError, match=name):
+            load_settings(environ=env, overrides={name: value})

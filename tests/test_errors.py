@@ -13,6 +13,7 @@ TABLE = [
     (errors.Forbidden, 403, "forbidden"),
     (errors.NotFound, 404, "not_found"),
     (errors.MethodNotAllowed, 405, "method_not_allowed"),
+    (errors.RequestTimeout, 408, "timeout"),
     (errors.Conflict, 409, "conflict"),
     (errors.PayloadTooLarge, 413, "too_large"),
     (errors.DecryptionFailed, 422, "decryption_failed"),

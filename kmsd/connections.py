@@ -1,0 +1,310 @@
+"""Connection limits under the HTTP listeners: a deadline for every request
+head, one cap on open connections across all listeners, and JSON (never an
+echo of the request) for requests too malformed to reach the app.
+
+aiohttp 3.14 closes a connection that sits idle between requests after its
+``keepalive_timeout`` (kmsd's ``idle_timeout``) and bounds a request head by
+size, but not by time: a client that sends one header byte every few seconds
+(slowloris) keeps its connection, and a few thousand such clients keep every
+file descriptor. Nor does it bound the number of connections. So:
+
+- A connection must deliver a complete request head within
+  ``header_timeout`` of being opened, and each later head within
+  ``header_timeout`` of its first byte; otherwise it is answered 408 and
+  closed. (Between requests, ``idle_timeout`` applies, as before.)
+- At ``max_connections`` open connections (Unix socket and TCP together), a
+  new connection first takes the place of the least recently active
+  connection that waits for a request head and has done so for at least
+  ``EVICT_AFTER``; if there is none, it is answered 503 and closed. A
+  request in progress is never cut short for a newcomer.
+- A 408 ends its connection at once: aiohttp would otherwise go on reading
+  the rest of a body that did not arrive in time for another ten seconds.
+
+The body deadline itself (``body_timeout``) is kmsd's reading of the body,
+in ``server.read_json``. This module knows aiohttp's server, not kmsd's
+routes; only ``server`` imports it. It reads two attributes of aiohttp's
+``RequestHandler``: ``_waiter`` (set and pending while the connection waits
+for a request head) and ``_request_count`` (heads parsed so far);
+tests/test_attacks.py fails if an aiohttp upgrade changes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import Response, StreamResponse
+from aiohttp.web_runner import AppRunner
+from aiohttp.web_server import Server
+
+from .errors import (
+    BadRequest,
+    InternalError,
+    KMSError,
+    RequestTimeout,
+    Unavailable,
+    error_for_code,
+)
+
+__all__ = ["EVICT_AFTER", "GuardedRunner", "GuardedServer", "Limits", "raise_fd_limit"]
+
+# A connection waiting for a request head may give its place to a new one
+# once it has waited this long (seconds); a fresh connection gets this much
+# time to send its first bytes before a newcomer may displace it.
+EVICT_AFTER = 1.0
+# How long a refused connection may still send (what it sends is dropped)
+# before it is closed: enough to read the 503 instead of a reset.
+_REFUSED_LINGER = 1.0
+# File descriptors beyond the connections: database pool, vault socket,
+# listeners, log and audit files.
+_FD_RESERVE = 256
+
+
+def _raw_answer(status: int, reason: str, err: KMSError, extra: str = "") -> bytes:
+    body = json.dumps({"error": err.message, "code": err.code}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_TIMED_OUT = _raw_answer(408, "Request Timeout", RequestTimeout())
+_REFUSED = _raw_answer(503, "Service Unavailable", Unavailable("too many connections"), "Retry-After: 1\r\n")
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float
+    max_connections: int
+
+
+class GuardedServer(Server):
+    """aiohttp's ``Server`` (the protocol factory of every listener) whose
+    connections keep ``Limits``."""
+
+    def __init__(self, server: Server, limits: Limits, log: Any) -> None:
+        # The server aiohttp's AppRunner built for the app, re-made with our
+        # protocol: same handler, request factory and handler arguments.
+        super().__init__(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
+        self.limits = limits
+        self.log = log
+        # Every connection counted against the cap -> when it was opened or
+        # last completed a request head; least recently active first.
+        self._open: dict[_Connection, float] = {}
+        self.refused = 0
+        self.evicted = 0
+        self._warned_at = -3600.0
+
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        now = self._loop.time()
+        if len(self._open) >= self.limits.max_connections and not self._make_room(now):
+            self.refused += 1
+            self._warn(now)
+            return _Refused(self._loop)
+        # Counted from here, not from connection_made: a burst of accepts in
+        # one loop iteration must not overshoot the cap.
+        conn = _Connection(self, loop=self._loop, **self._kwargs)
+        self._open[conn] = now
+        return conn
+
+    def _touch(self, conn: _Connection) -> None:
+        self._open.pop(conn, None)
+        self._open[conn] = self._loop.time()
+
+    def _forget(self, conn: _Connection) -> None:
+        self._open.pop(conn, None)
+
+    def _make_room(self, now: float) -> bool:
+        """Close the least recently active connection that waits for a
+        request head (or was never set up); False if there is none."""
+        cutoff = now - EVICT_AFTER
+        victim = None
+        for conn, since in self._open.items():
+            if since > cutoff:
+                break  # every later one is more recent still
+            if conn.transport is None or conn.waiting_for_head():
+                victim = conn
+                break
+        if victim is None:
+            return False
+        del self._open[victim]
+        if victim.transport is not None:
+            self.evicted += 1
+            self._warn(now)
+            victim.force_close()
+        return True
+
+    def _warn(self, now: float) -> None:
+        # At most one line a minute: under a flood, one per connection would
+        # drown the log.
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            self.log.warning(
+                "connection_limit_reached",
+                max_connections=self.limits.max_connections,
+                refused=self.refused,
+                closed_idle=self.evicted,
+            )
+
+
+class _Connection(RequestHandler):
+    """aiohttp's per-connection protocol with a deadline for request heads."""
+
+    __slots__ = ("_guard", "_head_timer", "_heads")
+
+    def __init__(self, guard: GuardedServer, **kwargs: Any) -> None:
+        super().__init__(guard, **kwargs)
+        self._guard = guard
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._heads = 0
+
+    def waiting_for_head(self) -> bool:
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        self._guard._forget(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        heads = self._request_count
+        if heads != self._heads:
+            # A head is complete: its clock stops.
+            self._heads = heads
+            self._disarm()
+            self._guard._touch(self)
+        elif self._head_timer is None and self.waiting_for_head():
+            # The first bytes of the next head: it has header_timeout.
+            self._arm()
+
+    def _arm(self) -> None:
+        self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is not None and self.waiting_for_head():
+            self.transport.write(_TIMED_OUT)
+            self.force_close()  # the transport sends the 408, then closes
+
+    async def finish_response(
+        self, request: BaseRequest, resp: StreamResponse, start_time: float | None
+    ) -> tuple[StreamResponse, bool]:
+        if resp.status == 408:
+            resp.force_close()
+        result = await super().finish_response(request, resp, start_time)
+        if resp.status == 408:
+            # Sent: now close, instead of reading the late body for longer.
+            self.force_close()
+        return result
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        """The answer to a request aiohttp could not parse (or to an error
+        outside the app). aiohttp's own answer is text that quotes the
+        offending bytes, and its log line carries them with a traceback:
+        a malformed Authorization header would put a token in both."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started: no error answer possible")
+        err: KMSError
+        error_type = type(exc).__name__ if exc is not None else None
+        if status >= 500:
+            err = InternalError()
+            self._guard.log.error("http_error", status=status, error_type=error_type)
+        else:
+            cls = error_for_code(None, status)
+            err = cls() if cls.status == status and cls is not BadRequest else BadRequest("malformed HTTP request")
+            self._guard.log.info("bad_http_request", status=err.status, error_type=error_type)
+        body = json.dumps({"error": err.message, "code": err.code}).encode()
+        resp = Response(body=body, status=err.status, content_type="application/json")
+        resp.force_close()
+        return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # aiohttp's unexpected errors go to kmsd's log, not to stderr
+        # through the logging module's last-resort handler.
+        exc = kw.get("exc_info")
+        self._guard.log.error(
+            "http_server_error", error=str(args[0]) if args else None,
+            error_type=type(exc).__name__ if isinstance(exc, BaseException) else None,
+        )
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: answered 503 at once, and closed once the
+    client has read it (what it sends meanwhile is dropped)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.WriteTransport subclasses.
+        transport = cast(asyncio.Transport, transport)
+        transport.write(_REFUSED)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = self._loop.call_later(_REFUSED_LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class GuardedRunner(AppRunner):
+    """An ``AppRunner`` whose listeners share one ``GuardedServer``."""
+
+    __slots__ = ("_limits", "_log")
+
+    def __init__(self, app: Any, limits: Limits, log: Any, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._limits = limits
+        self._log = log
+
+    async def _make_server(self) -> Server:
+        return GuardedServer(await super()._make_server(), self._limits, self._log)
+
+
+def raise_fd_limit(connections: int) -> tuple[int, int]:
+    """Raise the soft limit on open files toward what ``connections`` need
+    (never above the hard limit): (the limit now, what is wanted)."""
+    want = connections + _FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return (want if soft == resource.RLIM_INFINITY else soft), want
