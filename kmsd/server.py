@@ -14,6 +14,8 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
+import importlib.resources
 import json
 import os
 import re
@@ -533,6 +535,22 @@ async def destroy_master_key(request: web.Request) -> web.Response:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
+
+
+@functools.cache
+def _openapi_document() -> bytes | None:
+    try:
+        return importlib.resources.files(__package__).joinpath("openapi.yaml").read_bytes()
+    except OSError:
+        return None
+
+
+@routes.get("/openapi.yaml")
+async def openapi(request: web.Request) -> web.Response:
+    document = _openapi_document()
+    if document is None:  # an installation without its package data
+        raise NotFound("this installation has no OpenAPI document")
+    return web.Response(body=document, content_type="application/yaml", charset="utf-8")
 
 
 @routes.get("/readyz")

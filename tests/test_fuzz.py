@@ -312,7 +312,7 @@ def test_the_fuzzing_got_past_authentication(fuzz: Fuzz) -> None:
     table = "\n".join(f"{caller:<11} {op:<34} {status} x{n}" for (caller, op, status), n in sorted(fuzz.seen.items()))
     print(f"{fuzz.cases} generated cases, {sum(fuzz.seen.values())} requests:\n{table}")
     operations = {op for _, op, _ in fuzz.seen}
-    assert len(operations) == 16, operations
+    assert len(operations) == 17, operations
     admitted = {(caller, op) for caller, op, status in fuzz.seen if status not in (401, 403)}
     for op in operations:
         assert ("unix+admin", op) in admitted, f"{op}: only 401/403 for the admin peer with a token"

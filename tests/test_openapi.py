@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -326,7 +327,7 @@ class Checker:
     def check_body(self, label: str, response: dict[str, Any], answer: Any) -> None:
         content = response.get("content", {})
         if isinstance(answer, bytes):
-            if "text/plain" not in content:
+            if not set(content) - {"application/json"}:  # text/plain, application/yaml
                 self._fail(f"{label}: a non-JSON body where the document has {sorted(content)}")
             return
         if "application/json" not in content:
@@ -439,9 +440,12 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], shared_dae
             await c.call(api, "GET", "/readyz", expect=200)
             status, text = await c.call(api, "GET", "/metrics", expect=200)
             assert isinstance(text, bytes) and b"kmsd_http_requests" in text
+            _, served = await c.call(api, "GET", "/openapi.yaml", expect=200)
+            assert served == DOCUMENT.read_bytes()
             _, keys = await c.call(api, "GET", "/.well-known/jwks.json", expect=200)
             assert keys["keys"]
-        for template in ("/healthz", "/readyz", "/metrics", "/.well-known/jwks.json", "/api/keys", "/issue"):
+        for template in ("/healthz", "/readyz", "/metrics", "/openapi.yaml", "/.well-known/jwks.json", "/api/keys",
+                         "/issue"):
             method = "GET" if ("GET", template) in c.ops else "POST"
             await c.call(tcp, method, template, {"id": "x"} if method == "POST" else None,
                          headers={"Host": "evil.example"}, expect=403)
@@ -533,3 +537,16 @@ async def test_head_of_a_key_operation_is_audited_and_405_says_what_is_allowed(
     # The HEAD (the only authenticated fetch), and the refused GET.
     assert sum('"subject":"oa-head"' in line and '"status":200' in line for line in fetches) == 1
     assert sum('"status":401' in line for line in fetches) == 1
+
+
+def test_the_document_ships_in_the_wheel(tmp_path: Path) -> None:
+    """GET /openapi.yaml reads it from the installed package."""
+    root = DOCUMENT.resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("kmsd-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("kmsd/openapi.yaml") == DOCUMENT.read_bytes()
