@@ -353,7 +353,8 @@ def _failure(exc: KMSError) -> dict[str, str]:
     (the driver's exception and message: "database or disk is full", a
     refused connection), which the client is never told."""
     out = {"error": exc.code}
-    cause = exc.__cause__ or exc.__context__
+    # `raise ... from None` hid its context on purpose: so does the log.
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     if cause is not None:
         out["cause"] = f"{type(cause).__name__}: {cause}"[:200]
     return out

@@ -42,3 +42,23 @@ def test_store_and_vault_errors_map_to_503() -> None:
     from kmsd.store import StoreError
 
     assert StoreError.status == 503 and issubclass(StoreError, errors.Unavailable)
+
+
+def test_the_log_line_of_a_5xx_names_its_cause_unless_the_code_hid_it() -> None:
+    from kmsd.server import _failure
+    from kmsd.store import StoreError
+
+    try:
+        try:
+            raise OSError("database or disk is full")
+        except OSError as exc:
+            raise StoreError() from exc
+    except StoreError as err:
+        assert _failure(err) == {"error": "unavailable", "cause": "OSError: database or disk is full"}
+    try:
+        try:
+            raise ValueError("a detail the code chose not to pass on")
+        except ValueError:
+            raise errors.Unavailable("vault timed out") from None
+    except errors.Unavailable as err:
+        assert _failure(err) == {"error": "unavailable"}

@@ -805,14 +805,19 @@ def test_peer_policy_with_real_users_and_reload(
     notify.wait("READY")
     daemon_pid, vault_pid = d.pid, d.vault_pid()
 
+    def stores_and_reads(user: pwd.struct_passwd, prefix: str) -> tuple[str, str]:
+        """As ``user``: a record stored and read back; (its token, its data)."""
+        data = f"{prefix}-data-{uuid.uuid4().hex[:8]}"
+        remember(data)
+        stored = as_user(user, d.socket, "POST", "/api/keys", {"user_id": uid(prefix), "data": data})
+        assert stored["status"] == 200, stored
+        token = stored["body"]["access_token"]
+        remember(token)
+        assert as_user(user, d.socket, "GET", "/api/keys", token=token)["body"] == {"data": data}
+        return token, data
+
     # A, a client: stores and reads; not an admin.
-    data_a = f"peer-a-data-{uuid.uuid4().hex[:8]}"
-    remember(data_a)
-    stored = as_user(a, d.socket, "POST", "/api/keys", {"user_id": uid("pa"), "data": data_a})
-    assert stored["status"] == 200, stored
-    token_a = stored["body"]["access_token"]
-    remember(token_a)
-    assert as_user(a, d.socket, "GET", "/api/keys", token=token_a)["body"] == {"data": data_a}
+    token_a, data_a = stores_and_reads(a, "peer-a")
     for method in ("GET", "POST"):
         denied = as_user(a, d.socket, method, "/api/rotate-mk")
         assert denied["status"] == 403 and denied["body"]["code"] == "forbidden", denied
@@ -849,13 +854,7 @@ def test_peer_policy_with_real_users_and_reload(
     os.kill(d.pid, signal.SIGHUP)
     notify.wait("RELOADING")
     notify.wait("READY")
-    data_b = f"peer-b-data-{uuid.uuid4().hex[:8]}"
-    remember(data_b)
-    b_store = as_user(b, d.socket, "POST", "/api/keys", {"user_id": uid("pb"), "data": data_b})
-    assert b_store["status"] == 200, b_store
-    token_b = b_store["body"]["access_token"]
-    remember(token_b)
-    assert as_user(b, d.socket, "GET", "/api/keys", token=token_b)["body"] == {"data": data_b}
+    token_b, _ = stores_and_reads(b, "peer-b")
     assert as_user(a, d.socket, "GET", "/api/keys", token=token_a)["body"] == {"data": data_a}
     assert (d.pid, d.vault_pid()) == (daemon_pid, vault_pid)
     # "request" is an info line: no more of them at "warning".
