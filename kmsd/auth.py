@@ -30,6 +30,7 @@ __all__ = [
     "PeerPolicy",
     "TokenService",
     "peer_from_socket",
+    "user_id_of",
 ]
 
 ALGORITHMS = ["EdDSA"]
@@ -188,10 +189,13 @@ class TokenService:
     def jwks(self) -> dict[str, Any]:
         return {"keys": list(self._jwks)}
 
-    def claims_for(self, user_id: str) -> dict[str, Any]:
+    def claims_for(self, user_id: str, *, id_claim: int | None = None) -> dict[str, Any]:
+        """``id_claim``: the ``id`` as the caller gave it (a JSON integer
+        stays one, as the original's tokens had it); ``sub`` is its decimal
+        string either way."""
         now = int(self._clock())
         return {
-            "id": user_id,  # the original's claim, kept for its clients
+            "id": user_id if id_claim is None else id_claim,  # the original's claim, kept for its clients
             "sub": user_id,
             "iss": self.issuer,
             "aud": self.audience,
@@ -279,7 +283,7 @@ class TokenService:
         except (jwt.PyJWTError, ValueError, TypeError):
             raise Unauthorized() from None
         subject = payload.get("sub")
-        if not isinstance(subject, str) or payload.get("id", subject) != subject:
+        if not isinstance(subject, str) or user_id_of(payload.get("id", subject)) != subject:
             raise Unauthorized()
         # pyjwt checks exp and nbf against the real clock; an injected clock
         # (tests) must agree, so check against it too.
@@ -306,16 +310,23 @@ class TokenService:
                 options={"require": ["exp", "iat"], "verify_aud": False},
                 leeway=0,
             )
-        subject = payload.get("id")
-        # A numeric id is not the user whose id is that string: refuse it.
-        if (
-            not isinstance(subject, str)
-            or not subject
-            or len(subject) > MAX_USER_ID
-            or payload["exp"] <= self._clock()
-        ):
+        # A numeric id is the user whose id is its decimal string: the
+        # original stored it in a VARCHAR column, where MySQL made it that.
+        subject = user_id_of(payload.get("id"))
+        if subject is None or not subject or len(subject) > MAX_USER_ID or payload["exp"] <= self._clock():
             raise Unauthorized()
         return Claims(subject, None, payload)
+
+
+def user_id_of(value: Any) -> str | None:
+    """A user id as the original's clients send it: a string, or a JSON
+    integer taken as its decimal string (never a bool or a float). None
+    for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def random_kid() -> str:

@@ -149,6 +149,19 @@ class Settings:
     # Rotate automatically once the active key is this old (seconds; off
     # when None). Config accepts "90d", "12h", "30m", "45s" or seconds.
     rotation_period: float | None = None
+    # "original": the original system's weaker rules, for a deployment where
+    # some of its services keep running (POST /issue for any id over TCP,
+    # GET /api/rotate-mk over TCP). None: off. Loud at every start.
+    compat: str | None = None
+    # "allow": an envelope with no owner (the original's /api/encrypt, or one
+    # the original itself wrapped) unwraps for any valid token, as in the
+    # original. "refuse": once every client has rewrapped its envelopes
+    # with an owner, decrypt-dek refuses them (and /api/encrypt needs one).
+    unbound_envelopes: str = "allow"
+
+    @property
+    def compat_original(self) -> bool:
+        return self.compat == "original"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -200,6 +213,15 @@ def _as_bool(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
         return False
     raise ConfigError(f"{name} must be a boolean")
+
+
+def _as_choice(value: Any, name: str, choices: tuple[str, ...], *, empty: str | None = None) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}")
+    text = value.strip().lower() or (empty or "")
+    if text not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}")
+    return text
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -286,6 +308,8 @@ _CONVERTERS: dict[str, Any] = {
     "rotation_lease_ttl": lambda v, n: float(v),
     "rotation_batch_size": _as_int,
     "rotation_period": parse_duration,
+    "compat": lambda v, n: _as_choice(v, n, ("original", "none"), empty="none"),
+    "unbound_envelopes": lambda v, n: _as_choice(v, n, ("allow", "refuse")),
 }
 
 # Settings that name a file whose content is the value, so that secrets stay
@@ -374,6 +398,8 @@ def load_settings(
             kwargs["database"] = value
         elif name == "root_key_file" or name in _SECRET_FILES:
             continue
+        elif name == "compat":
+            kwargs[name] = None if value == "none" else value
         else:
             kwargs[name] = value
     settings = Settings(**kwargs)

@@ -11,10 +11,20 @@ short, bad tag, other owner) raises the same bare ``InvalidToken``.
     wrapped master key  v1: 0x01 | nonce(12) | GCM(mk)            aad: "kmsd/mk/v1" | key_id
     wrapped DEK         v1: 0x01 | len(key_id) | key_id | nonce(12) | GCM(dek)
                                                             aad: "kmsd/dek/v1" | purpose | key_id | owner
+    unbound wrapped DEK     0x02 | len(key_id) | key_id | nonce(12) | GCM(dek)
+                                                            aad: "kmsd/dek/v1" | UNBOUND | key_id | ""
     data                v1: 0x01 | nonce(12) | GCM(data)          aad: "kmsd/data/v1" | owner
 
 The legacy (original system) format is AES-256-CBC with the IV first, no MAC,
-and PKCS#7 padding applied twice; it is only ever read (LEGACY_FORMAT.md).
+and PKCS#7 padding applied twice (docs/legacy-format.md). kmsd reads it, and
+writes it in one place only: the ``encrypted_key`` of an unbound envelope,
+which the original's clients decrypt themselves with their own DEK.
+
+An unbound wrapped DEK has no owner (the original's ``/api/encrypt``
+contract: any valid token may unwrap it). It gets its own version byte so
+that the daemon can tell it apart without the vault (``unbound_envelopes =
+"refuse"``, the rewrap of rows written through it); the purpose in the
+associated data keeps the two versions from being swapped into each other.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 __all__ = [
     "InvalidToken",
     "Purpose",
+    "UNBOUND",
     "RootKey",
     "V1",
     "b64d",
@@ -43,7 +54,9 @@ __all__ = [
     "decrypt_data",
     "dek_key_id",
     "encrypt_data",
+    "is_unbound_dek",
     "legacy_decrypt",
+    "legacy_encrypt",
     "is_legacy_master_key",
     "LEGACY_MASTER_KEY_SIZE",
     "unwrap_dek",
@@ -53,6 +66,7 @@ __all__ = [
 ]
 
 V1 = 0x01
+UNBOUND = 0x02  # the version byte of an unbound wrapped DEK
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -69,7 +83,8 @@ class Purpose(enum.IntEnum):
     ``/api/decrypt-dek``)."""
 
     RECORD = 1  # kms_keys rows written by POST /api/keys
-    ENVELOPE = 2  # DEKs wrapped for callers by POST /api/encrypt
+    ENVELOPE = 2  # DEKs wrapped for callers by POST /api/encrypt, bound to an owner
+    UNBOUND = 3  # DEKs wrapped by POST /api/encrypt without an owner (the original's contract)
 
 
 def b64e(raw: bytes) -> str:
@@ -162,7 +177,7 @@ def wrap_master_key(kek: bytes, key_id: str, mk: bytes) -> bytes:
     return bytes([V1]) + nonce + ct
 
 
-# The original system's master-key rows (LEGACY_FORMAT.md): IV + two CBC
+# The original system's master-key rows (docs/legacy-format.md): IV + two CBC
 # blocks. A v1 row is 61 bytes, so the length tells the two apart.
 LEGACY_MASTER_KEY_SIZE = 64
 
@@ -187,17 +202,29 @@ def _dek_aad(purpose: Purpose, key_id: bytes, owner: str) -> bytes:
     return _lp(b"kmsd/dek/v1", bytes([purpose]), key_id, owner.encode("utf-8"))
 
 
+def _dek_version(purpose: Purpose) -> int:
+    return UNBOUND if purpose == Purpose.UNBOUND else V1
+
+
 def wrap_dek(mk: bytes, key_id: str, dek: bytes, owner: str, purpose: Purpose) -> bytes:
+    """An unbound DEK (``Purpose.UNBOUND``) has no owner: ``owner`` must be ""."""
     kid = key_id.encode()
     if not 0 < len(kid) <= MAX_KEY_ID or len(dek) != KEY_SIZE:
         raise ValueError("bad key id or DEK size")
+    if purpose == Purpose.UNBOUND and owner:
+        raise ValueError("an unbound DEK has no owner")
     nonce, ct = _seal(mk, dek, _dek_aad(purpose, kid, owner))
-    return bytes([V1, len(kid)]) + kid + nonce + ct
+    return bytes([_dek_version(purpose), len(kid)]) + kid + nonce + ct
+
+
+def is_unbound_dek(blob: bytes) -> bool:
+    """Whether a wrapped DEK is in the unbound layout (not whether it is valid)."""
+    return len(blob) > 1 and blob[0] == UNBOUND
 
 
 def dek_key_id(blob: bytes) -> str:
-    """The id of the master key a v1 wrapped DEK names."""
-    if len(blob) < 2 or blob[0] != V1:
+    """The id of the master key a v1 (or unbound) wrapped DEK names."""
+    if len(blob) < 2 or blob[0] not in (V1, UNBOUND):
         raise InvalidToken
     n = blob[1]
     if n == 0 or len(blob) != 2 + n + NONCE_SIZE + KEY_SIZE + TAG_SIZE:
@@ -210,6 +237,8 @@ def dek_key_id(blob: bytes) -> str:
 
 def unwrap_dek(mk: bytes, blob: bytes, owner: str, purpose: Purpose) -> bytes:
     kid = dek_key_id(blob).encode()
+    if blob[0] != _dek_version(purpose):
+        raise InvalidToken
     body = blob[2 + len(kid) :]
     return _open(mk, body[:NONCE_SIZE], body[NONCE_SIZE:], _dek_aad(purpose, kid, owner))
 
@@ -232,7 +261,22 @@ def decrypt_data(dek: bytes, blob: bytes, owner: str) -> bytes:
     return _open(dek, blob[1:13], blob[13:], _data_aad(owner))
 
 
-# -- legacy (read only) --------------------------------------------------------
+# -- legacy (the original system's CBC) ------------------------------------------
+
+
+def legacy_encrypt(key: bytes, plaintext: bytes) -> bytes:
+    """What the original's ``/api/encrypt`` answered as ``encrypted_key``: a
+    random IV, then AES-256-CBC of the data padded twice (its own PKCS#7
+    pad, then the library's, a full block of 0x10). No MAC: only for the
+    unbound envelopes of the original's clients, under their own DEK."""
+    if len(key) != KEY_SIZE:
+        raise ValueError("bad key size")
+    for _ in range(2):
+        padder = padding.PKCS7(128).padder()
+        plaintext = padder.update(plaintext) + padder.finalize()
+    iv = os.urandom(16)
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    return iv + encryptor.update(plaintext) + encryptor.finalize()
 
 
 def legacy_decrypt(key: bytes, blob: bytes, *, layers: int = 2) -> bytes:

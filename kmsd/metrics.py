@@ -57,6 +57,16 @@ class Metrics:
         self.rotation_rewrapped = Gauge(
             "kmsd_rotation_records_rewrapped", "Records the current or last rotation job rewrapped", registry=r
         )
+        self.compat_requests = Counter(
+            "kmsd_compat_requests", "Requests that succeeded only because of compat = original", ["route"],
+            registry=r,
+        )
+        self.unbound_envelopes = Counter(
+            "kmsd_unbound_envelopes",
+            "Uses of envelopes with no owner: made, unwrapped, rewrapped or refused"
+            " (kind: unbound, or original: the original's CBC)",
+            ["operation", "kind"], registry=r,
+        )
         self.rotation_rate = Gauge(
             "kmsd_rotation_records_per_second", "Rewrap rate of the current or last rotation job", registry=r
         )

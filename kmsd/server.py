@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 
 from .audit import AuditTrail
-from .auth import MAX_USER_ID, Claims, Peer, PeerPolicy, peer_from_socket
+from .auth import MAX_USER_ID, Claims, Peer, PeerPolicy, peer_from_socket, user_id_of
 from .config import Settings
 from .connections import GuardedRunner, Limits, raise_fd_limit
 from .errors import (
@@ -51,7 +51,7 @@ from .rotation import Rotator
 from .service import KMS
 from .store import Store
 from .systemd import ListenSocket, Notifier, listen_fds, watchdog_interval
-from .vault import VaultClient
+from .vault import Kind, VaultClient
 
 __all__ = ["AppState", "STATE", "create_app", "serve"]
 
@@ -78,6 +78,9 @@ PEER = "kmsd.peer"
 AUDIT_SUBJECT = "kmsd.audit.subject"
 AUDIT_TOKEN = "kmsd.audit.token_id"
 AUDIT_ISSUED = "kmsd.audit.issued_token_id"  # the jti of a token the request minted
+AUDIT_DETAIL = "kmsd.audit.detail"  # what else the audit line says (not secret)
+# Set by a handler that let a request through only because of compat = "original".
+COMPAT = "kmsd.compat"
 
 # Key operations: one audit line each. (method, route template) -> name.
 AUDITED = {
@@ -87,12 +90,14 @@ AUDITED = {
     ("DELETE", "/api/keys"): "delete",
     ("POST", "/api/encrypt"): "encrypt",
     ("POST", "/api/decrypt-dek"): "decrypt_dek",
+    ("POST", "/api/rewrap"): "rewrap",
+    ("GET", "/api/rotate-mk"): "rotation_status",
     ("POST", "/api/rotate-mk"): "rotate_master_key",
     ("POST", "/api/master-keys"): "add_master_key",
     ("DELETE", "/api/master-keys/{key_id}"): "destroy_master_key",
 }
 # Routes only clients of the policy may use (the admin routes check admins).
-CLIENT_ROUTES = {"/issue", "/verify", "/api/keys", "/api/encrypt", "/api/decrypt-dek"}
+CLIENT_ROUTES = {"/issue", "/verify", "/api/keys", "/api/encrypt", "/api/decrypt-dek", "/api/rewrap"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -162,7 +167,11 @@ def require_str(body: dict[str, Any], name: str) -> str:
 
 
 def require_user_id(body: dict[str, Any], name: str = "user_id") -> str:
-    value = require_str(body, name)
+    """A user id: a string, or a JSON integer taken as its decimal string
+    (the original stored one in a VARCHAR column, where MySQL made it that)."""
+    raw = body.get(name)
+    number = user_id_of(raw) if not isinstance(raw, str) else None
+    value = number if number is not None else require_str(body, name)
     if len(value) > MAX_USER_ID:
         raise BadRequest(f"{name} must be at most {MAX_USER_ID} characters")
     if _has_controls(value):
@@ -192,13 +201,21 @@ def require_dek(body: dict[str, Any], name: str = "dek") -> bytes:
 
 
 def bearer_token(request: web.Request) -> str | None:
+    """``Authorization: Bearer <jwt>``, or ``Authorization: <jwt>`` with no
+    scheme (the original's services strip a leading "Bearer " and take the
+    rest, so its clients send either)."""
     header = request.headers.get("Authorization")
     if header is None:
         return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, space, token = header.strip().partition(" ")
+    if not space:
+        token = scheme  # no scheme: the header is the token
+    elif scheme.lower() != "bearer":
         raise Unauthorized()
-    return token.strip()
+    token = token.strip()
+    if not token:
+        raise Unauthorized()
+    return token
 
 
 async def caller_claims(request: web.Request, *, required: bool) -> Claims | None:
@@ -332,6 +349,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         state.log.exception("unhandled_error", path=request.path, method=request.method)
         response = _error_response(InternalError())
+    if COMPAT in request and response.status < 400:
+        state.metrics.compat_requests.labels(route).inc()
     if audit is not None and operation is not None:
         response = _audit(request, audit, operation, peer, response)
     seconds = time.perf_counter() - started
@@ -369,6 +388,11 @@ def _audit(
             outcome = json.loads(response.body)["code"]  # type: ignore[attr-defined]
         except (ValueError, KeyError, TypeError, AttributeError):
             outcome = "error"
+    detail: dict[str, Any] = dict(request.get(AUDIT_DETAIL) or {})
+    if AUDIT_ISSUED in request:
+        detail["issued_token_id"] = request[AUDIT_ISSUED]
+    if COMPAT in request:
+        detail["compat"] = "original"  # allowed only because of compat = "original"
     try:
         audit.record(
             operation=operation,
@@ -377,7 +401,7 @@ def _audit(
             caller=peer.audit(),
             subject=request.get(AUDIT_SUBJECT),
             token_id=request.get(AUDIT_TOKEN),
-            detail={"issued_token_id": request[AUDIT_ISSUED]} if AUDIT_ISSUED in request else None,
+            detail=detail or None,
         )
     except KMSError as exc:
         # Fail closed: no answer leaves without its audit line.
@@ -411,14 +435,27 @@ async def issue(request: web.Request) -> web.Response:
     body = await read_json(request)
     user_id = require_user_id(body, "id")
     request[AUDIT_SUBJECT] = user_id
-    if not request.app[STATE].policy.is_admin(peer_of(request)):
-        # A non-admin may only renew a token for its own subject.
+    peer = peer_of(request)
+    state = request.app[STATE]
+    if not state.policy.is_admin(peer):
+        # A non-admin may only renew a token for its own subject, unless
+        # compat = "original" gives TCP callers the original's contract.
         claims = await caller_claims(request, required=False)
         if claims is None or claims.subject != user_id:
-            raise Forbidden("issuing a token for an arbitrary id requires an admin peer")
-    token, token_id = await _kms(request).issue_token_with_id(user_id)
+            if not _compat_over_tcp(request, peer):
+                raise Forbidden("issuing a token for an arbitrary id requires an admin peer")
+    token, token_id = await _kms(request).issue_token_with_id(user_id, id_claim=_id_claim(body, "id"))
     request[AUDIT_ISSUED] = token_id
     return json_response({"token": token})
+
+
+def _compat_over_tcp(request: web.Request, peer: Peer) -> bool:
+    """Whether compat = "original" lets this TCP request through; marks it
+    (counted in /metrics, "compat" in its audit line) if so."""
+    if peer.transport == "tcp" and request.app[STATE].settings.compat_original:
+        request[COMPAT] = True
+        return True
+    return False
 
 
 @routes.post("/verify")
@@ -442,7 +479,9 @@ async def store_key(request: web.Request) -> web.Response:
     data = require_str(body, "data")
     claims = await caller_claims(request, required=False)
     replace = claims is not None and claims.subject == user_id
-    token, request[AUDIT_ISSUED] = await _kms(request).store_record(user_id, data, replace=replace)
+    token, request[AUDIT_ISSUED] = await _kms(request).store_record(
+        user_id, data, replace=replace, id_claim=_id_claim(body, "user_id")
+    )
     return json_response({"message": "Key stored successfully", "access_token": token})
 
 
@@ -467,15 +506,45 @@ async def encrypt(request: web.Request) -> web.Response:
     data = require_base64(body, "data")
     dek = require_dek(body)
     claims = await caller_claims(request, required=False)
+    owner: str | None
     if body.get("user_id") is not None:
         owner = require_user_id(body)
     elif claims is not None:
         owner = claims.subject
+    elif request.app[STATE].settings.unbound_envelopes == "refuse":
+        raise BadRequest(
+            "user_id or a bearer token is required to bind the DEK to its owner (unbound_envelopes = \"refuse\")"
+        )
     else:
-        raise BadRequest("user_id or a bearer token is required to bind the DEK to its owner")
+        owner = None  # the original's contract: an unbound envelope, in its format
     request[AUDIT_SUBJECT] = owner
     encrypted_key, encrypted_dek = await _kms(request).encrypt(data, dek, owner)
+    if owner is None:
+        _unbound(request, "encrypt", Kind.UNBOUND, allowed=True)
     return json_response({"encrypted_key": encrypted_key, "encrypted_dek": encrypted_dek})
+
+
+UNBOUND_REFUSED = (
+    'unbound and original-format envelopes are refused (unbound_envelopes = "refuse"); '
+    "an admin peer can rewrap one with an owner (POST /api/rewrap)"
+)
+
+
+def _unbound(request: web.Request, operation: str, kind: Kind, *, allowed: bool) -> None:
+    """An envelope with no owner was made, used or refused: said in the audit
+    line and counted in /metrics (how an operator sees who still depends on
+    them, before and after ``unbound_envelopes = "refuse"``)."""
+    request[AUDIT_DETAIL] = {"envelope": kind.name.lower()}
+    request.app[STATE].metrics.unbound_envelopes.labels(operation, kind.name.lower()).inc()
+    if not allowed:
+        raise Forbidden(UNBOUND_REFUSED)
+
+
+def _id_claim(body: dict[str, Any], name: str) -> int | None:
+    """A JSON integer id stays one in the token's ``id`` claim, as the
+    original's tokens had it (``sub`` is its decimal string)."""
+    value = body.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @routes.post("/api/decrypt-dek")
@@ -484,8 +553,37 @@ async def decrypt_dek(request: web.Request) -> web.Response:
     encrypted_dek = require_str(body, "encrypted_dek")
     claims = await caller_claims(request, required=True)
     assert claims is not None
+    # The original key-server sends the record's user_id beside its token:
+    # checked as input, but the token alone decides whose DEK this may be.
+    if body.get("user_id") is not None:
+        require_user_id(body)
     dek = await _kms(request).decrypt_dek(encrypted_dek, claims.subject)
-    return json_response({"dek": dek.hex()})
+    if dek.kind.unbound:
+        _unbound(request, "decrypt_dek", dek.kind, allowed=request.app[STATE].settings.unbound_envelopes == "allow")
+    return json_response({"dek": dek.key.hex()})
+
+
+@routes.post("/api/rewrap")
+async def rewrap(request: web.Request) -> web.Response:
+    """An envelope's DEK wrapped anew under the active master key, in kmsd's
+    authenticated format, inside the vault: bound to ``user_id`` if given
+    (another subject than the caller's own needs an admin peer), else bound
+    as it was. How applications upgrade the envelopes in their own tables."""
+    body = await read_json(request)
+    encrypted_dek = require_str(body, "encrypted_dek")
+    claims = await caller_claims(request, required=True)
+    assert claims is not None
+    target = require_user_id(body) if body.get("user_id") is not None else None
+    admin = request.app[STATE].policy.is_admin(peer_of(request))
+    if target is not None and target != claims.subject and not admin:
+        raise Forbidden("binding an envelope to another subject than the token's requires an admin peer")
+    request[AUDIT_SUBJECT] = target or claims.subject
+    new, kind = await _kms(request).rewrap_envelope(encrypted_dek, claims.subject, target)
+    if kind.unbound:
+        # Under "refuse" an admin peer may still upgrade a straggler.
+        allowed = admin or request.app[STATE].settings.unbound_envelopes == "allow"
+        _unbound(request, "rewrap", kind, allowed=allowed)
+    return json_response({"encrypted_dek": new})
 
 
 def _requested_by(peer: Peer) -> str:
@@ -494,7 +592,11 @@ def _requested_by(peer: Peer) -> str:
 
 @routes.get("/api/rotate-mk")
 async def rotation_status(request: web.Request) -> web.Response:
-    require_admin(request)
+    # The original answered GET /api/rotate-mk to anyone; the status holds
+    # nothing secret, so compat = "original" gives it to TCP callers.
+    peer = peer_of(request)
+    if not request.app[STATE].policy.is_admin(peer) and not _compat_over_tcp(request, peer):
+        require_admin(request)
     return json_response(await request.app[STATE].rotator.status())
 
 
@@ -736,7 +838,7 @@ def apply_reload(app: web.Application, new: Settings) -> list[str]:
     old = state.settings
     reloadable = (
         "log_level", "admin_uids", "admin_gids", "allow_admin_over_tcp", "allowed_hosts",
-        "client_uids", "client_gids", "allow_tcp_clients",
+        "client_uids", "client_gids", "allow_tcp_clients", "unbound_envelopes",
     )
     changed = [name for name in reloadable if getattr(old, name) != getattr(new, name)]
     # Secrets and the root key are re-read by a restart only (the reload may
@@ -811,6 +913,14 @@ async def serve(
         log.warning(
             "legacy_tokens_accepted",
             warning="HS256 tokens of the original auth service are accepted (migration option)",
+        )
+    if settings.compat_original:
+        log.warning(
+            "compat_original",
+            warning="compat = original: any TCP caller may get a token for ANY user id (POST /issue) "
+            "and read the rotation status (GET /api/rotate-mk), as in the original system; anything "
+            "that reaches the TCP listeners can then read every record. Only while original services "
+            "still run; each such request is counted (kmsd_compat_requests_total) and audited",
         )
     log.info(
         "kmsd_started",

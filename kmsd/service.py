@@ -7,18 +7,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import envelope as env
 from .auth import TokenService, random_kid
 from .config import Settings
 from .errors import Conflict, DecryptionFailed, NotFound, Unavailable
 from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc, open_store
-from .vault import DEK, Rewrap, UnknownKey, VaultClient
+from .vault import DEK, Kind, Rewrap, UnknownKey, VaultClient
 
 __all__ = ["KMS", "KeyState", "RewrapResult"]
+
+T = TypeVar("T")
+
+# How an envelope opens for a caller: bound to it as an envelope, or as the
+# DEK of its own stored record (the original key-server's read flow).
+_ENVELOPE_PURPOSES = (env.Purpose.ENVELOPE, env.Purpose.RECORD)
+_RECORD_PURPOSES = (env.Purpose.RECORD,)
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,11 @@ class KMS:
             except env.InvalidToken:
                 legacy.append(record)
                 continue
+            if env.is_unbound_dek(wrapped):
+                # Written by a client of the original through an unbound
+                # envelope: its data is CBC, so it is upgraded like an original row.
+                legacy.append(record)
+                continue
             if key_id == active:
                 known.append((record, record.encrypted_dek or "", active))
             else:
@@ -286,9 +298,10 @@ class KMS:
     async def issue_token(self, user_id: str) -> str:
         return (await self.issue_token_with_id(user_id))[0]
 
-    async def issue_token_with_id(self, user_id: str) -> tuple[str, str]:
-        """A token for ``user_id`` and its ``jti`` (for the audit trail)."""
-        claims = self.tokens.claims_for(user_id)
+    async def issue_token_with_id(self, user_id: str, *, id_claim: int | None = None) -> tuple[str, str]:
+        """A token for ``user_id`` and its ``jti`` (for the audit trail);
+        ``id_claim``: the integer the caller named the user by, if it did."""
+        claims = self.tokens.claims_for(user_id, id_claim=id_claim)
         return await self.vault.sign_jwt(claims), str(claims["jti"])
 
     async def verify_token(self, token: str) -> Any:
@@ -303,13 +316,15 @@ class KMS:
 
     # -- records -------------------------------------------------------------
 
-    async def store_record(self, user_id: str, data: str, *, replace: bool) -> tuple[str, str]:
+    async def store_record(
+        self, user_id: str, data: str, *, replace: bool, id_claim: int | None = None
+    ) -> tuple[str, str]:
         """Encrypt ``data`` under a new DEK and store it; the answer is a
         token for ``user_id`` and its ``jti``. Without ``replace`` an existing
         user id is ``Conflict``; with it the row is replaced in one statement."""
         # Sign first: a write that succeeded must not be followed by a
         # failure that makes the client believe it did not.
-        token, token_id = await self.issue_token_with_id(user_id)
+        token, token_id = await self.issue_token_with_id(user_id, id_claim=id_claim)
         dek = await self.vault.new_dek(user_id, env.Purpose.RECORD)
         record = Record(
             user_id,
@@ -336,7 +351,7 @@ class KMS:
             blob = env.b64d(record.encrypted_key or "")
         except env.InvalidToken:
             raise DecryptionFailed() from None
-        dek = await self._unwrap(user_id, env.Purpose.RECORD, wrapped)
+        dek = await self._unwrap(user_id, _RECORD_PURPOSES, wrapped)
         try:
             if dek.legacy:
                 plain = env.legacy_decrypt(dek.key, blob)
@@ -359,7 +374,7 @@ class KMS:
             blob = env.b64d(record.encrypted_key or "")
         except env.InvalidToken:
             raise DecryptionFailed() from None
-        dek = await self._unwrap(record.user_id, env.Purpose.RECORD, wrapped)
+        dek = await self._unwrap(record.user_id, _RECORD_PURPOSES, wrapped)
         if not dek.legacy:
             return "current"
         try:
@@ -395,32 +410,67 @@ class KMS:
         if not await self.store.delete_record(user_id):
             raise NotFound("no key stored for this user")
 
-    async def _unwrap(self, owner: str, purpose: env.Purpose, wrapped: bytes) -> DEK:
+    async def _unwrap(self, owner: str, purposes: Sequence[env.Purpose], wrapped: bytes) -> DEK:
+        return await self._with_keys(lambda: self.vault.unwrap_dek(owner, purposes, wrapped))
+
+    async def _with_keys(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A vault call on a wrapped DEK; if it names a master key this
+        daemon has not seen yet (added by another daemon), the key rows are
+        reloaded and the call is tried once more."""
         try:
-            return await self.vault.unwrap_dek(owner, purpose, wrapped)
+            return await call()
         except UnknownKey:
             pass
-        # A master key this daemon has not seen yet (added by another
-        # daemon): reload the key rows, then try once more.
         if not await self._reload_if_stale():
             raise DecryptionFailed()
         try:
-            return await self.vault.unwrap_dek(owner, purpose, wrapped)
+            return await call()
         except UnknownKey:
             raise DecryptionFailed() from None
 
     # -- envelope API ----------------------------------------------------------
 
-    async def encrypt(self, data: bytes, dek: bytes, owner: str) -> tuple[str, str]:
+    async def encrypt(self, data: bytes, dek: bytes, owner: str | None) -> tuple[str, str]:
+        """``(encrypted_key, encrypted_dek)``. With an owner: kmsd's format,
+        bound to it. Without: the original's answer, an *unbound* envelope
+        (``encrypted_key`` is the original's CBC, which its clients decrypt
+        themselves; ``encrypted_dek`` has no owner)."""
+        if owner is None:
+            wrapped = await self.vault.wrap_dek("", env.Purpose.UNBOUND, dek)
+            return env.b64e(env.legacy_encrypt(dek, data)), env.b64e(wrapped)
         wrapped = await self.vault.wrap_dek(owner, env.Purpose.ENVELOPE, dek)
         return env.b64e(env.encrypt_data(dek, data, owner)), env.b64e(wrapped)
 
-    async def decrypt_dek(self, encrypted_dek: str, owner: str) -> bytes:
-        try:
-            wrapped = env.b64d(encrypted_dek)
-        except env.InvalidToken:
-            raise DecryptionFailed() from None
-        return (await self._unwrap(owner, env.Purpose.ENVELOPE, wrapped)).key
+    async def decrypt_dek(self, encrypted_dek: str, caller: str) -> DEK:
+        """The DEK of an envelope bound to ``caller``, of ``caller``'s own
+        stored record, or of an envelope with no owner (``DEK.kind`` says
+        which: the caller decides whether it admits those) that is not
+        another user's stored record."""
+        wrapped = _wrapped_dek(encrypted_dek)
+        dek = await self._unwrap(caller, _ENVELOPE_PURPOSES, wrapped)
+        await self._check_unbound(dek.kind, wrapped, caller)
+        return dek
+
+    async def rewrap_envelope(self, encrypted_dek: str, caller: str, target: str | None) -> tuple[str, Kind]:
+        """The envelope's DEK wrapped anew under the active master key, in
+        the vault (the DEK never reaches the daemon): bound to ``target``,
+        or (None) as it was. The caller must be one ``decrypt_dek`` would
+        give the DEK to. (new encrypted_dek, how the old one opened)."""
+        wrapped = _wrapped_dek(encrypted_dek)
+        new, kind = await self._with_keys(lambda: self.vault.rewrap_dek(caller, _ENVELOPE_PURPOSES, wrapped, target))
+        await self._check_unbound(kind, wrapped, caller)
+        return env.b64e(new), kind
+
+    async def _check_unbound(self, kind: Kind, wrapped: bytes, caller: str) -> None:
+        """An envelope with no owner is anyone's (the original's rule) unless
+        it is a stored record's DEK: then it is its owner's only."""
+        if not kind.unbound:
+            return
+        # The canonical text: a client could send the same bytes in another
+        # base64 spelling (unused trailing bits) to miss the row.
+        owners = await self.store.record_owners(env.b64e(wrapped))
+        if owners and caller not in owners:
+            raise DecryptionFailed()
 
     # -- health ----------------------------------------------------------------
 
@@ -435,3 +485,10 @@ class KMS:
             "store": store_ok,
             "active_master_key": self.keys.active_key_id is not None,
         }
+
+
+def _wrapped_dek(text: str) -> bytes:
+    try:
+        return env.b64d(text)
+    except env.InvalidToken:
+        raise DecryptionFailed() from None

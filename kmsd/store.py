@@ -156,6 +156,10 @@ class Store(Protocol):
         only if its ciphertexts are still exactly ``old``'s. False (and no
         change) when the row was changed or deleted meanwhile."""
 
+    async def record_owners(self, encrypted_dek: str) -> list[str]:
+        """The user ids of the rows whose ``encrypted_dek`` is exactly this
+        text (an index lookup): whose stored record a wrapped DEK is."""
+
     async def count_records(self) -> int: ...
 
     async def scan_records(self, after: str | None, limit: int) -> list[Record]:
@@ -280,7 +284,14 @@ _SQLITE_MIGRATIONS: Sequence[str] = (
         active_seconds REAL NOT NULL DEFAULT 0
     );
     """,
+    # 3: whose record a wrapped DEK is (record_owners). A prefix is enough
+    # to find it and keeps the index small.
+    """
+    CREATE INDEX IF NOT EXISTS kms_keys_encrypted_dek ON kms_keys (substr(encrypted_dek, 1, 32));
+    """,
 )
+# The indexed prefix of kms_keys.encrypted_dek (both backends).
+DEK_PREFIX = 32
 
 _RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_id"
 _JOB_COLUMNS = (
@@ -438,6 +449,15 @@ class SQLiteStore:
                 pass  # busy (a checkpoint, a recovery): the threaded reader waits
         rows = await self._read(sql, (user_id,))
         return Record(*rows[0]) if rows else None
+
+    async def record_owners(self, encrypted_dek: str) -> list[str]:
+        # The prefix alone, so that the planner takes the index (with the
+        # full comparison beside it, SQLite 3.40 scans the table).
+        rows = await self._read(
+            "SELECT user_id, encrypted_dek FROM kms_keys WHERE substr(encrypted_dek, 1, 32) = ?",
+            (encrypted_dek[:DEK_PREFIX],),
+        )
+        return [user_id for user_id, text in rows if text == encrypted_dek]
 
     async def count_records(self) -> int:
         rows = await self._read("SELECT COUNT(*) FROM kms_keys")

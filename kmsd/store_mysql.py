@@ -32,7 +32,7 @@ import pymysql.constants
 
 from .config import DatabaseURL
 from .errors import Conflict, KMSError
-from .store import MasterKeyRow, Record, RotationJob, SigningKeyRow, StoreError, now_utc
+from .store import DEK_PREFIX, MasterKeyRow, Record, RotationJob, SigningKeyRow, StoreError, now_utc
 
 __all__ = ["MySQLStore"]
 
@@ -103,6 +103,9 @@ _MIGRATIONS: Sequence[Sequence[str]] = (
             active_seconds DOUBLE NOT NULL DEFAULT 0
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
     ),
+    # 4: whose record a wrapped DEK is (record_owners): a prefix index, as
+    # a TEXT column allows (the prefix of a wrapped DEK is random enough).
+    (f"index kms_keys kms_keys_encrypted_dek (encrypted_dek({DEK_PREFIX}))",),
 )
 
 
@@ -516,6 +519,15 @@ class MySQLStore:
         # user_id compares exactly (binary, no pad), so it is the key back.
         found = {r.user_id: r for r in map(_record, rows)}
         return [found.get(u) for u in user_ids]
+
+    async def record_owners(self, encrypted_dek: str) -> list[str]:
+        # The original's column compares case-insensitively: the index finds
+        # the candidates, the binary comparison the exact text.
+        rows = await self._read(
+            "SELECT user_id FROM kms_keys WHERE encrypted_dek = %s AND BINARY encrypted_dek = BINARY %s",
+            (encrypted_dek, encrypted_dek),
+        )
+        return [r[0] for r in rows]
 
     async def count_records(self) -> int:
         rows = await self._read("SELECT COUNT(*) FROM kms_keys")

@@ -38,7 +38,7 @@ from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
 if TYPE_CHECKING:
     from .launcher import LaunchedProcess, Launcher
 
-__all__ = ["DEK", "Op", "Rewrap", "Status", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
+__all__ = ["DEK", "Kind", "Op", "Rewrap", "Status", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">IBBI")
@@ -59,6 +59,7 @@ class Op(enum.IntEnum):
     REWRAP_MASTER_KEY = 10  # a loaded key, wrapped anew in the v1 format
     REWRAP_DEKS = 11  # many wrapped DEKs, unwrapped and wrapped under the active key
     REKEY = 12  # a key row wrapped under the new root key (root-key rotation)
+    REWRAP_DEK = 13  # one wrapped DEK opened as UNWRAP_DEK does, wrapped anew under the active key
 
 
 class Status(enum.IntEnum):
@@ -117,13 +118,35 @@ class Rewrap(enum.IntEnum):
     LEGACY = 3  # the original system's format: its data must be re-encrypted too
 
 
+class Kind(enum.IntEnum):
+    """How a wrapped DEK opened: bound to its owner for a purpose (the
+    values of ``envelope.Purpose``), or with no owner at all."""
+
+    RECORD = 1  # v1, a stored record's DEK, bound to the owner it was opened for
+    ENVELOPE = 2  # v1, an envelope bound to that owner
+    UNBOUND = 3  # kmsd's unbound layout (the original's contract, no owner)
+    ORIGINAL = 4  # the original system's CBC (no owner, no MAC)
+
+    @property
+    def unbound(self) -> bool:
+        """No owner: any valid token may have it (the original's rule), and
+        the data under it is in the original's CBC format."""
+        return self in (Kind.UNBOUND, Kind.ORIGINAL)
+
+
 @dataclass(frozen=True, repr=False)
 class DEK:
-    """A plaintext data key and its wrapped form. Never printed."""
+    """A plaintext data key, its wrapped form, and how it opened. Never printed."""
 
     key: bytes
     wrapped: bytes
-    legacy: bool = False
+    kind: Kind = Kind.RECORD
+
+    @property
+    def legacy(self) -> bool:
+        """The data under it is the original's CBC (an original row, or one
+        a client of the original wrote through an unbound envelope)."""
+        return self.kind.unbound
 
     def __repr__(self) -> str:
         return "<DEK redacted>"
@@ -451,9 +474,24 @@ class VaultClient:
         (wrapped,) = await self.call(Op.WRAP_DEK, owner.encode(), bytes([purpose]), dek)
         return wrapped
 
-    async def unwrap_dek(self, owner: str, purpose: int, wrapped: bytes) -> DEK:
-        key, legacy = await self.call(Op.UNWRAP_DEK, owner.encode(), bytes([purpose]), wrapped)
-        return DEK(key, wrapped, legacy == b"\x01")
+    async def unwrap_dek(self, owner: str, purposes: Sequence[int], wrapped: bytes) -> DEK:
+        """Open ``wrapped`` as bound to ``owner`` for the first of ``purposes``
+        it authenticates under, else as unbound or as the original's CBC
+        (the caller decides who may have those: ``DEK.kind``)."""
+        key, kind = await self.call(Op.UNWRAP_DEK, owner.encode(), bytes(purposes), wrapped)
+        return DEK(key, wrapped, Kind(kind[0]))
+
+    async def rewrap_dek(
+        self, owner: str, purposes: Sequence[int], wrapped: bytes, target: str | None
+    ) -> tuple[bytes, Kind]:
+        """Open ``wrapped`` as ``unwrap_dek`` does and wrap its DEK anew under
+        the active master key, inside the vault: as an envelope bound to
+        ``target``, or (``target`` None) bound as it was: to ``owner`` if it
+        was bound, unbound if it had no owner. (new wrapped DEK, how it opened)."""
+        new, kind = await self.call(
+            Op.REWRAP_DEK, owner.encode(), bytes(purposes), wrapped, b"" if target is None else b"\x01" + target.encode()
+        )
+        return new, Kind(kind[0])
 
     async def rewrap_deks(self, items: Sequence[tuple[str, int, bytes]]) -> list[tuple[Rewrap, bytes]]:
         """Rewrap ``(owner, purpose, wrapped)`` DEKs under the active master
@@ -618,13 +656,31 @@ class _Vault:
                 return Status.NO_KEY, []
             owner, purpose = f[0].decode(), env.Purpose(f[1][0])
             dek = os.urandom(32) if op == Op.NEW_DEK else f[2]
-            if len(dek) != 32:
+            if len(dek) != 32 or (purpose == env.Purpose.UNBOUND and owner):
                 return Status.BAD_REQUEST, []
             wrapped = env.wrap_dek(self.master[self.active], self.active, dek, owner, purpose)
             return Status.OK, ([dek, wrapped] if op == Op.NEW_DEK else [wrapped])
         if op == Op.UNWRAP_DEK:
-            owner, purpose, blob = f[0].decode(), env.Purpose(f[1][0]), f[2]
-            return self._unwrap_dek(owner, purpose, blob)
+            status, opened = self._unwrap_dek(f[0].decode(), [env.Purpose(p) for p in f[1]], f[2])
+            return status, ([opened[0], bytes([opened[1]])] if opened else [])
+        if op == Op.REWRAP_DEK:
+            if self.active is None:
+                return Status.NO_KEY, []
+            owner = f[0].decode()
+            status, opened = self._unwrap_dek(owner, [env.Purpose(p) for p in f[1]], f[2])
+            if not opened:
+                return status, []
+            dek, kind = opened
+            if f[3]:  # bind to the target given
+                target, purpose = f[3][1:].decode(), env.Purpose.ENVELOPE
+            elif kind.unbound:
+                target, purpose = "", env.Purpose.UNBOUND
+            else:
+                target, purpose = owner, env.Purpose.ENVELOPE
+            if purpose != env.Purpose.UNBOUND and not target:
+                return Status.BAD_REQUEST, []
+            wrapped = env.wrap_dek(self.master[self.active], self.active, dek, target, purpose)
+            return Status.OK, [wrapped, bytes([kind])]
         if op == Op.REWRAP_DEKS:
             if self.active is None:
                 return Status.NO_KEY, []
@@ -684,8 +740,11 @@ class _Vault:
             try:
                 key_id = env.dek_key_id(blob)
             except env.InvalidToken:
-                # No key id: the original's CBC layout (or garbage, which the
-                # caller finds out when it upgrades the row).
+                key_id = None
+            if key_id is None or env.is_unbound_dek(blob):
+                # The original's CBC layout, or an unbound DEK a client of the
+                # original stored itself: the data under it is CBC and must be
+                # re-encrypted too (garbage the caller finds out when it upgrades).
                 out += [bytes([Rewrap.LEGACY]), b""]
                 continue
             mk = self.master.get(key_id)
@@ -711,32 +770,40 @@ class _Vault:
             return mk
         return env.unwrap_master_key(self.root.kek, key_id, blob)
 
-    def _unwrap_dek(self, owner: str, purpose: object, blob: bytes) -> tuple[int, list[bytes]]:
+    def _unwrap_dek(
+        self, owner: str, purposes: Sequence[object], blob: bytes
+    ) -> tuple[int, tuple[bytes, Kind] | None]:
+        """A v1 DEK bound to ``owner`` for one of ``purposes`` (in order), an
+        unbound one, or one of the original's CBC: (status, (DEK, kind))."""
         from . import envelope as env
 
         try:
             key_id = env.dek_key_id(blob)
         except env.InvalidToken:
             key_id = None
+        unknown = False
         if key_id is not None:
             mk = self.master.get(key_id)
             if mk is None:
-                return Status.UNKNOWN_KEY, []
-            try:
-                return Status.OK, [env.unwrap_dek(mk, blob, owner, purpose), b"\x00"]  # type: ignore[arg-type]
-            except env.InvalidToken:
-                pass
-        # Original-system rows carry no key id and no owner binding; they are
-        # only ever records, and a reader tries every master key, the active first.
-        if purpose == env.Purpose.RECORD and len(blob) == 80:
+                unknown = True
+            elif env.is_unbound_dek(blob):
+                with contextlib.suppress(env.InvalidToken):
+                    return Status.OK, (env.unwrap_dek(mk, blob, "", env.Purpose.UNBOUND), Kind.UNBOUND)
+            else:
+                for purpose in purposes:
+                    with contextlib.suppress(env.InvalidToken):
+                        return Status.OK, (env.unwrap_dek(mk, blob, owner, purpose), Kind(purpose))  # type: ignore[arg-type]
+        # The original's DEKs carry no key id and no owner binding: a reader
+        # tries every master key, the active first.
+        if len(blob) == 80:
             for kid in self.order:
                 try:
                     dek = env.legacy_decrypt(self.master[kid], blob)
                 except env.InvalidToken:
                     continue
                 if len(dek) == 32:
-                    return Status.OK, [dek, b"\x01"]
-        return Status.INVALID, []
+                    return Status.OK, (dek, Kind.ORIGINAL)
+        return (Status.UNKNOWN_KEY if unknown else Status.INVALID), None
 
 
 def _preload() -> None:

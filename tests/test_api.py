@@ -151,9 +151,14 @@ def body_of(enc: dict[str, str]) -> dict[str, str]:
     return {"encrypted_dek": enc["encrypted_dek"]}
 
 
-async def test_encrypt_needs_an_owner(api: API) -> None:
-    status, body = await api.call("POST", "/api/encrypt", {"data": "aGVsbG8=", "dek": "00" * 32})
-    assert status == 400 and "user_id" in body["error"]
+async def test_encrypt_without_an_owner_is_unbound(api: API) -> None:
+    # The original's documented request: no owner, an envelope any valid
+    # token unwraps (tests/test_dropin.py covers its format and rules).
+    dek = os.urandom(32)
+    status, body = await api.call("POST", "/api/encrypt", {"data": "aGVsbG8=", "dek": dek.hex()})
+    assert status == 200 and set(body) == {"encrypted_key", "encrypted_dek"}
+    token = await api.store(uid(), "a reader of unbound envelopes")
+    assert await api.call("POST", "/api/decrypt-dek", body_of(body), token=token) == (200, {"dek": dek.hex()})
 
 
 async def test_rotate_over_unix_as_admin(unix_api: API) -> None:
@@ -211,7 +216,8 @@ BAD_STORE_BODIES = [
     b'{"user_id": "x", "data": ["a"]}',
     b'{"user_id": "x", "data": ""}',
     b'{"user_id": "", "data": "x"}',
-    b'{"user_id": 42, "data": "x"}',
+    b'{"user_id": 4.2, "data": "x"}',
+    b'{"user_id": true, "data": "x"}',
     b'{"user_id": null, "data": "x"}',
     b'{"user_id": "' + b"a" * 65 + b'", "data": "x"}',
     b'{"user_id": "bad\\nid", "data": "x"}',
@@ -296,15 +302,19 @@ async def test_tampered_and_truncated_deks_fail(api: API) -> None:
         assert 400 <= status < 500, body
 
 
-async def test_record_dek_cannot_be_fished_out_via_decrypt_dek(api: API, shared_daemon) -> None:  # noqa: ANN001
+async def test_record_dek_is_its_owners_only_via_decrypt_dek(api: API, shared_daemon) -> None:  # noqa: ANN001
     import sqlite3
 
     user = uid()
     token = await api.store(user, "record-dek")
+    other = await api.store(uid(), "someone else")
     db = shared_daemon.database.removeprefix("sqlite:///")
     (edek,) = sqlite3.connect(db).execute("SELECT encrypted_dek FROM kms_keys WHERE user_id=?", (user,)).fetchone()
-    status, body = await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": edek}, token=token)
+    status, body = await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": edek}, token=other)
     assert status == 422 and "dek" not in body
+    # Its owner gets it (the original key-server's read flow).
+    status, body = await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": edek}, token=token)
+    assert status == 200 and len(bytes.fromhex(body["dek"])) == 32
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,15 @@ def test_client_round_trip(client: KMSClient) -> None:
         remember(dek)
         encrypted_key, encrypted_dek = client.encrypt(b"payload", dek, token=token)
         assert client.decrypt_dek(encrypted_dek, token=token) == dek
+        # Unbound (no owner, no token), then rewrapped to the token's subject.
+        _, unbound = client.encrypt(b"payload", dek)
+        assert client.decrypt_dek(unbound, token=token) == dek
+        bound = client.rewrap(unbound, user_id=user, token=token)
+        assert client.decrypt_dek(bound, token=token) == dek
+        other = client.store(user + "-b", "b")
+        remember(other)
+        with pytest.raises(DecryptionFailed):
+            client.decrypt_dek(bound, token=other)
         client.delete(token)
         with pytest.raises(NotFound):
             client.fetch(token)

@@ -3,7 +3,8 @@ the same way (``InvalidToken``).
 
 Each format kmsd reads gets the same properties: round trip, any
 single-byte change, truncation, extension and version swap: v1 records
-(data), v1 wrapped DEKs (both purposes), v1 master-key wraps, and the
+(data), v1 wrapped DEKs (both purposes), unbound wrapped DEKs (version
+0x02, no owner), v1 master-key wraps, and the
 original system's rows (read only; no version byte and no MAC, so only
 what its layout guarantees is asserted). Hypothesis runs derandomized and
 without an example database, so CI runs are reproducible."""
@@ -27,7 +28,8 @@ MK = bytes(range(32))
 DEK = bytes(range(32, 64))
 # Reproducible in CI: no random seed, nothing written to .hypothesis/.
 PROPERTY = settings(deadline=None, derandomize=True, database=None)
-purposes = st.sampled_from(list(env.Purpose))
+# Purposes with an owner; Purpose.UNBOUND has none and a version of its own.
+purposes = st.sampled_from([env.Purpose.RECORD, env.Purpose.ENVELOPE])
 other_versions = st.integers(0, 255).filter(lambda v: v != env.V1)
 key_ids = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=env.MAX_KEY_ID)
 
@@ -50,6 +52,33 @@ def test_wrapped_dek_is_bound_to_owner_and_purpose(owner: str, purpose: env.Purp
     wrapped = env.wrap_dek(MK, "key-1", DEK, "alice", env.Purpose.RECORD)
     with pytest.raises(env.InvalidToken):
         env.unwrap_dek(MK, wrapped, owner, purpose)
+
+
+def test_unbound_dek_has_no_owner_and_its_own_version() -> None:
+    unbound = env.wrap_dek(MK, "key-1", DEK, "", env.Purpose.UNBOUND)
+    assert unbound[0] == env.UNBOUND and env.is_unbound_dek(unbound)
+    assert env.dek_key_id(unbound) == "key-1"
+    assert env.unwrap_dek(MK, unbound, "", env.Purpose.UNBOUND) == DEK
+    with pytest.raises(ValueError):
+        env.wrap_dek(MK, "key-1", DEK, "alice", env.Purpose.UNBOUND)
+    bound = env.wrap_dek(MK, "key-1", DEK, "", env.Purpose.ENVELOPE)
+    assert not env.is_unbound_dek(bound)
+    # Neither opens as the other, even with its version byte swapped in.
+    for purpose in env.Purpose:
+        if purpose != env.Purpose.UNBOUND:
+            for blob in (unbound, bytes([env.V1]) + unbound[1:]):
+                with pytest.raises(env.InvalidToken):
+                    env.unwrap_dek(MK, blob, "", purpose)
+    for blob in (bound, bytes([env.UNBOUND]) + bound[1:]):
+        with pytest.raises(env.InvalidToken):
+            env.unwrap_dek(MK, blob, "", env.Purpose.UNBOUND)
+
+
+def test_legacy_encrypt_is_the_originals_layout() -> None:
+    for n in (0, 1, 15, 16, 17, 100):
+        blob = env.legacy_encrypt(DEK, b"d" * n)
+        assert len(blob) == 16 + 16 * (n // 16 + 1) + 16
+        assert env.legacy_decrypt(DEK, blob) == b"d" * n
 
 
 def test_data_is_bound_to_owner() -> None:
@@ -88,6 +117,9 @@ def test_any_single_byte_change_fails(
     assert env.unwrap_dek(MK, wrapped, owner, purpose) == DEK
     with pytest.raises(env.InvalidToken):
         env.unwrap_dek(MK, _flip(wrapped, pos, flip), owner, purpose)
+    unbound = env.wrap_dek(MK, key_id, DEK, "", env.Purpose.UNBOUND)
+    with pytest.raises(env.InvalidToken):
+        env.unwrap_dek(MK, _flip(unbound, pos, flip), "", env.Purpose.UNBOUND)
     kek = bytes(reversed(MK))
     sealed = env.wrap_master_key(kek, key_id, MK)
     assert env.unwrap_master_key(kek, key_id, sealed) == MK
@@ -108,6 +140,10 @@ def test_truncation_and_extension_fail(data: bytes, cut: int, extra: bytes, purp
     for bad in (wrapped[: max(0, len(wrapped) - cut)], wrapped + extra):
         with pytest.raises(env.InvalidToken):
             env.unwrap_dek(MK, bad, "u", purpose)
+    unbound = env.wrap_dek(MK, "key-1", DEK, "", env.Purpose.UNBOUND)
+    for bad in (unbound[: max(0, len(unbound) - cut)], unbound + extra):
+        with pytest.raises(env.InvalidToken):
+            env.unwrap_dek(MK, bad, "", env.Purpose.UNBOUND)
     kek = bytes(reversed(MK))
     sealed = env.wrap_master_key(kek, "key-1", MK)
     for bad in (sealed[: max(0, len(sealed) - cut)], sealed + extra):
@@ -122,17 +158,22 @@ def test_version_swap_fails(version: int, purpose: env.Purpose) -> None:
     with pytest.raises(env.InvalidToken):
         env.decrypt_data(DEK, bytes([version]) + blob[1:], "u")
     wrapped = env.wrap_dek(MK, "key-1", DEK, "u", purpose)
-    with pytest.raises(env.InvalidToken):
-        env.dek_key_id(bytes([version]) + wrapped[1:])
+    if version != env.UNBOUND:
+        with pytest.raises(env.InvalidToken):
+            env.dek_key_id(bytes([version]) + wrapped[1:])
     with pytest.raises(env.InvalidToken):
         env.unwrap_dek(MK, bytes([version]) + wrapped[1:], "u", purpose)
+    unbound = env.wrap_dek(MK, "key-1", DEK, "", env.Purpose.UNBOUND)
+    if version != env.UNBOUND:
+        with pytest.raises(env.InvalidToken):
+            env.unwrap_dek(MK, bytes([version]) + unbound[1:], "", env.Purpose.UNBOUND)
     kek = bytes(reversed(MK))
     sealed = env.wrap_master_key(kek, "key-1", MK)
     with pytest.raises(env.InvalidToken):
         env.unwrap_master_key(kek, "key-1", bytes([version]) + sealed[1:])
 
 
-# -- the original system's rows (LEGACY_FORMAT.md) ---------------------------------
+# -- the original system's rows (docs/legacy-format.md) ---------------------------------
 #
 # IV || AES-256-CBC, no version byte, no MAC. ``legacy`` builds rows as the
 # original wrote them: master keys with one 16 x 0x10 block after the key,

@@ -18,8 +18,8 @@ Every answer goes through schemathesis' own checks: never a 5xx
 body, invalid data refused with a 4xx, valid data accepted, authentication
 not ignored, 405 with ``Allow`` for an unsupported method. Two exceptions,
 per caller: ``positive_data_acceptance`` needs a caller with a token (a
-valid body alone does not make ``/api/encrypt`` acceptable without an
-owner), and ``ignored_auth`` runs over TCP only (its probes leave the
+valid body alone does not make ``/api/decrypt-dek`` acceptable without
+one), and ``ignored_auth`` runs over TCP only (its probes leave the
 session behind). A stateful run follows the document's links as the admin
 peer (an issued token verifies; a listed, added or rotated-out master key
 is destroyed or refused with 409; a rotation's status).
@@ -312,7 +312,7 @@ def test_the_fuzzing_got_past_authentication(fuzz: Fuzz) -> None:
     table = "\n".join(f"{caller:<11} {op:<34} {status} x{n}" for (caller, op, status), n in sorted(fuzz.seen.items()))
     print(f"{fuzz.cases} generated cases, {sum(fuzz.seen.values())} requests:\n{table}")
     operations = {op for _, op, _ in fuzz.seen}
-    assert len(operations) == 17, operations
+    assert len(operations) == 18, operations
     admitted = {(caller, op) for caller, op, status in fuzz.seen if status not in (401, 403)}
     for op in operations:
         assert ("unix+admin", op) in admitted, f"{op}: only 401/403 for the admin peer with a token"
@@ -323,4 +323,5 @@ def test_the_fuzzing_got_past_authentication(fuzz: Fuzz) -> None:
         for op in ("GET /api/keys", "DELETE /api/keys", "POST /api/encrypt"):
             assert (caller, op) in reached, f"{op}: no 200 for {caller}"
         # A generated ciphertext never decrypts, but it got past the token.
-        assert fuzz.seen[(caller, "POST /api/decrypt-dek", 422)], f"POST /api/decrypt-dek: no 422 for {caller}"
+        for op in ("POST /api/decrypt-dek", "POST /api/rewrap"):
+            assert fuzz.seen[(caller, op, 422)], f"{op}: no 422 for {caller}"

@@ -48,11 +48,12 @@ def _unpad(data: bytes) -> bytes:
     return unpadder.update(data) + unpadder.finalize()
 
 
-def cbc_encrypt(key: bytes, plaintext: bytes, *, pads: int) -> str:
-    """base64(IV || AES-256-CBC(PKCS#7 applied ``pads`` times))."""
+def cbc_encrypt(key: bytes, plaintext: bytes, *, pads: int, iv: bytes | None = None) -> str:
+    """base64(IV || AES-256-CBC(PKCS#7 applied ``pads`` times)); a random IV
+    unless one is given (to reproduce a row byte for byte)."""
     for _ in range(pads):
         plaintext = _pad(plaintext)
-    iv = os.urandom(16)
+    iv = iv or os.urandom(16)
     enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
     return base64.b64encode(iv + enc.update(plaintext) + enc.finalize()).decode()
 
@@ -224,7 +225,6 @@ async def test_original_token_verifies(unix: API) -> None:
     [
         pytest.param(lambda: legacy_token("fb-1", secret="not-the-secret"), id="wrong-secret"),
         pytest.param(lambda: legacy_token("fb-1", lifetime=-10), id="expired"),
-        pytest.param(lambda: legacy_token(1), id="numeric-id"),
         pytest.param(lambda: legacy_token(""), id="empty-id"),
         pytest.param(
             lambda: jwt.encode({"id": "fb-1", "exp": int(time.time()) + 60}, HS256_SECRET, algorithm="HS256"),

@@ -101,15 +101,19 @@ def operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 def schema_errors(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") -> list[str]:
     """Why ``value`` does not match an OpenAPI 3.0 ``schema`` (empty: it
-    does). Covers what docs/openapi.yaml uses: $ref, allOf, nullable, type,
-    enum, required, properties, additionalProperties, items, minLength,
-    maxLength, pattern, minimum."""
+    does). Covers what docs/openapi.yaml uses: $ref, allOf, oneOf, nullable,
+    type, enum, required, properties, additionalProperties, items,
+    minLength, maxLength, pattern, minimum, maximum."""
     schema = resolve(doc, schema)
     if value is None and schema.get("nullable"):
         return []
     errors: list[str] = []
     for part in schema.get("allOf", ()):
         errors += schema_errors(doc, part, value, where)
+    if "oneOf" in schema:
+        matching = [part for part in schema["oneOf"] if not schema_errors(doc, part, value, where)]
+        if len(matching) != 1:
+            errors.append(f"{where}: {value!r:.60} matches {len(matching)} of oneOf, not exactly one")
     kind = schema.get("type")
     checks = {
         "object": lambda v: isinstance(v, dict),
@@ -133,6 +137,8 @@ def schema_errors(doc: dict[str, Any], schema: Any, value: Any, where: str = "$"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
             errors.append(f"{where}: below {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{where}: above {schema['maximum']}")
     if isinstance(value, dict):
         for name in schema.get("required", ()):
             if name not in value:
@@ -243,6 +249,9 @@ def test_document_follows_the_code(doc: dict[str, Any], tmp_path: Path) -> None:
     schemas = doc["components"]["schemas"]
     assert set(schemas["ErrorCode"]["enum"]) == set(ERRORS_BY_CODE)
     assert schemas["UserId"]["maxLength"] == MAX_USER_ID
+    # An integer user id is at most MAX_USER_ID characters as a string.
+    number = schemas["UserIdOrNumber"]["oneOf"][1]
+    assert len(str(number["minimum"])) == len(str(number["maximum"])) == MAX_USER_ID
     assert schemas["Dek"]["minLength"] == schemas["Dek"]["maxLength"] == DEK_HEX_LENGTH
     documented_statuses = {cls.status for cls in ERRORS_BY_CODE.values()}
     handlers = _app_routes(tmp_path)
@@ -366,7 +375,10 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], shared_dae
         await c.call(tcp, "POST", "/api/keys", {"user_id": "", "data": "x"}, expect=400, valid_request=False)
         await c.call(tcp, "POST", "/api/keys", {"user_id": "u" * 65, "data": "x"}, expect=400, valid_request=False)
         await c.call(tcp, "POST", "/api/keys", {"user_id": "a\tb", "data": "x"}, expect=400, valid_request=False)
-        await c.call(tcp, "POST", "/api/keys", {"user_id": 7, "data": "x"}, expect=400, valid_request=False)
+        await c.call(tcp, "POST", "/api/keys", {"user_id": 7.5, "data": "x"}, expect=400, valid_request=False)
+        await c.call(tcp, "POST", "/api/keys", {"user_id": 10**64, "data": "x"}, expect=400, valid_request=False)
+        number = int.from_bytes(os.urandom(6), "big")
+        await c.call(tcp, "POST", "/api/keys", {"user_id": number, "data": "x"}, expect=200, valid_request=True)
         await c.call(tcp, "POST", "/api/keys", {"user_id": "oa-bob", "data": ["x"]}, expect=400, valid_request=False)
         await c.call(tcp, "POST", "/api/keys", raw=b"[1, 2]", expect=400)
         await c.call(tcp, "POST", "/api/keys", raw=b"{not json", expect=400)
@@ -409,7 +421,8 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], shared_dae
                                  expect=200, valid_request=True)
         await c.call(unix, "POST", "/api/encrypt", {"data": B64, "dek": DEK.upper(), "user_id": "oa-erin"},
                      expect=200, valid_request=True)
-        await c.call(tcp, "POST", "/api/encrypt", {"data": B64, "dek": DEK}, expect=400, valid_request=True)
+        _, unbound = await c.call(tcp, "POST", "/api/encrypt", {"data": B64, "dek": DEK}, expect=200,
+                                  valid_request=True)
         await c.call(tcp, "POST", "/api/encrypt", {"data": B64, "dek": DEK[:-2]}, token=alice,
                      expect=400, valid_request=False)
         await c.call(tcp, "POST", "/api/encrypt", {"data": B64, "dek": "zz" * 32}, token=alice,
@@ -433,6 +446,15 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], shared_dae
         await c.call(tcp, "POST", "/api/decrypt-dek", {"encrypted_dek": "!!not base64"}, token=alice, expect=422)
         await c.call(tcp, "POST", "/api/decrypt-dek", {"encrypted_dek": sealed["encrypted_dek"]}, expect=401)
         await c.call(tcp, "POST", "/api/decrypt-dek", {}, token=alice, expect=400, valid_request=False)
+        _, rewrapped = await c.call(tcp, "POST", "/api/rewrap", {"encrypted_dek": unbound["encrypted_dek"],
+                                    "user_id": "oa-alice"}, token=alice, expect=200, valid_request=True)
+        await c.call(tcp, "POST", "/api/rewrap", {"encrypted_dek": sealed["encrypted_dek"], "user_id": "oa-bob"},
+                     token=alice, expect=403)
+        await c.call(tcp, "POST", "/api/rewrap", {"encrypted_dek": "AAAA"}, token=alice, expect=422)
+        await c.call(tcp, "POST", "/api/rewrap", {"encrypted_dek": "AAAA"}, expect=401)
+        await c.call(tcp, "POST", "/api/rewrap", {"encrypted_dek": 5}, token=alice, expect=400, valid_request=False)
+        _, opened = await c.call(tcp, "POST", "/api/decrypt-dek", rewrapped, token=alice, expect=200)
+        assert opened["dek"] == DEK
 
         # -- operations ----------------------------------------------------------------
         for api in (unix, tcp):

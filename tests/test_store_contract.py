@@ -86,6 +86,22 @@ def expected_versions(url: str) -> list[int]:
 # -- open ------------------------------------------------------------------------------------
 
 
+async def test_record_owners_finds_a_wrapped_dek_by_its_exact_text(store: Store) -> None:
+    long_dek = "AQ" + "x" * 100 + "=="  # longer than the indexed prefix
+    await store.insert_record(Record("alice", "ek", long_dek, T0))
+    await store.insert_record(Record("bob", "ek", long_dek, T0))  # the same envelope stored twice
+    await store.insert_record(Record("carol", "ek", "AQ" + "x" * 100 + "Y=", T0))  # same prefix, other text
+    await store.insert_record(Record("dave", "ek", None, T0))
+    assert sorted(await store.record_owners(long_dek)) == ["alice", "bob"]
+    assert await store.record_owners("AQ" + "x" * 100 + "Y=") == ["carol"]
+    # Exact: the original's MySQL column is case-insensitive, base64 is not.
+    assert await store.record_owners(long_dek.upper()) == []
+    assert await store.record_owners("AQ" + "x" * 100) == []
+    assert await store.record_owners("") == []
+    await store.delete_record("alice")
+    assert await store.record_owners(long_dek) == ["bob"]
+
+
 async def test_open_applies_the_migrations_and_is_idempotent(
     database_url: str, request: pytest.FixtureRequest
 ) -> None:
@@ -1694,10 +1710,13 @@ async def test_mysql_an_interrupted_lifecycle_migration_completes_on_the_next_op
     finally:
         await store.close()
     last = len(_MIGRATIONS)
-    # As if the last migration stopped half way: the column is there, its
-    # index and the jobs table are not, and the version is not recorded.
-    mysql_server.admin("DELETE FROM kmsd_schema_migrations WHERE version = %s", (last,), db=name)
+    lifecycle = 3
+    # As if the lifecycle migration stopped half way (and the ones after it
+    # never ran): the column is there, its index and the jobs table are not,
+    # and no version from it on is recorded.
+    mysql_server.admin("DELETE FROM kmsd_schema_migrations WHERE version >= %s", (lifecycle,), db=name)
     mysql_server.admin("ALTER TABLE kms_keys DROP INDEX kms_keys_master_key_id", db=name)
+    mysql_server.admin("ALTER TABLE kms_keys DROP INDEX kms_keys_encrypted_dek", db=name)
     mysql_server.admin("DROP TABLE kmsd_rotation_jobs", db=name)
 
     for round_ in range(2):
@@ -1715,9 +1734,10 @@ async def test_mysql_an_interrupted_lifecycle_migration_completes_on_the_next_op
             await store.close()
     assert mysql_server.admin(
         "SELECT COUNT(DISTINCT INDEX_NAME) FROM information_schema.STATISTICS"
-        " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'kms_keys' AND INDEX_NAME = 'kms_keys_master_key_id'",
+        " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'kms_keys'"
+        " AND INDEX_NAME IN ('kms_keys_master_key_id', 'kms_keys_encrypted_dek')",
         (name,),
-    ) == [(1,)]
+    ) == [(2,)]
 
 
 async def test_mysql_open_migrates_an_original_database_to_the_lifecycle_schema(mysql_server: MariaDBServer) -> None:

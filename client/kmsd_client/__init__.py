@@ -234,7 +234,9 @@ class KMSClient:
     ) -> tuple[str, str]:
         """Encrypt ``data`` under ``dek``; returns ``(encrypted_key, encrypted_dek)``.
 
-        ``user_id``, when given, is bound to both ciphertexts as associated data.
+        ``user_id`` (else the token's subject) is bound to both ciphertexts as
+        associated data; with neither the envelope is unbound, in the original
+        system's format (any valid token unwraps its DEK).
         """
         body: dict[str, Any] = {"data": base64.b64encode(data).decode("ascii"), "dek": dek.hex()}
         if user_id is not None:
@@ -243,7 +245,7 @@ class KMSClient:
         return _field(doc, "encrypted_key", str), _field(doc, "encrypted_dek", str)
 
     def decrypt_dek(self, encrypted_dek: str, token: str | None = None) -> bytes:
-        """Unwrap a DEK bound to the token's subject."""
+        """Unwrap a DEK bound to the token's subject (or an unbound one)."""
         doc = self._call(
             "POST", "/api/decrypt-dek", {"encrypted_dek": encrypted_dek}, token=self._bearer(token)
         )
@@ -251,6 +253,16 @@ class KMSClient:
             return bytes.fromhex(_field(doc, "dek", str))
         except ValueError:
             raise _malformed() from None
+
+    def rewrap(self, encrypted_dek: str, user_id: str | None = None, token: str | None = None) -> str:
+        """The envelope's DEK wrapped anew under the active master key (inside
+        the vault): bound to ``user_id`` if given (another subject than the
+        token's needs an admin peer), else bound as it was. The new
+        ``encrypted_dek``."""
+        body: dict[str, Any] = {"encrypted_dek": encrypted_dek}
+        if user_id is not None:
+            body["user_id"] = user_id
+        return _field(self._call("POST", "/api/rewrap", body, token=self._bearer(token)), "encrypted_dek", str)
 
     def rotation_status(self, *, token: str | None = None) -> dict[str, Any]:
         """Master-key rotation progress (admin only)."""
