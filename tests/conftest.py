@@ -376,14 +376,14 @@ class API:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         if data is not None:
             hdrs.setdefault("Content-Type", "application/json")
-        _remember_fields(body)
+        remember_fields(body)
         async with self.session.request(method, self.base + path, data=data, headers=hdrs) as resp:
             text = await resp.read()
             try:
                 answer = json.loads(text)
             except ValueError:
                 return resp.status, text
-            _remember_fields(answer)
+            remember_fields(answer)
             return resp.status, answer
 
     async def store(self, user_id: str, data: str, token: str | None = None) -> str:
@@ -394,7 +394,7 @@ class API:
         return body["access_token"]
 
 
-def _remember_fields(body: Any) -> None:
+def remember_fields(body: Any) -> None:
     if isinstance(body, dict):
         remember(*(v for k, v in body.items() if k in SECRET_FIELDS and isinstance(v, str)))
 

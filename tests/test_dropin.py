@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from conftest import Daemon, _UnixHTTPConnection, free_port, make_daemon, remember
+from conftest import Daemon, _UnixHTTPConnection, free_port, make_daemon, remember, remember_fields
 from test_legacy import (
     ACTIVE_ID,
     BROKEN,
@@ -92,7 +92,7 @@ class Wire:
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-            _remember(body)
+            remember_fields(body)
         try:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
@@ -103,13 +103,8 @@ class Wire:
             answer = json.loads(raw)
         except ValueError:
             return resp.status, raw
-        _remember(answer)
+        remember_fields(answer)
         return resp.status, answer
-
-
-def _remember(body: Any) -> None:
-    if isinstance(body, dict):
-        remember(*(str(v) for k, v in body.items() if k in ("data", "dek", "token", "access_token") and v))
 
 
 def keyserver_decrypt(dek: bytes, encrypted_key: str) -> bytes:
