@@ -886,8 +886,14 @@ async def serve(
     if fds < wanted:
         log.warning("open_files_limit_low", limit=fds, wanted=wanted, max_connections=settings.max_connections)
     app = create_app(settings)
-    if drop_to is not None:
+    root_key_fd = settings.root_key.fd
+    if drop_to is not None or root_key_fd is not None:
+        # A launcher starts the vaults: one that stays root when the daemon
+        # drops, and the one process besides the vaults that holds ROOT_KEY's
+        # sealed memfd, so that the daemon can let go of it.
         app[STATE].vault.start_launcher()
+        if root_key_fd is not None:
+            os.close(root_key_fd)
     runner = await start_listeners(app, settings, passed)
     if drop_to is not None:
         # Sockets bound, database open, vault started: root is not needed any

@@ -129,10 +129,15 @@ class Daemon:
         return self.proc.returncode
 
     def vault_pid(self) -> int:
-        """The vault child's pid (the daemon's only child process)."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        assert len(children) == 1, children
-        return int(children[0])
+        """The vault's pid: the daemon's child, or its launcher's (a daemon
+        that drops root or holds ROOT_KEY starts vaults through a launcher)."""
+        vaults = [pid for pid in descendants(self.pid) if _is_vault(pid)]
+        assert len(vaults) == 1, vaults
+        return vaults[0]
+
+    def launcher_pid(self) -> int | None:
+        launchers = [pid for pid in descendants(self.pid) if _cmdline(pid)[3:4] == [b"kmsd.launcher"]]
+        return launchers[0] if launchers else None
 
     def wait_vault(self, not_pid: int | None = None, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
@@ -148,6 +153,34 @@ class Daemon:
 
     def logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daemon-*.log")))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop(0)
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _is_vault(pid: int) -> bool:
+    # python -I -m kmsd.vault ...
+    return _cmdline(pid)[3:4] == [b"kmsd.vault"]
 
 
 def make_daemon(

@@ -88,6 +88,37 @@ def test_root_key_and_master_keys_never_in_daemon(daemon_factory) -> None:  # no
     needles = [root_key.encode(), rk.kek, rk.legacy_key, *master, *signing]
     assert memory_contains(d.pid, needles) == []
     assert "passphrase" in d.logs()
+    # Nor in any file the daemon holds open: ROOT_KEY's sealed memfd belongs
+    # to the launcher (which starts the vaults) and the vaults only.
+    assert open_files_containing(d.pid, needles) == []
+    launcher = d.launcher_pid()
+    assert launcher is not None
+    if ROOT:  # the launcher is not dumpable: only root may look into it
+        assert open_files_containing(launcher, [root_key.encode()]) != []
+    # A vault restart still reads it (through the launcher).
+    old = d.vault_pid()
+    os.kill(old, signal.SIGKILL)
+    assert d.wait_vault(not_pid=old) != old
+    assert _store_one(d, "after-restart", "after-restart-value") == 200
+
+
+def open_files_containing(pid: int, needles: list[bytes]) -> list[str]:
+    """The open files (regular files and memfds) of ``pid`` that hold any
+    of ``needles``: each fd is read through /proc, as code running as that
+    process could."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(("socket:", "pipe:", "anon_inode:")) or target.startswith("/dev/"):
+                continue
+            with open(fd, "rb") as fh:
+                content = fh.read(1 << 24)
+        except OSError:
+            continue
+        if any(n in content for n in needles):
+            found.append(target)
+    return found
 
 
 def _store_one(d: Daemon, user: str, data: str) -> int:
