@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import Unavailable
+from .logs import escape_controls
 
 __all__ = ["AuditTrail", "AuditUnavailable", "VerifyResult", "GENESIS", "verify_file"]
 
@@ -154,7 +155,9 @@ class AuditTrail:
             }
             if detail:
                 entry["detail"] = detail
-            line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            line = escape_controls(
+                json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            )
             try:
                 if self._fd is None:
                     raise OSError("audit trail not open")

@@ -38,6 +38,9 @@ ALGORITHMS = ["EdDSA"]
 # and only when that secret is configured as a migration option.
 LEGACY_ALGORITHMS = ["HS256"]
 MAX_TOKEN_LENGTH = 4096
+# The original auth service issued 30-day tokens: one of its tokens that
+# claims to live longer is not one of them (exp = 10**300, say).
+LEGACY_MAX_LIFETIME = 31 * 86400
 MAX_USER_ID = 64
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -313,9 +316,26 @@ class TokenService:
         # A numeric id is the user whose id is its decimal string: the
         # original stored it in a VARCHAR column, where MySQL made it that.
         subject = user_id_of(payload.get("id"))
-        if subject is None or not subject or len(subject) > MAX_USER_ID or payload["exp"] <= self._clock():
+        if subject is None or not subject or len(subject) > MAX_USER_ID or not self._legacy_claims_ok(payload, subject):
             raise Unauthorized()
         return Claims(subject, None, payload)
+
+    def _legacy_claims_ok(self, payload: dict[str, Any], subject: str) -> bool:
+        """The checks of kmsd's own tokens, minus what the original never set
+        (``aud``, ``iss``, ``sub``: checked when present), and a lifetime no
+        longer than the original ever gave (30 days)."""
+        now = self._clock()
+        exp, iat = payload["exp"], payload["iat"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (exp, iat)):
+            return False
+        if exp <= now or iat > now + 60 or exp - iat > LEGACY_MAX_LIFETIME:
+            return False
+        if "nbf" in payload and not (isinstance(payload["nbf"], int) and payload["nbf"] <= now + 1):
+            return False
+        aud = payload.get("aud", self.audience)
+        if aud != self.audience and not (isinstance(aud, list) and self.audience in aud):
+            return False
+        return payload.get("iss", self.issuer) == self.issuer and user_id_of(payload.get("sub", subject)) == subject
 
 
 def user_id_of(value: Any) -> str | None:

@@ -48,10 +48,17 @@ from .errors import (
     KMSError,
     RequestTimeout,
     Unavailable,
+    URITooLong,
     error_for_code,
 )
 
-__all__ = ["EVICT_AFTER", "GuardedRunner", "GuardedServer", "Limits", "raise_fd_limit"]
+__all__ = ["EVICT_AFTER", "MAX_TARGET", "GuardedRunner", "GuardedServer", "Limits", "raise_fd_limit"]
+
+# The longest request target (path and query) answered: kmsd's longest route
+# with a 64-character key id, percent-encoded, fits many times over. Routing
+# costs more the longer the path is (aiohttp tries its prefixes), so a
+# longer one is refused (414) before it reaches the router.
+MAX_TARGET = 1024
 
 # A connection waiting for a request head may give its place to a new one
 # once it has waited this long (seconds); a fresh connection gets this much
@@ -92,7 +99,7 @@ class GuardedServer(Server):
         # The server aiohttp's AppRunner built for the app, re-made with our
         # protocol: same handler, request factory and handler arguments.
         super().__init__(
-            server.request_handler,
+            _short_targets_only(server.request_handler),
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
@@ -157,6 +164,20 @@ class GuardedServer(Server):
                 refused=self.refused,
                 closed_idle=self.evicted,
             )
+
+
+def _short_targets_only(handler: Any) -> Any:
+    async def handle(request: BaseRequest) -> StreamResponse:
+        if len(request.raw_path) > MAX_TARGET:
+            err = URITooLong()
+            return Response(
+                body=json.dumps({"error": err.message, "code": err.code}).encode(),
+                status=err.status,
+                content_type="application/json",
+            )
+        return await handler(request)
+
+    return handle
 
 
 class _Connection(RequestHandler):

@@ -20,6 +20,7 @@ __all__ = [
     "Conflict",
     "RequestTimeout",
     "PayloadTooLarge",
+    "URITooLong",
     "DecryptionFailed",
     "Unavailable",
     "InternalError",
@@ -94,6 +95,15 @@ class PayloadTooLarge(KMSError):
     default_message = "request body too large"
 
 
+class URITooLong(KMSError):
+    """A request target longer than any route needs: refused before routing,
+    whose cost grows with the length of the path."""
+
+    status = 414
+    code = "uri_too_long"
+    default_message = "request target too long"
+
+
 class DecryptionFailed(KMSError):
     """A ciphertext did not authenticate: tampered, truncated, moved to another
     owner, or wrapped under a key that is gone. Never says which."""
@@ -128,6 +138,7 @@ ERRORS_BY_CODE: dict[str, type[KMSError]] = {
         Conflict,
         RequestTimeout,
         PayloadTooLarge,
+        URITooLong,
         DecryptionFailed,
         Unavailable,
         InternalError,

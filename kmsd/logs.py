@@ -6,6 +6,7 @@ even if a caller binds one by mistake."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import orjson
 import structlog
 
-__all__ = ["REDACTED_KEYS", "configure_logging", "redact", "get_logger", "set_log_level"]
+__all__ = ["REDACTED_KEYS", "configure_logging", "escape_controls", "redact", "get_logger", "set_log_level"]
 
 # Field names that may carry secrets: their values are never rendered.
 REDACTED_KEYS = frozenset(
@@ -31,6 +32,30 @@ REDACTED_KEYS = frozenset(
         "secret",
     }
 )
+
+
+# Characters that JSON leaves raw but that break a line or reorder text when
+# a person reads the log or the audit trail in a terminal or an editor: line
+# and paragraph separators, bidi embeddings, overrides, isolates and marks
+# (a user id with U+202E would print backwards): U+2028, U+2029, U+200E,
+# U+200F, U+202A-U+202E, U+2066-U+2069 and U+061C, as UTF-8. Escaped as
+# \\uXXXX, which every JSON reader decodes to the same string.
+_CONTROLS = re.compile(rb"\xe2\x80[\xa8\xa9\x8e\x8f\xaa-\xae]|\xe2\x81[\xa6-\xa9]|\xd8\x9c")
+
+
+def _escape(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode("utf-8"))
+
+
+def escape_controls(line: bytes) -> bytes:
+    """A UTF-8 JSON line with line and bidi controls escaped."""
+    if b"\xe2" not in line and b"\xd8" not in line:  # the usual case: nothing to look for
+        return line
+    return _CONTROLS.sub(_escape, line)
+
+
+def _render_json(event: Any, **kw: Any) -> bytes:
+    return escape_controls(orjson.dumps(event))
 
 
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -67,7 +92,7 @@ def processors(json_output: bool) -> list[Any]:
     # orjson: the request line is on every request's path, and rendering it
     # with the standard json module cost about a third of the line.
     renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        structlog.processors.JSONRenderer(serializer=_render_json)
         if json_output
         else structlog.dev.ConsoleRenderer(colors=False)
     )

@@ -10,11 +10,12 @@ import pwd
 import resource
 import socket
 
-__all__ = ["MCL_CURRENT", "harden", "libc", "switch_user", "unix_sockets_only", "user_exists"]
+__all__ = ["MCL_CURRENT", "MCL_FUTURE", "harden", "libc", "switch_user", "unix_sockets_only", "user_exists"]
 
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 MCL_CURRENT = 1
+MCL_FUTURE = 2
 
 
 def libc() -> ctypes.CDLL:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import time
+import traceback
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ from .vault import Kind, VaultClient
 __all__ = ["AppState", "STATE", "create_app", "serve"]
 
 DEK_HEX_LENGTH = 64
+# A request line logs at most this much of its path (they are at most
+# connections.MAX_TARGET long; a log line need not be).
+LOGGED_PATH = 256
 _HEX_DEK = re.compile(f"[0-9a-fA-F]{{{DEK_HEX_LENGTH}}}")
 
 
@@ -346,8 +350,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _error_response(err, allow)
     except asyncio.CancelledError:
         raise
-    except Exception:
-        state.log.exception("unhandled_error", path=request.path, method=request.method)
+    except Exception as exc:
+        # The type and where it was raised, never its message (which may
+        # quote data) nor a rendered traceback with the frames' values.
+        state.log.error(
+            "unhandled_error", path=request.path[:LOGGED_PATH], method=request.method,
+            error_type=type(exc).__name__, where=_raised_at(exc),
+        )
         response = _error_response(InternalError())
     if COMPAT in request and response.status < 400:
         state.metrics.compat_requests.labels(route).inc()
@@ -358,13 +367,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     (state.log.warning if failure else state.log.info)(
         "request",
         method=request.method,
-        path=request.path,
+        path=request.path[:LOGGED_PATH],
         status=response.status,
         ms=round(seconds * 1000, 2),
         **peer.describe(),
         **failure,
     )
     return response
+
+
+def _raised_at(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame of ``exc``."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
 
 
 def _failure(exc: KMSError) -> dict[str, str]:
@@ -704,6 +722,9 @@ def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application
         log=log,
     )
     app[STATE] = AppState(settings, kms.store, kms.vault, kms, rotator, policy, log, metrics, audit)
+    # Read now, while the package's files are surely readable: after the
+    # privilege drop they may not be (an interpreter under /root).
+    _openapi_document()
     app.add_routes(routes)
     app.cleanup_ctx.append(_backend_ctx)
     app.cleanup_ctx.append(_rotator_ctx)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import RootKeySource
-from .privileges import MCL_CURRENT, harden, libc, switch_user, unix_sockets_only, user_exists
+from .privileges import MCL_CURRENT, MCL_FUTURE, harden, libc, switch_user, unix_sockets_only, user_exists
 from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
 
 if TYPE_CHECKING:
@@ -44,6 +44,9 @@ PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">IBBI")
 _FIELD = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
+# RLIMIT_MEMLOCK the vault gets before it drops root: far above what it maps
+# (~50 MB), so that locking every future page never fails an allocation.
+VAULT_MEMLOCK = 512 * 1024 * 1024
 
 
 class Op(enum.IntEnum):
@@ -549,16 +552,39 @@ def stash_root_key(value: str) -> int:
 def drop_privileges(user: str | None) -> None:
     """No core files, no new privileges, a dedicated user when root, not
     dumpable (so neither ptrace nor /proc/PID/mem by the same uid)."""
+    locked = True
     if os.geteuid() == 0:
-        # Lock what is mapped now while we may; later growth stays unlocked
-        # rather than failing allocations under a small RLIMIT_MEMLOCK.
-        libc().mlockall(MCL_CURRENT)
+        locked = _lock_memory()
         switch_user(user or ("kmsd-vault" if user_exists("kmsd-vault") else "nobody"))
     harden()
+    if not locked:
+        _vault_log(
+            "memory_not_locked", level="warning",
+            warning=f"RLIMIT_MEMLOCK is below {VAULT_MEMLOCK >> 20} MiB and cannot be raised: only the pages mapped "
+            "before the privilege drop are locked, the master keys may be swapped out; set LimitMEMLOCK=512M "
+            "(systemd) or ulimit -l 524288",
+        )
     # No network from here on: the vault talks to the daemon only, over the
     # socket it inherited.
     if not unix_sockets_only():
         _vault_log("no_socket_filter", level="warning", warning="seccomp socket filter not available on this CPU")
+
+
+def _lock_memory() -> bool:
+    """As root: lock every page, those mapped later too (the master keys
+    arrive after the privilege drop). That needs RLIMIT_MEMLOCK to cover the
+    vault once it is no longer root, or its allocations would fail; where
+    the limit is lower and cannot be raised, lock what is mapped now only.
+    True if every future page is locked."""
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (VAULT_MEMLOCK, VAULT_MEMLOCK))
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if (soft == resource.RLIM_INFINITY or soft >= VAULT_MEMLOCK) and libc().mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
+        return True
+    libc().mlockall(MCL_CURRENT)
+    return False
 
 
 def _read_root_key(args: argparse.Namespace) -> str:
@@ -888,7 +914,9 @@ def _serve(sock: socket.socket, vault: _Vault) -> None:
                 status, result = vault.handle(op, fields)
             except Exception as exc:  # noqa: BLE001 - one bad request must not kill the vault
                 _vault_log("vault_request_failed", level="error", error=type(exc).__name__)
-                status, result, req_id = Status.INTERNAL, [], struct.unpack_from(">BBI", body)[2]
+                # A frame too short to name its request still gets an answer.
+                req_id = struct.unpack_from(">I", body, 2)[0] if len(body) >= 6 else 0
+                status, result = Status.INTERNAL, []
             answers.append(encode_frame(status, req_id, result))
         del buf[:pos]
         if answers:

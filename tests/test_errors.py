@@ -16,6 +16,7 @@ TABLE = [
     (errors.RequestTimeout, 408, "timeout"),
     (errors.Conflict, 409, "conflict"),
     (errors.PayloadTooLarge, 413, "too_large"),
+    (errors.URITooLong, 414, "uri_too_long"),
     (errors.DecryptionFailed, 422, "decryption_failed"),
     (errors.Unavailable, 503, "unavailable"),
     (errors.InternalError, 500, "internal"),

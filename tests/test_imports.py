@@ -28,7 +28,7 @@ ALLOWED = {
     "admin": {"errors", "config", "logs", "rotation", "rootkey", "service"},
     "systemd": set(),
     "metrics": {"errors"},
-    "audit": {"errors"},
+    "audit": {"errors", "logs"},
     "connections": {"errors"},
     "server": {"errors", "config", "audit", "auth", "connections", "logs", "metrics", "privileges", "rotation", "service",
                "store", "systemd", "vault"},

@@ -128,6 +128,15 @@ def legacy_token(user_id: Any, *, secret: str = HS256_SECRET, lifetime: int = 36
     return token
 
 
+def legacy_with(**claims: Any) -> str:
+    """An HS256 token for fb-1 with ``claims`` added or replaced."""
+    now = int(time.time())
+    payload = {"id": "fb-1", "iat": now, "exp": now + 3600, **claims}
+    token = jwt.encode(payload, HS256_SECRET, algorithm="HS256")
+    remember(token)
+    return token
+
+
 def db_name(url: str) -> str:
     return urlsplit(url).path.lstrip("/")
 
@@ -218,6 +227,9 @@ async def test_original_rows_read_with_a_kmsd_token_too(unix: API) -> None:
 async def test_original_token_verifies(unix: API) -> None:
     status, body = await unix.call("POST", "/verify", {"token": legacy_token("fb-1")})
     assert status == 200 and body["valid"] is True and body["payload"]["id"] == "fb-1"
+    # Claims the original never set are fine when they are right.
+    for token in (legacy_with(aud="kmsd", iss="kmsd", sub="fb-1"), legacy_with(exp=int(time.time()) + 30 * 86400)):
+        assert (await read(unix, token))[0] == 200
 
 
 @pytest.mark.parametrize(
@@ -226,6 +238,15 @@ async def test_original_token_verifies(unix: API) -> None:
         pytest.param(lambda: legacy_token("fb-1", secret="not-the-secret"), id="wrong-secret"),
         pytest.param(lambda: legacy_token("fb-1", lifetime=-10), id="expired"),
         pytest.param(lambda: legacy_token(""), id="empty-id"),
+        # The claim checks of kmsd's own tokens, where the token has the claim.
+        pytest.param(lambda: legacy_with(aud="someone-else"), id="wrong-aud"),
+        pytest.param(lambda: legacy_with(iss="someone-else"), id="wrong-iss"),
+        pytest.param(lambda: legacy_with(sub="fb-2"), id="sub-not-id"),
+        pytest.param(lambda: legacy_with(exp=10**300), id="absurd-exp"),
+        pytest.param(lambda: legacy_with(exp=int(time.time()) + 40 * 86400), id="longer-than-the-original-gave"),
+        pytest.param(lambda: legacy_with(exp=time.time() + 60.5), id="float-exp"),
+        pytest.param(lambda: legacy_with(iat=int(time.time()) + 3600), id="issued-in-the-future"),
+        pytest.param(lambda: legacy_with(nbf=int(time.time()) + 3600), id="not-yet-valid"),
         pytest.param(
             lambda: jwt.encode({"id": "fb-1", "exp": int(time.time()) + 60}, HS256_SECRET, algorithm="HS256"),
             id="no-iat",

@@ -65,6 +65,26 @@ def test_vault_is_a_separate_locked_down_process(daemon_factory) -> None:  # noq
         assert uid != 0 and int(status_fields(d.pid)["Uid"].split()[0]) == 0
         assert Path(f"/proc/{vault}/environ").read_bytes() == b""
         assert fields["CapEff"] == "0000000000000000"
+        # Every page is locked, those mapped after the drop (the keys) too;
+        # where RLIMIT_MEMLOCK cannot be raised, the vault says so and how.
+        assert _store_one(d, "locked-vault", "locked-vault-value") == 200
+        fields = status_fields(vault)
+        locked, resident = int(fields["VmLck"].split()[0]), int(fields["VmRSS"].split()[0])
+        if can_lock_the_vault():
+            assert locked >= resident > 0, (locked, resident)
+            assert "memory_not_locked" not in d.logs()
+        else:
+            assert locked > 0 and "memory_not_locked" in d.logs() and "LimitMEMLOCK" in d.logs()
+
+
+def can_lock_the_vault() -> bool:
+    import resource
+
+    from kmsd.vault import VAULT_MEMLOCK
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    cap_sys_resource = int(status_fields(os.getpid())["CapEff"], 16) & (1 << 24)
+    return bool(cap_sys_resource) or hard == resource.RLIM_INFINITY or hard >= VAULT_MEMLOCK
 
 
 def test_root_key_and_master_keys_never_in_daemon(daemon_factory) -> None:  # noqa: ANN001

@@ -1,0 +1,140 @@
+"""Attacks from the independent security review (issue 14), each run against
+the real daemon (or, for the vault's frame loop, the real vault code on a
+real socket), and what now stops them. The root-key memfd is checked in
+test_vault.py, the original's tokens' claims in test_legacy.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+from conftest import Daemon, open_api, remember
+
+from kmsd.config import load_settings
+from kmsd.connections import MAX_TARGET
+from kmsd.server import LOGGED_PATH, create_app
+
+
+def request_lines(d: Daemon) -> list[dict[str, Any]]:
+    lines = []
+    for line in d.logs().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("event") == "request":
+                lines.append(entry)
+    return lines
+
+
+# -- 8: CPU amplification by long paths ------------------------------------------------
+
+
+async def test_a_long_request_target_is_414_before_routing(shared_daemon: Daemon) -> None:
+    session, tcp = open_api(shared_daemon, "tcp")
+    async with session:
+        # 7.8 KB of /x segments: the review's amplifier.
+        status, body = await tcp.call("GET", "/x" * 3900)
+        assert (status, body["code"]) == (414, "uri_too_long")
+        status, body = await tcp.call("POST", "/api/keys?" + "q" * MAX_TARGET, {"user_id": "u", "data": "d"})
+        assert status == 414
+        # At the limit, the router answers as usual; the log keeps a prefix.
+        marker = "long-path-marker-" + os.urandom(4).hex()
+        path = "/" + marker + "y" * (MAX_TARGET - len(marker) - 1)
+        status, body = await tcp.call("GET", path)
+        assert (status, body["code"]) == (404, "not_found")
+    logged = [e["path"] for e in request_lines(shared_daemon) if marker in e.get("path", "")]
+    assert logged and all(len(p) <= LOGGED_PATH for p in logged)
+    assert not any("/x/x/x" in e.get("path", "") for e in request_lines(shared_daemon))
+
+
+# -- 12: smaller ones --------------------------------------------------------------------
+
+
+async def test_line_and_bidi_controls_are_escaped_in_the_log_and_the_audit_trail(daemon_factory: Any) -> None:
+    d: Daemon = daemon_factory(start=False)
+    d.env["KMSD_AUDIT_LOG"] = str(d.dir / "audit.log")
+    d.start()
+    user = "evil\u2028\u202egnp.exe" + os.urandom(3).hex()
+    session, unix = open_api(d, "unix")
+    async with session:
+        token = await unix.store(user, "escaped value")
+        assert await unix.call("GET", "/api/keys", token=token) == (200, {"data": "escaped value"})
+        assert (await unix.call("GET", "/no/\u202e/\u2028here"))[0] == 404
+    raw = (d.dir / "audit.log").read_bytes()
+    logs = b"".join(p.read_bytes() for p in d.dir.glob("daemon-*.log"))
+    for text in (raw, logs):
+        for ch in ("\u2028", "\u202e"):
+            assert ch.encode() not in text
+    assert b"\\u202e" in raw and b"\\u2028" in logs
+    # JSON readers get the same id back.
+    subjects = {json.loads(line)["subject"] for line in raw.splitlines()}
+    assert user in subjects
+
+
+async def test_an_unhandled_error_logs_its_type_and_frame_never_its_message(tmp_path: Path, aiohttp_client: Any) -> None:
+    settings = load_settings(
+        overrides={"dev": True, "database_url": f"sqlite:///{tmp_path / 'kmsd.db'}", "socket": str(tmp_path / "s")},
+        environ={},
+    )
+    app = create_app(settings)
+    secret = "a-message-that-quotes-data-" + os.urandom(4).hex()
+    remember(secret)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise ValueError(secret)
+
+    app.router.add_get("/broken", broken)
+    with structlog.testing.capture_logs() as logs:
+        client = await aiohttp_client(app)  # the real store and vault start here
+        response = await client.get("/broken")
+        assert response.status == 500
+        assert await response.json() == {"error": "internal error", "code": "internal"}
+    (entry,) = [e for e in logs if e["event"] == "unhandled_error"]
+    assert entry["error_type"] == "ValueError" and "test_review.py" in entry["where"] and "broken" in entry["where"]
+    assert secret not in json.dumps(entry, default=str) and "exc_info" not in entry
+
+
+def test_the_openapi_document_is_read_before_any_privilege_drop(tmp_path: Path) -> None:
+    from kmsd.server import _openapi_document
+
+    _openapi_document.cache_clear()
+    settings = load_settings(
+        overrides={"dev": True, "database_url": f"sqlite:///{tmp_path / 'kmsd.db'}", "socket": str(tmp_path / "s")},
+        environ={},
+    )
+    create_app(settings)  # builds the app only
+    assert _openapi_document.cache_info().currsize == 1 and _openapi_document()
+
+
+def test_the_vault_answers_a_frame_too_short_to_name_its_request() -> None:
+    """The vault's own loop, on a real socketpair: a 5-byte frame used to
+    crash its error path (and with it the vault)."""
+    from kmsd.envelope import RootKey
+    from kmsd.vault import Op, Status, _serve, _Vault, decode_body, encode_frame
+
+    ours, theirs = socket.socketpair()
+    vault = _Vault(RootKey(os.urandom(32).hex()))
+    thread = threading.Thread(target=_serve, args=(theirs, vault), daemon=True)
+    thread.start()
+    try:
+        ours.settimeout(5)
+        ours.sendall(struct.pack(">I", 5) + b"\x01\x01\x00\x00\x00")
+        (length,) = struct.unpack(">I", ours.recv(4))
+        code, req_id, _ = decode_body(ours.recv(length))
+        assert (code, req_id) == (Status.INTERNAL, 0)
+        # Still serving.
+        ours.sendall(encode_frame(Op.PING, 7, []))
+        (length,) = struct.unpack(">I", ours.recv(4))
+        assert decode_body(ours.recv(length))[:2] == (Status.OK, 7)
+    finally:
+        ours.close()
+        thread.join(5)
+        theirs.close()
+    assert not thread.is_alive()
