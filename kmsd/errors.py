@@ -21,6 +21,7 @@ __all__ = [
     "RequestTimeout",
     "PayloadTooLarge",
     "URITooLong",
+    "UnsupportedMediaType",
     "DecryptionFailed",
     "Unavailable",
     "InternalError",
@@ -104,6 +105,16 @@ class URITooLong(KMSError):
     default_message = "request target too long"
 
 
+class UnsupportedMediaType(KMSError):
+    """A body that does not say it is JSON. A web page can send a
+    cross-site POST with ``text/plain`` without asking first (a CORS simple
+    request), never with ``application/json``."""
+
+    status = 415
+    code = "unsupported_media_type"
+    default_message = "request body must be application/json"
+
+
 class DecryptionFailed(KMSError):
     """A ciphertext did not authenticate: tampered, truncated, moved to another
     owner, or wrapped under a key that is gone. Never says which."""
@@ -139,6 +150,7 @@ ERRORS_BY_CODE: dict[str, type[KMSError]] = {
         RequestTimeout,
         PayloadTooLarge,
         URITooLong,
+        UnsupportedMediaType,
         DecryptionFailed,
         Unavailable,
         InternalError,

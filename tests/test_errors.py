@@ -17,6 +17,7 @@ TABLE = [
     (errors.Conflict, 409, "conflict"),
     (errors.PayloadTooLarge, 413, "too_large"),
     (errors.URITooLong, 414, "uri_too_long"),
+    (errors.UnsupportedMediaType, 415, "unsupported_media_type"),
     (errors.DecryptionFailed, 422, "decryption_failed"),
     (errors.Unavailable, 503, "unavailable"),
     (errors.InternalError, 500, "internal"),

@@ -138,3 +138,47 @@ def test_the_vault_answers_a_frame_too_short_to_name_its_request() -> None:
         thread.join(5)
         theirs.close()
     assert not thread.is_alive()
+
+
+# -- 7: blind cross-site writes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+async def test_a_body_not_declared_json_is_415_and_writes_nothing(shared_daemon: Daemon, content_type: str | None) -> None:
+    """A web page's CORS "simple request" (text/plain, a form) reaches the
+    TCP listener without the browser asking first: it must not squat an id."""
+    user = "xsite-" + os.urandom(4).hex()
+    session, tcp = open_api(shared_daemon, "tcp")
+    async with session:
+        headers = {"Content-Type": content_type} if content_type else {}
+        raw = json.dumps({"user_id": user, "data": "squatted"}).encode()
+        async with session.post(tcp.base + "/api/keys", data=raw, headers=headers,
+                                skip_auto_headers=["Content-Type"]) as resp:
+            assert resp.status == 415
+            assert (await resp.json())["code"] == "unsupported_media_type"
+        # Nothing was stored: the id is still free.
+        token = await tcp.store(user, "the real owner")
+        assert await tcp.call("GET", "/api/keys", token=token) == (200, {"data": "the real owner"})
+        # A charset parameter is fine.
+        status, _ = await tcp.call("POST", "/verify", {"token": token},
+                                   headers={"Content-Type": "application/json; charset=utf-8"})
+        assert status == 200
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("https://evil.example", False), ("null", False), ("http://localhost.evil.example", False),
+    ("http://[::1", False), ("http://localhost:8000", True), ("http://127.0.0.1", True),
+])
+async def test_a_request_from_a_foreign_origin_is_refused(shared_daemon: Daemon, origin: str, allowed: bool) -> None:
+    user = "origin-" + os.urandom(4).hex()
+    session, tcp = open_api(shared_daemon, "tcp")
+    async with session:
+        status, body = await tcp.call("POST", "/api/keys", {"user_id": user, "data": "from a page"},
+                                      headers={"Origin": origin})
+        if allowed:
+            assert status == 200
+            remember(body["access_token"])
+        else:
+            assert (status, body["code"], body["error"]) == (403, "forbidden", "origin not allowed")
+            assert (await tcp.call("POST", "/api/keys", {"user_id": user, "data": "owner"}))[0] == 200
