@@ -433,6 +433,16 @@ def load_settings(
         raise ConfigError("rotation_batch_size must be between 1 and 100000")
     if settings.rotation_period is not None and settings.rotation_period < 60:
         raise ConfigError("rotation_period must be at least 60 seconds (or off)")
+    if settings.compat_original and settings.unbound_envelopes == "refuse":
+        raise ConfigError(
+            'compat = "original" and unbound_envelopes = "refuse" contradict each other: the original'
+            " key-server's /api/encrypt names no owner"
+        )
+    if settings.compat_original and settings.rotation_period is not None:
+        raise ConfigError(
+            'compat = "original" and rotation_period: a rotation upgrades the rows the original'
+            " key-server wrote into kmsd's format, which it cannot read; rotate by hand once it is gone"
+        )
 
     creds = env.get("CREDENTIALS_DIRECTORY")
     if settings.database.scheme == "mysql":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -334,13 +335,28 @@ class KMS:
             env.dek_key_id(dek.wrapped),
         )
         if replace:
-            await self.store.upsert_record(record)
+            await self._replace(record)
         else:
             try:
                 await self.store.insert_record(record)
             except Conflict:
                 raise Conflict("user_id already has a stored key; present its token to replace it") from None
         return token, token_id
+
+    async def _replace(self, record: Record) -> None:
+        """Insert or replace, compare-and-set on the row it replaces, so that
+        the wrapped DEK it drops is released (``_release``) if it has no owner."""
+        for _ in range(_CAS_ATTEMPTS):
+            old = await self.store.get_record(record.user_id)
+            if old is None:
+                try:
+                    await self.store.insert_record(record)
+                    return
+                except Conflict:
+                    continue  # created meanwhile: replace that one
+            if await self.store.replace_record(old, record, release=_release(old)):
+                return
+        raise Conflict("the record changed concurrently; try again")
 
     async def fetch_record(self, user_id: str) -> str:
         record = await self.store.get_record(user_id)
@@ -389,7 +405,8 @@ class KMS:
             record.created_at,
             env.dek_key_id(fresh.wrapped),
         )
-        return "upgraded" if await self.store.replace_record(record, upgraded) else "changed"
+        replaced = await self.store.replace_record(record, upgraded, release=_release(record))
+        return "upgraded" if replaced else "changed"
 
     async def upgrade_master_keys(self) -> list[str]:
         """Rewrap master-key rows of the original system (CBC, no MAC) in the
@@ -407,8 +424,13 @@ class KMS:
         return upgraded
 
     async def delete_record(self, user_id: str) -> None:
-        if not await self.store.delete_record(user_id):
-            raise NotFound("no key stored for this user")
+        for _ in range(_CAS_ATTEMPTS):
+            old = await self.store.get_record(user_id)
+            if old is None:
+                break
+            if await self.store.delete_record(user_id, only_if=old, release=_release(old)):
+                return
+        raise NotFound("no key stored for this user")
 
     async def _unwrap(self, owner: str, purposes: Sequence[env.Purpose], wrapped: bytes) -> DEK:
         return await self._with_keys(lambda: self.vault.unwrap_dek(owner, purposes, wrapped))
@@ -467,8 +489,12 @@ class KMS:
         if not kind.unbound:
             return
         # The canonical text: a client could send the same bytes in another
-        # base64 spelling (unused trailing bits) to miss the row.
+        # base64 spelling (unused trailing bits) to miss the row. And a
+        # record's wrapped DEK stays its owner's after the record was
+        # upgraded, replaced or deleted: a copy of the old row (a backup)
+        # still has the data that DEK opens.
         owners = await self.store.record_owners(env.b64e(wrapped))
+        owners += await self.store.released_owners(_digest(wrapped))
         if owners and caller not in owners:
             raise DecryptionFailed()
 
@@ -485,6 +511,33 @@ class KMS:
             "store": store_ok,
             "active_master_key": self.keys.active_key_id is not None,
         }
+
+
+# Rounds of read-then-compare-and-set before a concurrent writer wins.
+_CAS_ATTEMPTS = 5
+
+
+def _digest(wrapped: bytes) -> bytes:
+    return hashlib.sha256(b"kmsd/released-dek/v1" + wrapped).digest()
+
+
+def _release(record: Record) -> bytes | None:
+    """The digest to remember when ``record`` leaves ``kms_keys``, if its
+    wrapped DEK has no owner binding (the original's CBC, or an unbound one a
+    client of the original stored): any valid token could unwrap it
+    otherwise. None for kmsd's own v1 records, bound to their owner."""
+    try:
+        wrapped = env.b64d(record.encrypted_dek or "")
+    except env.InvalidToken:
+        return None  # nothing unwraps it anyway
+    if not wrapped:
+        return None
+    try:
+        if env.dek_key_id(wrapped) and not env.is_unbound_dek(wrapped):
+            return None
+    except env.InvalidToken:
+        pass
+    return _digest(wrapped)
 
 
 def _wrapped_dek(text: str) -> bytes:

@@ -148,17 +148,27 @@ class Store(Protocol):
     async def upsert_record(self, record: Record) -> None:
         """Insert, or replace the existing row's ciphertexts atomically."""
 
-    async def delete_record(self, user_id: str) -> bool:
-        """Delete the row; False when there was none."""
+    async def delete_record(
+        self, user_id: str, *, only_if: Record | None = None, release: bytes | None = None
+    ) -> bool:
+        """Delete the row; False when there was none. ``only_if``: only while
+        its ciphertexts are still exactly that record's (compare-and-set).
+        ``release``: in the same transaction, remember this digest of the
+        row's wrapped DEK as the user's (``released_owners``)."""
 
-    async def replace_record(self, old: Record, new: Record) -> bool:
+    async def replace_record(self, old: Record, new: Record, *, release: bytes | None = None) -> bool:
         """Compare-and-set: replace the row of ``old.user_id`` with ``new``
         only if its ciphertexts are still exactly ``old``'s. False (and no
-        change) when the row was changed or deleted meanwhile."""
+        change) when the row was changed or deleted meanwhile. ``release``:
+        as for ``delete_record``, when the row is replaced."""
 
     async def record_owners(self, encrypted_dek: str) -> list[str]:
         """The user ids of the rows whose ``encrypted_dek`` is exactly this
         text (an index lookup): whose stored record a wrapped DEK is."""
+
+    async def released_owners(self, digest: bytes) -> list[str]:
+        """Whose record a wrapped DEK was, by a digest given to ``release``
+        when that record was replaced or deleted."""
 
     async def count_records(self) -> int: ...
 
@@ -289,6 +299,14 @@ _SQLITE_MIGRATIONS: Sequence[str] = (
     """
     CREATE INDEX IF NOT EXISTS kms_keys_encrypted_dek ON kms_keys (substr(encrypted_dek, 1, 32));
     """,
+    # 4: whose record a wrapped DEK used to be (released_owners): a digest,
+    # never the wrapped DEK itself, so a deleted record stays shredded.
+    """
+    CREATE TABLE IF NOT EXISTS kmsd_released_deks (
+        digest BLOB PRIMARY KEY,
+        user_id VARCHAR(64) NOT NULL
+    );
+    """,
 )
 # The indexed prefix of kms_keys.encrypted_dek (both backends).
 DEK_PREFIX = 32
@@ -305,6 +323,14 @@ _WriteOp = Callable[[sqlite3.Connection], Any]
 # Errors that mean "the database is not usable right now", as opposed to a
 # constraint the caller violated.
 _SQLITE_DOWN = (sqlite3.OperationalError, sqlite3.DatabaseError, sqlite3.ProgrammingError, ValueError)
+
+
+def _released(conn: sqlite3.Connection, changed: bool, release: bytes | None, user_id: str) -> bool:
+    """After a row changed: remember ``release`` as ``user_id``'s (the same
+    transaction). ``changed`` passes through."""
+    if changed and release is not None:
+        conn.execute("INSERT OR IGNORE INTO kmsd_released_deks (digest, user_id) VALUES (?, ?)", (release, user_id))
+    return changed
 
 
 class SQLiteStore:
@@ -601,14 +627,22 @@ class SQLiteStore:
 
         await self._write(op)
 
-    async def delete_record(self, user_id: str) -> bool:
+    async def delete_record(
+        self, user_id: str, *, only_if: Record | None = None, release: bytes | None = None
+    ) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("DELETE FROM kms_keys WHERE user_id = ?", (user_id,))
-            return cur.rowcount > 0
+            if only_if is None:
+                cur = conn.execute("DELETE FROM kms_keys WHERE user_id = ?", (user_id,))
+            else:
+                cur = conn.execute(
+                    "DELETE FROM kms_keys WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
+                    (user_id, only_if.encrypted_key, only_if.encrypted_dek),
+                )
+            return _released(conn, cur.rowcount > 0, release, user_id)
 
         return bool(await self._write(op))
 
-    async def replace_record(self, old: Record, new: Record) -> bool:
+    async def replace_record(self, old: Record, new: Record, *, release: bytes | None = None) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE kms_keys SET encrypted_key = ?, encrypted_dek = ?, created_at = ?, master_key_id = ?"
@@ -616,9 +650,13 @@ class SQLiteStore:
                 (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
                  old.user_id, old.encrypted_key, old.encrypted_dek),
             )
-            return cur.rowcount > 0
+            return _released(conn, cur.rowcount > 0, release, old.user_id)
 
         return bool(await self._write(op))
+
+    async def released_owners(self, digest: bytes) -> list[str]:
+        rows = await self._read("SELECT user_id FROM kmsd_released_deks WHERE digest = ?", (digest,))
+        return [r[0] for r in rows]
 
     async def rewrap_records(self, changes: Sequence[tuple[Record, str, str]]) -> int:
         def op(conn: sqlite3.Connection) -> int:

@@ -106,6 +106,14 @@ _MIGRATIONS: Sequence[Sequence[str]] = (
     # 4: whose record a wrapped DEK is (record_owners): a prefix index, as
     # a TEXT column allows (the prefix of a wrapped DEK is random enough).
     (f"index kms_keys kms_keys_encrypted_dek (encrypted_dek({DEK_PREFIX}))",),
+    # 5: whose record a wrapped DEK used to be (released_owners): a digest,
+    # never the wrapped DEK itself, so a deleted record stays shredded.
+    (
+        """CREATE TABLE IF NOT EXISTS kmsd_released_deks (
+            digest BINARY(32) NOT NULL PRIMARY KEY,
+            user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL
+        ) ENGINE=InnoDB""",
+    ),
 )
 
 
@@ -577,16 +585,39 @@ class MySQLStore:
             )
         )
 
-    async def replace_record(self, old: Record, new: Record) -> bool:
-        changed = await self._write(
-            (
-                "UPDATE kms_keys SET encrypted_key = %s, encrypted_dek = %s, created_at = %s, master_key_id = %s"
-                f" WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
-                (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
-                 old.user_id, old.encrypted_key, old.encrypted_dek),
-            )
+    async def replace_record(self, old: Record, new: Record, *, release: bytes | None = None) -> bool:
+        return await self._change_releasing(
+            "UPDATE kms_keys SET encrypted_key = %s, encrypted_dek = %s, created_at = %s, master_key_id = %s"
+            f" WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
+            (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
+             old.user_id, old.encrypted_key, old.encrypted_dek),
+            release, old.user_id,
         )
-        return changed > 0
+
+    async def _change_releasing(
+        self, sql: str, params: Sequence[Any], release: bytes | None, user_id: str
+    ) -> bool:
+        """One change of a row; with ``release``, and if it changed, the
+        digest remembered as ``user_id``'s in the same transaction."""
+        if release is None:
+            return await self._write((sql, params)) > 0
+
+        async def work(cur: aiomysql.Cursor) -> bool:
+            await cur.execute(sql, params)
+            if cur.rowcount <= 0:
+                return False
+            # Hex: aiomysql cannot send a bytes parameter (pymysql 1.1 dropped what it calls).
+            await cur.execute(
+                "INSERT IGNORE INTO kmsd_released_deks (digest, user_id) VALUES (UNHEX(%s), %s)",
+                (release.hex(), user_id),
+            )
+            return True
+
+        return bool(await self._run(work, write="transaction"))
+
+    async def released_owners(self, digest: bytes) -> list[str]:
+        rows = await self._read("SELECT user_id FROM kmsd_released_deks WHERE digest = UNHEX(%s)", (digest.hex(),))
+        return [r[0] for r in rows]
 
     async def count_records_by_key(self) -> dict[str | None, int]:
         rows = await self._read("SELECT master_key_id, COUNT(*) FROM kms_keys GROUP BY master_key_id")
@@ -714,8 +745,15 @@ class MySQLStore:
         rows = await self._read(f"SELECT {_JOB_COLUMNS} FROM kmsd_rotation_jobs ORDER BY id DESC LIMIT 1")
         return _job(rows[0]) if rows else None
 
-    async def delete_record(self, user_id: str) -> bool:
-        return await self._write(("DELETE FROM kms_keys WHERE user_id = %s", (user_id,))) > 0
+    async def delete_record(
+        self, user_id: str, *, only_if: Record | None = None, release: bytes | None = None
+    ) -> bool:
+        if only_if is None:
+            return await self._change_releasing("DELETE FROM kms_keys WHERE user_id = %s", (user_id,), release, user_id)
+        return await self._change_releasing(
+            f"DELETE FROM kms_keys WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
+            (user_id, only_if.encrypted_key, only_if.encrypted_dek), release, user_id,
+        )
 
     async def list_master_keys(self) -> list[MasterKeyRow]:
         rows = await self._read(

@@ -561,6 +561,33 @@ def test_a_stored_records_dek_is_refused_to_anyone_else(site: Site) -> None:
     assert status == 200 and len(bytes.fromhex(opened["dek"])) == 32
 
 
+def test_a_records_dek_stays_its_owners_after_the_row_is_replaced_or_deleted(site: Site) -> None:
+    """A copy of an old row (a backup) still has the data its wrapped DEK
+    opens: the DEK must not become anyone's once kmsd replaces the row."""
+    intruder = site.token("dropin-backup-reader")
+    owners = {}
+    for how in ("replaced", "deleted"):
+        user = f"released-{how}-{site.backend}"
+        # The key-server's write flow; its token from an admin (no compat here).
+        data, dek = f"value before it was {how}", os.urandom(32)
+        remember(dek, data)
+        _, enc = Wire(port=site.vault_port).call("POST", "/api/encrypt", {"data": b64(data.encode()), "dek": dek.hex()})
+        site.table.insert(user, enc["encrypted_key"], enc["encrypted_dek"])
+        owners[how] = (user, site.token(user))
+    before = {how: site.table.select(user) for how, (user, _) in owners.items()}
+    user, token = owners["replaced"]
+    assert site.tcp.call("POST", "/api/keys", {"user_id": user, "data": "new value"}, token=token)[0] == 200
+    user, token = owners["deleted"]
+    assert site.tcp.call("DELETE", "/api/keys", token=token)[0] == 200
+    for how, (user, token) in owners.items():
+        old_key, old_dek = before[how]  # type: ignore[misc]
+        assert site.table.select(user) != (old_key, old_dek)
+        assert site.tcp.call("POST", "/api/decrypt-dek", {"encrypted_dek": old_dek}, token=intruder)[0] == 422
+        status, opened = site.tcp.call("POST", "/api/decrypt-dek", {"encrypted_dek": old_dek}, token=token)
+        assert status == 200
+        assert keyserver_decrypt(bytes.fromhex(opened["dek"]), old_key).decode() == f"value before it was {how}"
+
+
 def test_bad_user_ids_and_envelopes_are_4xx(site: Site) -> None:
     token = site.token("dropin-ivan")
     for body in ({"encrypted_dek": "AAAA", "user_id": 1.5}, {"encrypted_dek": "AAAA", "user_id": True},
@@ -653,12 +680,12 @@ def test_compat_rotation_status_over_tcp_and_loud_start(compat: Site) -> None:
 
 def test_compat_check_config_shows_it(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMSD_") and k != "ROOT_KEY"}
-    env.update(KMSD_COMPAT="original", KMSD_UNBOUND_ENVELOPES="refuse")
+    env.update(KMSD_COMPAT="original")
     out = subprocess.run([sys.executable, "-m", "kmsd", "check-config", "--database", f"sqlite:///{tmp_path}/x.db"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     effective = json.loads(out.stdout)
-    assert (effective["compat"], effective["unbound_envelopes"]) == ("original", "refuse")
+    assert (effective["compat"], effective["unbound_envelopes"]) == ("original", "allow")
     env["KMSD_COMPAT"] = "everything"
     out = subprocess.run([sys.executable, "-m", "kmsd", "check-config"], env=env, capture_output=True, text=True,
                          timeout=60)
@@ -670,8 +697,9 @@ def test_rows_the_key_server_wrote_are_upgraded_by_rotation(compat: Site) -> Non
     ks = compat.keyserver
     data = {f"rot-{compat.backend}-{i}": f"rotated {i}" for i in range(3)}
     tokens = {user: ks.store(user, value) for user, value in data.items()}
+    before = {user: compat.table.row(user)[1] for user in data}
     for user in data:
-        assert base64.b64decode(compat.table.row(user)[1])[0] == 0x02  # unbound, as /api/encrypt made it
+        assert base64.b64decode(before[user])[0] == 0x02  # unbound, as /api/encrypt made it
     status, job = compat.unix.call("POST", "/api/rotate-mk")
     assert status == 200, job
     deadline = time.monotonic() + 60
@@ -681,10 +709,14 @@ def test_rows_the_key_server_wrote_are_upgraded_by_rotation(compat: Site) -> Non
             break
         time.sleep(0.2)
     assert state["state"] != "running", state
+    intruder = compat.token("dropin-rotation-intruder")
     for user, value in data.items():
         encrypted_key, encrypted_dek, key_id = compat.table.row(user)
         assert base64.b64decode(encrypted_dek)[0] == 0x01 and key_id == state["active_key_id"]
         assert compat.tcp.call("GET", "/api/keys", token=tokens[user]) == (200, {"data": value})
+        old = {"encrypted_dek": before[user]}
+        assert compat.tcp.call("POST", "/api/decrypt-dek", old, token=intruder)[0] == 422
+        assert compat.tcp.call("POST", "/api/decrypt-dek", old, token=tokens[user])[0] == 200
 
 
 def test_rows_the_key_server_wrote_are_upgraded_by_migrate_legacy(site: Site, tmp_path: Path) -> None:
@@ -708,6 +740,12 @@ def test_rows_the_key_server_wrote_are_upgraded_by_migrate_legacy(site: Site, tm
     _, encrypted_dek, _ = site.table.row(user)
     assert base64.b64decode(encrypted_dek)[0] == 0x01
     assert site.tcp.call("GET", "/api/keys", token=token) == (200, {"data": "migrated value"})
+    # The row's old wrapped DEK (in any copy of the old row) is still its
+    # owner's only; so are the original's rows' old ones.
+    intruder = site.token("dropin-migration-intruder")
+    for old, owner in ((enc["encrypted_dek"], token), (READABLE[0]["encrypted_dek"], legacy_token(READABLE[0]["user_id"]))):
+        assert site.tcp.call("POST", "/api/decrypt-dek", {"encrypted_dek": old}, token=intruder)[0] == 422
+        assert site.tcp.call("POST", "/api/decrypt-dek", {"encrypted_dek": old}, token=owner)[0] == 200
 
 
 # -- unbound_envelopes = "refuse": leaving the original's rule behind --------------------------
@@ -747,3 +785,12 @@ def test_refuse_unbound_envelopes_once_every_client_has_upgraded(daemon_factory:
     )
     assert status == 200
     assert tcp.call("POST", "/api/decrypt-dek", upgraded, token=owner) == (200, {"dek": dek.hex()})
+
+
+@pytest.mark.parametrize("other", [{"KMSD_UNBOUND_ENVELOPES": "refuse"}, {"KMSD_ROTATION_PERIOD": "90d"}])
+def test_compat_refuses_settings_that_contradict_it(tmp_path: Path, other: dict[str, str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMSD_") and k != "ROOT_KEY"}
+    env.update(KMSD_COMPAT="original", **other)
+    out = subprocess.run([sys.executable, "-m", "kmsd", "check-config", "--database", f"sqlite:///{tmp_path}/x.db"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "compat" in out.stderr, out.stderr

@@ -102,6 +102,31 @@ async def test_record_owners_finds_a_wrapped_dek_by_its_exact_text(store: Store)
     assert await store.record_owners(long_dek) == ["bob"]
 
 
+async def test_a_replaced_or_deleted_records_dek_can_be_released_to_its_owner(store: Store) -> None:
+    digest_a, digest_b = b"a" * 32, b"b" * 32
+    await store.insert_record(rec("alice"))
+    await store.insert_record(rec("bob"))
+    assert await store.released_owners(digest_a) == []
+    # Compare-and-set that does not match: no change, nothing released.
+    assert not await store.replace_record(rec("alice", 9), rec("alice", 1), release=digest_a)
+    assert await store.released_owners(digest_a) == []
+    assert await store.replace_record(rec("alice"), rec("alice", 1), release=digest_a)
+    assert await store.released_owners(digest_a) == ["alice"]
+    assert await store.get_record("alice") == rec("alice", 1)
+    # Delete, compare-and-set on the ciphertexts.
+    assert not await store.delete_record("bob", only_if=rec("bob", 9), release=digest_b)
+    assert await store.get_record("bob") == rec("bob")
+    assert await store.delete_record("bob", only_if=rec("bob"), release=digest_b)
+    assert await store.get_record("bob") is None and await store.released_owners(digest_b) == ["bob"]
+    # Released once, the first owner stays.
+    await store.insert_record(rec("carol"))
+    assert await store.replace_record(rec("carol"), rec("carol", 1), release=digest_a)
+    assert await store.released_owners(digest_a) == ["alice"]
+    # Without release, nothing is remembered.
+    assert await store.delete_record("carol")
+    assert await store.released_owners(b"c" * 32) == []
+
+
 async def test_open_applies_the_migrations_and_is_idempotent(
     database_url: str, request: pytest.FixtureRequest
 ) -> None:
