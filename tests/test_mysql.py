@@ -99,7 +99,7 @@ async def timed(api: API, method: str, path: str, **kw: Any) -> tuple[int, Any, 
 
 async def test_server_down_is_a_fast_503_and_the_daemon_recovers(mysql_daemon: Any, mariadb: Any) -> None:
     d, api = mysql_daemon
-    token = await api.store("down-1", "before")
+    token = await api.store("down-1", "stored before the outage")
     mariadb.kill()
     try:
         for method, path, body in [
@@ -115,7 +115,7 @@ async def test_server_down_is_a_fast_503_and_the_daemon_recovers(mysql_daemon: A
     finally:
         mariadb.start()
     # Pooled connections died with the server: the daemon replaces them itself.
-    assert await api.call("GET", "/api/keys", token=token) == (200, {"data": "before"})
+    assert await api.call("GET", "/api/keys", token=token) == (200, {"data": "stored before the outage"})
     assert d.get("/readyz")[0] == 200
     await api.store("down-2", "after")
 
