@@ -75,9 +75,12 @@ def _database_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", help="sqlite:///path or mysql://... (env KMSD_DATABASE_URL)")
 
 
-def settings_from_args(args: argparse.Namespace, *, require_root_key: bool = True) -> Settings:
+def settings_from_args(
+    args: argparse.Namespace, *, require_root_key: bool = True, read_secrets: bool = True
+) -> Settings:
     return load_settings(
         require_root_key=require_root_key,
+        read_secrets=read_secrets,
         config_file=args.config,
         overrides={
             "socket": getattr(args, "socket", None),
@@ -122,7 +125,10 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
-        await serve(settings, stop=stop, hup=hup, reload=lambda: settings_from_args(args, require_root_key=False))
+        await serve(
+            settings, stop=stop, hup=hup,
+            reload=lambda: settings_from_args(args, require_root_key=False, read_secrets=False),
+        )
 
     try:
         uvloop.run(run())

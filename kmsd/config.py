@@ -364,10 +364,14 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     require_root_key: bool = True,
+    read_secrets: bool = True,
 ) -> Settings:
     """Build the settings from defaults, file, environment and flags.
     Without ``require_root_key`` a missing root key leaves ``root_key``
-    empty (admin commands that talk to a running daemon need none)."""
+    empty (admin commands that talk to a running daemon need none).
+    Without ``read_secrets`` the secret files (database password, legacy
+    JWT secret) are not read and those settings stay empty: a reload after
+    the privilege drop, which may not read them and never applies them."""
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     config_file = config_file or env.get("KMSD_CONFIG")
@@ -445,7 +449,9 @@ def load_settings(
         )
 
     creds = env.get("CREDENTIALS_DIRECTORY")
-    if settings.database.scheme == "mysql":
+    if not read_secrets:
+        pass
+    elif settings.database.scheme == "mysql":
         password = _read_secret_file(values.get("database_password_file"), creds, "db-password")
         if password is not None and settings.database.password:
             raise ConfigError("the database password is set both in the URL and in a file; keep one")
@@ -455,7 +461,9 @@ def load_settings(
             )
     elif values.get("database_password_file"):
         raise ConfigError("database_password_file is only for a mysql:// database")
-    legacy_secret = _read_secret_file(values.get("legacy_jwt_secret_file"), creds, "legacy-jwt-secret")
+    legacy_secret = (
+        _read_secret_file(values.get("legacy_jwt_secret_file"), creds, "legacy-jwt-secret") if read_secrets else None
+    )
     if legacy_secret is not None:
         settings = dataclasses.replace(settings, legacy_jwt_secret=legacy_secret)
 

@@ -897,13 +897,6 @@ def apply_reload(app: web.Application, new: Settings) -> list[str]:
     state.settings = dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
     state.policy = policy_from(state.settings)
     set_log_level(new.log_level)
-    if state.audit is not None:
-        # logrotate moved the file away: continue the chain in a new one.
-        try:
-            state.audit.reopen()
-        except OSError as exc:
-            state.audit.healthy = False
-            state.log.error("audit_reopen_failed", path=state.audit.path, error=exc.strerror)
     if ignored:
         state.log.warning("reload_needs_restart", settings=sorted(ignored))
     return changed
@@ -1006,6 +999,16 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+def _reopen_files(app: web.Application) -> None:
+    state = app[STATE]
+    if state.audit is not None:
+        try:
+            state.audit.reopen()
+        except OSError as exc:
+            state.audit.healthy = False
+            state.log.error("audit_reopen_failed", path=state.audit.path, error=exc.strerror)
+
+
 async def _reloader(
     app: web.Application, notifier: Notifier, hup: asyncio.Event, reload: Callable[[], Settings]
 ) -> None:
@@ -1014,6 +1017,9 @@ async def _reloader(
         await hup.wait()
         hup.clear()
         notifier.reloading()
+        # First, whatever the configuration says: logrotate moved the audit
+        # file away, and the chain must go on in a new one.
+        _reopen_files(app)
         try:
             changed = apply_reload(app, reload())
             log.info("config_reloaded", changed=changed)

@@ -199,11 +199,17 @@ async def test_audit_trail_continues_after_logrotate_once_dropped(users: Any, da
     logs.mkdir()
     os.chown(logs, daemon_user.pw_uid, daemon_user.pw_gid)
     trail = logs / "audit.jsonl"
+    # A secret file only root may read, as the README shows them: the
+    # reload after the drop must not need it.
+    secret = logs / "legacy-jwt-secret"
+    secret.write_text("a secret only root may read\n")
+    secret.chmod(0o600)
     d = daemon_factory(
         extra_env={
             "KMSD_DAEMON_USER": daemon_user.pw_name,
             "KMSD_VAULT_USER": vault_user.pw_name,
             "KMSD_AUDIT_LOG": str(trail),
+            "KMSD_LEGACY_JWT_SECRET_FILE": str(secret),
         }
     )
     session, api = open_api(d, "unix")
@@ -215,6 +221,7 @@ async def test_audit_trail_continues_after_logrotate_once_dropped(users: Any, da
         while "config_reloaded" not in d.logs() and time.monotonic() < deadline:
             time.sleep(0.05)
         await api.store("rotated-2", "after logrotate")
+    assert "config_reload_failed" not in d.logs()
     old = (logs / "audit.jsonl.1").read_bytes().splitlines()
     new = trail.read_bytes().splitlines()
     assert json.loads(new[0])["prev"] == hashlib.sha256(old[-1]).hexdigest()
