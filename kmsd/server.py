@@ -939,6 +939,14 @@ async def serve(
         pw = switch_user(drop_to)
         harden()
         log.info("privileges_dropped", user=drop_to, uid=pw.pw_uid, launcher_pid=app[STATE].vault.launcher_pid)
+        try:
+            # The pool opens new connections as this user from now on: one
+            # that authenticates as the OS user (unix_socket) fails now,
+            # clearly, and not as 503s later.
+            await app[STATE].store.check_access()
+        except BaseException:
+            await runner.cleanup()
+            raise
     elif os.geteuid() == 0:
         log.warning(
             "running_as_root",

@@ -136,6 +136,11 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def check_access(self) -> None:
+        """Raise ``StoreError``, with a reason for the operator, unless this
+        process can open the database afresh as the user it is now (called
+        once after the privilege drop: the pool will open new connections)."""
+
     async def ping(self) -> None:
         """Raise ``StoreError`` unless the database answers."""
 
@@ -464,6 +469,12 @@ class SQLiteStore:
 
     async def ping(self) -> None:
         await self._read("SELECT 1")
+
+    async def check_access(self) -> None:
+        # The daemon handed its files to its user before dropping.
+        for path in (self.path + suffix for suffix in ("", "-wal", "-shm")):
+            if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+                raise StoreError(f"the daemon's user cannot read and write {path}")
 
     async def get_record(self, user_id: str) -> Record | None:
         sql = f"SELECT {_RECORD_COLUMNS} FROM kms_keys WHERE user_id = ?"

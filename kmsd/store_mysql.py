@@ -23,6 +23,7 @@ import collections
 import contextvars
 import datetime as dt
 import functools
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ _CONNECTION_LOST = {2002, 2003, 2006, 2013, 2055, 1053, 1927, 4031}
 # The server rolled the transaction back: running it again is safe.
 _ROLLED_BACK = {1205, 1213}
 _DUPLICATE_KEY = 1062
+# Access denied (with and without a password: unix_socket says the latter).
+_ACCESS_DENIED = {1045, 1698}
 _ATTEMPTS = 3
 
 # Exact comparison needs a binary collation that does not pad: MariaDB's
@@ -516,6 +519,24 @@ class MySQLStore:
 
     async def ping(self) -> None:
         await self._read("SELECT 1")
+
+    async def check_access(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout * 2):
+                conn = await aiomysql.connect(**self._connect_args())
+            conn.close()
+        except (pymysql.MySQLError, OSError) as exc:
+            if _code(exc) in _ACCESS_DENIED:
+                import pwd
+
+                user = pwd.getpwuid(os.geteuid()).pw_name
+                raise StoreError(
+                    f"the database refused a new connection now that the daemon runs as the OS user {user!r}"
+                    f" ({describe_error(exc)}): an account that authenticates by unix_socket is the OS user's;"
+                    f" give the database account a password (database_password_file), or create one for"
+                    f" {user!r} IDENTIFIED VIA unix_socket"
+                ) from None
+            raise StoreError(f"cannot connect to {self.url.masked()}: {describe_error(exc)}") from None
 
     async def get_record(self, user_id: str) -> Record | None:
         record: Record | None = await self._reads.submit(user_id)

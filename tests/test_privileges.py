@@ -4,6 +4,7 @@ restart vaults. Checked on the real processes through /proc."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import signal
@@ -227,3 +228,32 @@ async def test_audit_trail_continues_after_logrotate_once_dropped(users: Any, da
     assert json.loads(new[0])["prev"] == hashlib.sha256(old[-1]).hexdigest()
     assert json.loads(new[0])["subject"] == "rotated-2"
     assert os.stat(trail).st_uid == daemon_user.pw_uid
+
+
+def test_a_database_account_of_the_os_user_fails_at_startup_not_later(
+    users: Any, daemon_factory: Any, mariadb: Any
+) -> None:
+    """MariaDB's unix_socket authentication takes the OS user as the account:
+    root at startup, the daemon's user for every pool connection after the
+    drop. That used to be 503s for most requests; now it is one clear line
+    and exit status 1."""
+    daemon_user, vault_user = users
+    url = mariadb.new_database()
+    name = url.rsplit("/", 1)[1]
+    # root@localhost by unix_socket only, as Debian sets it up: the OS user
+    # root may connect as it, with no password, and nobody else.
+    mariadb.admin("ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket")
+    d = daemon_factory(
+        start=False,
+        database=f"mysql://root@localhost/{name}?unix_socket={mariadb.socket}",
+        extra_env={"KMSD_DAEMON_USER": daemon_user.pw_name, "KMSD_VAULT_USER": vault_user.pw_name},
+    )
+    d.start(expect_ready=False)
+    try:
+        assert d.proc is not None and d.proc.wait(30) == 1
+    except subprocess.TimeoutExpired:
+        raise AssertionError(d.logs()) from None
+    failed = [json.loads(line) for line in d.logs().splitlines()
+              if line.startswith("{") and '"startup_failed"' in line]
+    assert len(failed) == 1 and "unix_socket" in failed[0]["error"] and daemon_user.pw_name in failed[0]["error"]
+    assert "privileges_dropped" in d.logs()
