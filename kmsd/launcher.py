@@ -27,7 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["LaunchedProcess", "Launcher"]
 
@@ -40,9 +40,14 @@ MAX_MESSAGE = 4096
 class Launcher:
     """The daemon's handle on the launcher process."""
 
-    def __init__(self, vault_args: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
+    def __init__(
+        self, vault_args: Sequence[str], pass_fds: Sequence[int] = (), on_exit: Callable[[], None] | None = None
+    ) -> None:
         self._vault_args = list(vault_args)
         self._pass_fds = list(pass_fds)
+        # Called once if the launcher goes away while the daemon still needs it.
+        self._on_exit = on_exit
+        self.alive = False
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: asyncio.Queue[dict[str, object]] = asyncio.Queue()
@@ -64,6 +69,7 @@ class Launcher:
             child.close()
         parent.setblocking(False)
         self._sock = parent
+        self.alive = True
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="launcher-reader")
 
     @property
@@ -80,6 +86,9 @@ class Launcher:
                 data = b""
             if not data:
                 # The launcher is gone: no vault can be started any more.
+                self.alive = False
+                if self._sock is not None and self._on_exit is not None:
+                    self._on_exit()
                 await self._answers.put({"error": "launcher exited"})
                 for fut in self._exits.values():
                     if not fut.done():
@@ -126,6 +135,7 @@ class Launcher:
         return fut.result() if fut is not None and fut.done() else None
 
     async def close(self) -> None:
+        self.alive = False
         if self._sock is not None:
             self._sock.close()  # the launcher stops its vaults and exits
             self._sock = None

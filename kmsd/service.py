@@ -78,8 +78,12 @@ class KMS:
             settings.root_key,
             user=settings.vault_user,
             timeout=settings.vault_timeout,
-            # A (re)start is routine; everything else the vault client reports is not.
-            log=lambda event, **kw: (log.info if event == "vault_started" else log.warning)(event, **kw),
+            # A (re)start is routine; everything else the vault client reports
+            # is not, and a launcher that died leaves the daemon unable to
+            # restart its vault.
+            log=lambda event, **kw: {"vault_started": log.info, "launcher_exited": log.error}.get(
+                event, log.warning
+            )(event, **kw),
             new_root_key_file=new_root_key_file,
         )
         tokens = TokenService(
@@ -506,11 +510,15 @@ class KMS:
             await asyncio.wait_for(self.store.ping(), 1.0)
         except (Unavailable, asyncio.TimeoutError):
             store_ok = False
-        return {
+        checks = {
             "vault": self.vault.is_up,
             "store": store_ok,
             "active_master_key": self.keys.active_key_id is not None,
         }
+        launcher = self.vault.launcher_up
+        if launcher is not None:
+            checks["launcher"] = launcher
+        return checks
 
 
 # Rounds of read-then-compare-and-set before a concurrent writer wins.

@@ -303,12 +303,23 @@ class VaultClient:
         from .launcher import Launcher
 
         args, fds = self._vault_args()
-        self._launcher = Launcher(args, fds)
+        self._launcher = Launcher(
+            args, fds,
+            on_exit=lambda: self._log(
+                "launcher_exited", pid=self.launcher_pid,
+                error="the vault launcher died: no vault can be started again until kmsd is restarted",
+            ),
+        )
         self._launcher.start()
 
     @property
     def launcher_pid(self) -> int | None:
         return self._launcher.pid if self._launcher else None
+
+    @property
+    def launcher_up(self) -> bool | None:
+        """None without a launcher."""
+        return self._launcher.alive if self._launcher else None
 
     async def _spawn(self) -> asyncio.Future[None]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

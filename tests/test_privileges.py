@@ -257,3 +257,23 @@ def test_a_database_account_of_the_os_user_fails_at_startup_not_later(
               if line.startswith("{") and '"startup_failed"' in line]
     assert len(failed) == 1 and "unix_socket" in failed[0]["error"] and daemon_user.pw_name in failed[0]["error"]
     assert "privileges_dropped" in d.logs()
+
+
+def test_a_dead_launcher_is_said_loudly_and_in_readyz(users: Any, daemon_factory: Any) -> None:
+    """The launcher is the only process that can still start a vault once
+    the daemon dropped root: without it, the next vault death is final."""
+    daemon_user, vault_user = users
+    d = daemon_factory(extra_env={"KMSD_DAEMON_USER": daemon_user.pw_name, "KMSD_VAULT_USER": vault_user.pw_name})
+    launcher, vault = processes(d)
+    assert d.get("/readyz") == (200, {"ready": True, "checks": {
+        "vault": True, "store": True, "active_master_key": True, "launcher": True}})
+    os.kill(launcher, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while d.get("/readyz")[0] != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status, body = d.get("/readyz")
+    assert status == 503 and body["checks"]["launcher"] is False and body["checks"]["vault"] is True
+    exited = [json.loads(line) for line in d.logs().splitlines() if '"launcher_exited"' in line]
+    assert len(exited) == 1 and exited[0]["level"] == "error" and "restarted" in exited[0]["error"]
+    # The vault it had started still serves.
+    assert d.get("/healthz")[0] == 200
