@@ -29,6 +29,7 @@ import datetime as dt
 import os
 import socket
 import time
+import traceback
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -108,6 +109,11 @@ class Rotator:
                 if exc.message != self._last_error:
                     self.log.warning("key_watch_failed", error=exc.message)
                 self._last_error = exc.message
+            except Exception as exc:  # noqa: BLE001 - the watch must outlive a bug, and say so
+                message = f"{type(exc).__name__} at {_raised_at(exc)}"
+                if message != self._last_error:
+                    self.log.error("key_watch_failed", error_type=type(exc).__name__, where=_raised_at(exc))
+                self._last_error = message
 
     async def _maybe_take_over(self) -> None:
         job = await self.store.latest_rotation_job()
@@ -278,3 +284,11 @@ class Rotator:
         self.log.info(
             "rotation_finished", job_id=job.id, rewrapped=job.rewrapped, changed=job.changed, unreadable=unreadable
         )
+
+
+def _raised_at(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame (never the message)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}"
