@@ -6,15 +6,19 @@ even if a caller binds one by mistake."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import traceback
 from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import structlog
 
-__all__ = ["REDACTED_KEYS", "configure_logging", "escape_controls", "redact", "get_logger", "set_log_level"]
+__all__ = [
+    "REDACTED_KEYS", "configure_logging", "escape_controls", "raised_at", "redact", "get_logger", "set_log_level",
+]
 
 # Field names that may carry secrets: their values are never rendered.
 REDACTED_KEYS = frozenset(
@@ -52,6 +56,16 @@ def escape_controls(line: bytes) -> bytes:
     if b"\xe2" not in line and b"\xd8" not in line:  # the usual case: nothing to look for
         return line
     return _CONTROLS.sub(_escape, line)
+
+
+def raised_at(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame of ``exc``: where an
+    unexpected error came from, for a log line that must not carry its
+    message (which may quote data)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}"
 
 
 def _render_json(event: Any, **kw: Any) -> bytes:

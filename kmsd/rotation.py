@@ -29,11 +29,11 @@ import datetime as dt
 import os
 import socket
 import time
-import traceback
 from dataclasses import asdict, replace
 from typing import Any
 
 from .errors import Conflict, KMSError
+from .logs import raised_at
 from .service import KMS
 from .store import RotationJob, now_utc
 
@@ -110,9 +110,9 @@ class Rotator:
                     self.log.warning("key_watch_failed", error=exc.message)
                 self._last_error = exc.message
             except Exception as exc:  # noqa: BLE001 - the watch must outlive a bug, and say so
-                message = f"{type(exc).__name__} at {_raised_at(exc)}"
+                message = f"{type(exc).__name__} at {raised_at(exc)}"
                 if message != self._last_error:
-                    self.log.error("key_watch_failed", error_type=type(exc).__name__, where=_raised_at(exc))
+                    self.log.error("key_watch_failed", error_type=type(exc).__name__, where=raised_at(exc))
                 self._last_error = message
 
     async def _maybe_take_over(self) -> None:
@@ -285,10 +285,3 @@ class Rotator:
             "rotation_finished", job_id=job.id, rewrapped=job.rewrapped, changed=job.changed, unreadable=unreadable
         )
 
-
-def _raised_at(exc: BaseException) -> str:
-    """``file:line in function`` of the innermost frame (never the message)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "?"
-    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}"

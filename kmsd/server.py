@@ -20,7 +20,6 @@ import json
 import os
 import re
 import time
-import traceback
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from .errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from .logs import get_logger, set_log_level
+from .logs import get_logger, raised_at, set_log_level
 from .metrics import CONTENT_TYPE, Metrics, instrument_store
 from .privileges import harden, switch_user, user_exists
 from .rotation import Rotator
@@ -362,7 +361,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # quote data) nor a rendered traceback with the frames' values.
         state.log.error(
             "unhandled_error", path=request.path[:LOGGED_PATH], method=request.method,
-            error_type=type(exc).__name__, where=_raised_at(exc),
+            error_type=type(exc).__name__, where=raised_at(exc),
         )
         response = _error_response(InternalError())
     if COMPAT in request and response.status < 400:
@@ -381,15 +380,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         **failure,
     )
     return response
-
-
-def _raised_at(exc: BaseException) -> str:
-    """``file:line in function`` of the innermost frame of ``exc``."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "?"
-    frame = frames[-1]
-    return f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
 
 
 def _failure(exc: KMSError) -> dict[str, str]:

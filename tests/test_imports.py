@@ -23,7 +23,7 @@ ALLOWED = {
     "vault": {"errors", "config", "envelope", "launcher", "privileges"},
     "service": {"errors", "config", "envelope", "auth", "store", "vault"},
     "migrate": {"errors", "service", "store"},
-    "rotation": {"errors", "service", "store"},
+    "rotation": {"errors", "logs", "service", "store"},
     "rootkey": {"errors", "config", "envelope", "service", "store"},
     "admin": {"errors", "config", "logs", "rotation", "rootkey", "service"},
     "systemd": set(),
