@@ -326,7 +326,8 @@ class KMS:
     ) -> tuple[str, str]:
         """Encrypt ``data`` under a new DEK and store it; the answer is a
         token for ``user_id`` and its ``jti``. Without ``replace`` an existing
-        user id is ``Conflict``; with it the row is replaced in one statement."""
+        user id is ``Conflict``; with it the row is replaced atomically
+        (compare-and-set on the row it replaces, see ``_replace``)."""
         # Sign first: a write that succeeded must not be followed by a
         # failure that makes the client believe it did not.
         token, token_id = await self.issue_token_with_id(user_id, id_claim=id_claim)

@@ -491,7 +491,7 @@ class SQLiteStore:
         # The prefix alone, so that the planner takes the index (with the
         # full comparison beside it, SQLite 3.40 scans the table).
         rows = await self._read(
-            "SELECT user_id, encrypted_dek FROM kms_keys WHERE substr(encrypted_dek, 1, 32) = ?",
+            f"SELECT user_id, encrypted_dek FROM kms_keys WHERE substr(encrypted_dek, 1, {DEK_PREFIX}) = ?",
             (encrypted_dek[:DEK_PREFIX],),
         )
         return [user_id for user_id, text in rows if text == encrypted_dek]
