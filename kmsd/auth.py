@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
 import secrets
 import socket
 import struct
@@ -42,6 +43,9 @@ MAX_TOKEN_LENGTH = 4096
 # claims to live longer is not one of them (exp = 10**300, say).
 LEGACY_MAX_LIFETIME = 31 * 86400
 MAX_USER_ID = 64
+# Verified tokens cached per subject: a client that renews keeps its newest
+# few; one that renews in a loop cannot take more.
+CACHE_PER_SUBJECT = 4
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
 
@@ -133,6 +137,86 @@ class Claims:
     subject: str
     token_id: str | None
     payload: dict[str, Any]
+    # What a token is tied to, checked at every use against the store:
+    # the subject's generation ("" for tokens that predate one: the
+    # original's, and kmsd's before it set any), the first authentication
+    # the session grew from, and the id a revocation names it by.
+    generation: str = ""
+    auth_time: int = 0
+    revocation_id: str = ""
+
+    @property
+    def expires(self) -> int:
+        return int(self.payload["exp"])
+
+
+class _Cache:
+    """Verified tokens by SHA-256 digest (never the token itself) -> claims.
+
+    Bounded in total and per subject. A new subject's token is always
+    admitted: expired entries are swept first (at most once a second), then
+    a random entry makes room. Random, not LRU or FIFO: clients that cycle
+    through more tokens than fit would miss every time under those, and a
+    flood cannot choose what it evicts."""
+
+    def __init__(self, size: int, clock: Callable[[], float]) -> None:
+        self.size = size
+        self._clock = clock
+        self._entries: dict[bytes, tuple[Claims, int]] = {}
+        self._slots: list[bytes] = []  # for a random victim in O(1)
+        self._by_subject: dict[str, list[bytes]] = {}
+        self._last_sweep = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Any:
+        return iter(self._entries)
+
+    def get(self, digest: bytes) -> Claims | None:
+        entry = self._entries.get(digest)
+        return entry[0] if entry is not None else None
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._slots.clear()
+        self._by_subject.clear()
+
+    def put(self, digest: bytes, claims: Claims) -> None:
+        if self.size <= 0 or digest in self._entries:
+            return
+        mine = self._by_subject.get(claims.subject)
+        if mine is not None and len(mine) >= CACHE_PER_SUBJECT:
+            self.discard(mine[0])  # the subject's oldest
+        elif len(self._entries) >= self.size:
+            self._sweep()
+            if len(self._entries) >= self.size:
+                self.discard(random.choice(self._slots))
+        self._entries[digest] = (claims, len(self._slots))
+        self._slots.append(digest)
+        self._by_subject.setdefault(claims.subject, []).append(digest)
+
+    def discard(self, digest: bytes) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is None:
+            return
+        claims, slot = entry
+        last = self._slots.pop()
+        if last != digest:  # move the last slot into the freed one
+            self._slots[slot] = last
+            self._entries[last] = (self._entries[last][0], slot)
+        mine = self._by_subject[claims.subject]
+        mine.remove(digest)
+        if not mine:
+            del self._by_subject[claims.subject]
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for digest in [d for d, (c, _) in self._entries.items() if c.expires <= now]:
+            self.discard(digest)
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -148,6 +232,7 @@ class TokenService:
         issuer: str,
         audience: str,
         lifetime: int,
+        max_session_age: int = 30 * 86400,
         legacy_secret: str | None = None,
         clock: Callable[[], float] = time.time,
         cache_size: int = 50_000,
@@ -155,17 +240,17 @@ class TokenService:
         self.issuer = issuer
         self.audience = audience
         self.lifetime = lifetime
+        self.max_session_age = max_session_age
         self._legacy_secret = legacy_secret.encode("utf-8") if legacy_secret else None
         self._clock = clock
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._jwks: list[dict[str, Any]] = []
-        # Verified tokens: SHA-256 of the token -> its claims (never the
-        # token itself). A signature check is most of a read's CPU, and
-        # clients present the same token many times. Bounded; an entry is
-        # used only until the token's exp; emptied whenever the keys change.
-        self._cache: dict[bytes, Claims] = {}
-        self.cache_size = cache_size
-        self._last_sweep = float("-inf")
+        # A signature check is most of a read's CPU, and clients present the
+        # same token many times. An entry is used only until the token's
+        # exp; emptied whenever the keys change. It says only that the
+        # signature and claims are good: whether the token is still tied to
+        # its subject is the store's word, asked at every use (service.py).
+        self._cache = _Cache(cache_size, clock)
         self._last_header: tuple[str, dict[str, Any]] | None = None
 
     def set_public_keys(self, keys: Iterable[tuple[str, str]]) -> None:
@@ -192,21 +277,42 @@ class TokenService:
     def jwks(self) -> dict[str, Any]:
         return {"keys": list(self._jwks)}
 
-    def claims_for(self, user_id: str, *, id_claim: int | None = None) -> dict[str, Any]:
+    @property
+    def cache_size(self) -> int:
+        return self._cache.size
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._cache)
+
+    def claims_for(
+        self, user_id: str, *, id_claim: int | None = None, generation: str = "", auth_time: int | None = None
+    ) -> dict[str, Any]:
         """``id_claim``: the ``id`` as the caller gave it (a JSON integer
         stays one, as the original's tokens had it); ``sub`` is its decimal
-        string either way."""
+        string either way. ``generation``: the subject's, which the token
+        is tied to. ``auth_time``: when the session this token renews began
+        (now for a new one); it never lives past ``max_session_age`` of it.
+        ``Unauthorized`` when that leaves it no time at all."""
         now = int(self._clock())
-        return {
+        started = now if auth_time is None else auth_time
+        exp = min(now + self.lifetime, started + self.max_session_age)
+        if exp <= now:
+            raise Unauthorized()
+        claims: dict[str, Any] = {
             "id": user_id if id_claim is None else id_claim,  # the original's claim, kept for its clients
             "sub": user_id,
             "iss": self.issuer,
             "aud": self.audience,
             "iat": now,
             "nbf": now,
-            "exp": now + self.lifetime,
+            "exp": exp,
+            "auth_time": started,
             "jti": secrets.token_urlsafe(12),
         }
+        if generation:
+            claims["gen"] = generation
+        return claims
 
     def _header(self, token: str) -> dict[str, Any]:
         """The unverified header; the last one is kept because has_key and
@@ -229,40 +335,39 @@ class TokenService:
 
     def cached(self, token: str) -> Claims | None:
         """The claims of a token verified before and not expired since."""
-        if not self._cache or not isinstance(token, str):
+        if not len(self._cache) or not isinstance(token, str):
             return None
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        digest = _digest(token)
         claims = self._cache.get(digest)
         if claims is None:
             return None
-        if claims.payload["exp"] <= self._clock():
-            self._cache.pop(digest, None)
+        if claims.expires <= self._clock() or not self._session_ok(claims):
+            self._cache.discard(digest)
             raise Unauthorized()
         return claims
 
+    def forget(self, token: str) -> None:
+        """Drop a (revoked) token from the cache."""
+        self._cache.discard(_digest(token))
+
     def verify(self, token: str) -> Claims:
-        """The token's claims, or ``Unauthorized`` (never saying why)."""
+        """The token's signature and claims, or ``Unauthorized`` (never
+        saying why). Not whether its subject still has it: see
+        ``KMS.verify_token``."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized()
         claims = self.cached(token)
         if claims is None:
             claims = self._verify(token)
-            if self.cache_size > 0 and (len(self._cache) < self.cache_size or self._sweep()):
-                self._cache[hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()] = claims
+            if not self._session_ok(claims):
+                raise Unauthorized()
+            self._cache.put(_digest(token), claims)
         return claims
 
-    def _sweep(self) -> bool:
-        """Make room by dropping expired entries (at most once a second);
-        True if there is room now. A full cache of live tokens admits no
-        more: evicting one to admit another would make clients that cycle
-        through more tokens than fit miss every time (LRU and FIFO do)."""
-        now = self._clock()
-        if now - self._last_sweep < 1.0:
-            return False
-        self._last_sweep = now
-        for digest in [d for d, c in self._cache.items() if c.payload["exp"] <= now]:
-            del self._cache[digest]
-        return len(self._cache) < self.cache_size
+    def _session_ok(self, claims: Claims) -> bool:
+        """Within ``max_session_age`` of the session's first authentication
+        (checked at use too: the setting may have been lowered since)."""
+        return self._clock() - claims.auth_time <= self.max_session_age
 
     def _verify(self, token: str) -> Claims:
         try:
@@ -294,7 +399,15 @@ class TokenService:
         if payload["exp"] <= now or payload.get("nbf", 0) > now + 1:
             raise Unauthorized()
         jti = payload.get("jti")
-        return Claims(subject, jti if isinstance(jti, str) else None, payload)
+        generation = payload.get("gen", "")
+        auth_time = payload.get("auth_time", payload["iat"])
+        if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > 64):
+            raise Unauthorized()
+        if not isinstance(generation, str) or not isinstance(auth_time, int) or isinstance(auth_time, bool):
+            raise Unauthorized()
+        if auth_time > payload["iat"]:
+            raise Unauthorized()
+        return Claims(subject, jti, payload, generation, auth_time, jti or _revocation_id(token))
 
     def _verify_legacy(self, token: str) -> Claims:
         """A token of the original auth service: HS256 with its shared
@@ -318,7 +431,9 @@ class TokenService:
         subject = user_id_of(payload.get("id"))
         if subject is None or not subject or len(subject) > MAX_USER_ID or not self._legacy_claims_ok(payload, subject):
             raise Unauthorized()
-        return Claims(subject, None, payload)
+        # It has no jti: a revocation names it by its digest. No generation:
+        # it belongs to the records as the original left them.
+        return Claims(subject, None, payload, "", payload["iat"], _revocation_id(token))
 
     def _legacy_claims_ok(self, payload: dict[str, Any], subject: str) -> bool:
         """The checks of kmsd's own tokens, minus what the original never set
@@ -336,6 +451,15 @@ class TokenService:
         if aud != self.audience and not (isinstance(aud, list) and self.audience in aud):
             return False
         return payload.get("iss", self.issuer) == self.issuer and user_id_of(payload.get("sub", subject)) == subject
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def _revocation_id(token: str) -> str:
+    """What a revocation names a token without a jti by."""
+    return "sha256:" + _digest(token).hex()[:48]
 
 
 def user_id_of(value: Any) -> str | None:

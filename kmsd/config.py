@@ -94,6 +94,9 @@ class Settings:
     issuer: str = "kmsd"
     audience: str = "kmsd"
     token_lifetime: int = 3600
+    # How long a session may be renewed from its first authentication (a
+    # record's creation, an admin's /issue): renewals never pass it.
+    max_session_age: int = 30 * 86400
     # Verified tokens remembered (by hash, with their claims, until they
     # expire) so that a token presented again costs no signature check; 0: off.
     token_cache_size: int = 50_000
@@ -281,6 +284,7 @@ _CONVERTERS: dict[str, Any] = {
     "issuer": str,
     "audience": str,
     "token_lifetime": _as_int,
+    "max_session_age": _as_int,
     "token_cache_size": _as_int,
     "admin_uids": _as_int_list,
     "admin_gids": _as_int_list,
@@ -418,6 +422,8 @@ def load_settings(
         raise ConfigError("token_cache_size must be between 0 and 10000000")
     if settings.token_lifetime <= 0:
         raise ConfigError("token_lifetime must be positive")
+    if settings.max_session_age < settings.token_lifetime:
+        raise ConfigError("max_session_age must be at least token_lifetime")
     if settings.max_body_size <= 0:
         raise ConfigError("max_body_size must be positive")
     for name in ("header_timeout", "body_timeout", "idle_timeout"):

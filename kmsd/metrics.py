@@ -67,6 +67,9 @@ class Metrics:
             " (kind: unbound, or original: the original's CBC)",
             ["operation", "kind"], registry=r,
         )
+        self.token_cache_entries = Gauge(
+            "kmsd_token_cache_entries", "Verified tokens in the cache (at most a few per subject)", registry=r
+        )
         self.rotation_rate = Gauge(
             "kmsd_rotation_records_per_second", "Rewrap rate of the current or last rotation job", registry=r
         )

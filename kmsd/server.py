@@ -96,13 +96,16 @@ AUDITED = {
     ("POST", "/api/encrypt"): "encrypt",
     ("POST", "/api/decrypt-dek"): "decrypt_dek",
     ("POST", "/api/rewrap"): "rewrap",
+    ("POST", "/api/tokens/revoke"): "revoke_tokens",
     ("GET", "/api/rotate-mk"): "rotation_status",
     ("POST", "/api/rotate-mk"): "rotate_master_key",
     ("POST", "/api/master-keys"): "add_master_key",
     ("DELETE", "/api/master-keys/{key_id}"): "destroy_master_key",
 }
 # Routes only clients of the policy may use (the admin routes check admins).
-CLIENT_ROUTES = {"/issue", "/verify", "/api/keys", "/api/encrypt", "/api/decrypt-dek", "/api/rewrap"}
+CLIENT_ROUTES = {
+    "/issue", "/verify", "/api/keys", "/api/encrypt", "/api/decrypt-dek", "/api/rewrap", "/api/tokens/revoke",
+}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -467,14 +470,19 @@ async def issue(request: web.Request) -> web.Response:
     request[AUDIT_SUBJECT] = user_id
     peer = peer_of(request)
     state = request.app[STATE]
+    renewing = None
     if not state.policy.is_admin(peer):
-        # A non-admin may only renew a token for its own subject, unless
+        # A non-admin may only renew a token for its own subject (the same
+        # generation and session: never past max_session_age), unless
         # compat = "original" gives TCP callers the original's contract.
         claims = await caller_claims(request, required=False)
-        if claims is None or claims.subject != user_id:
-            if not _compat_over_tcp(request, peer):
-                raise Forbidden("issuing a token for an arbitrary id requires an admin peer")
-    token, token_id = await _kms(request).issue_token_with_id(user_id, id_claim=_id_claim(body, "id"))
+        if claims is not None and claims.subject == user_id:
+            renewing = claims
+        elif not _compat_over_tcp(request, peer):
+            raise Forbidden("issuing a token for an arbitrary id requires an admin peer")
+    token, token_id = await _kms(request).issue_token_with_id(
+        user_id, id_claim=_id_claim(body, "id"), renewing=renewing
+    )
     request[AUDIT_ISSUED] = token_id
     return json_response({"token": token})
 
@@ -508,9 +516,9 @@ async def store_key(request: web.Request) -> web.Response:
     request[AUDIT_SUBJECT] = user_id
     data = require_str(body, "data")
     claims = await caller_claims(request, required=False)
-    replace = claims is not None and claims.subject == user_id
+    owner = claims if claims is not None and claims.subject == user_id else None
     token, request[AUDIT_ISSUED] = await _kms(request).store_record(
-        user_id, data, replace=replace, id_claim=_id_claim(body, "user_id")
+        user_id, data, owner=owner, id_claim=_id_claim(body, "user_id")
     )
     return json_response({"message": "Key stored successfully", "access_token": token})
 
@@ -526,8 +534,46 @@ async def fetch_key(request: web.Request) -> web.Response:
 async def delete_key(request: web.Request) -> web.Response:
     claims = await caller_claims(request, required=True)
     assert claims is not None
-    await _kms(request).delete_record(claims.subject)
+    await _kms(request).delete_record(claims)
     return json_response({"message": "Key deleted successfully"})
+
+
+@routes.post("/api/tokens/revoke")
+async def revoke_tokens(request: web.Request) -> web.Response:
+    """Revoke the bearer token, or every token of its subject (``"all":
+    true``); a token named in the body (whoever holds it may void it); or,
+    for an admin peer, every token of ``user_id``."""
+    body = await read_json(request)
+    unknown = set(body) - {"token", "all", "user_id"}
+    if unknown:
+        raise BadRequest(f"unknown field: {sorted(unknown)[0]}")
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        raise BadRequest("all must be true or false")
+    named = require_str(body, "token") if "token" in body else None
+    user_id = require_user_id(body) if "user_id" in body else None
+    if user_id is not None and (named is not None or "all" in body):
+        raise BadRequest("user_id names every token of a subject: give it alone")
+    kms = _kms(request)
+    if user_id is not None:
+        request[AUDIT_SUBJECT] = user_id
+        claims = await caller_claims(request, required=False)
+        if (claims is None or claims.subject != user_id) and not request.app[STATE].policy.is_admin(peer_of(request)):
+            raise Forbidden("revoking the tokens of another subject requires an admin peer")
+        await kms.revoke_subject(user_id)
+        return json_response({"revoked": "subject", "user_id": user_id})
+    if named is not None:
+        claims = await kms.verify_token(named)  # only a live token needs revoking
+        request[AUDIT_SUBJECT] = claims.subject
+        request[AUDIT_TOKEN] = claims.token_id
+    else:
+        claims = await caller_claims(request, required=True)
+        assert claims is not None
+    if everything:
+        await kms.revoke_subject(claims.subject)
+        return json_response({"revoked": "subject", "user_id": claims.subject})
+    await kms.revoke_token(claims)
+    return json_response({"revoked": "token"})
 
 
 @routes.post("/api/encrypt")
@@ -701,6 +747,7 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.metrics.vault_up.set(1 if state.vault.is_up else 0)
     state.metrics.vault_restarts.set(state.vault.restarts)
+    state.metrics.token_cache_entries.set(state.kms.tokens.cache_entries)
     try:
         state.metrics.set_rotation(await state.rotator.status())
     except KMSError:

@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from . import envelope as env
-from .auth import TokenService, random_kid
+from .auth import Claims, TokenService, random_kid
 from .config import Settings
-from .errors import Conflict, DecryptionFailed, NotFound, Unavailable
+from .errors import Conflict, DecryptionFailed, NotFound, Unauthorized, Unavailable
 from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc, open_store
 from .vault import DEK, Kind, Rewrap, UnknownKey, VaultClient
 
@@ -90,6 +91,7 @@ class KMS:
             issuer=settings.issuer,
             audience=settings.audience,
             lifetime=settings.token_lifetime,
+            max_session_age=settings.max_session_age,
             legacy_secret=settings.legacy_jwt_secret,
             cache_size=settings.token_cache_size,
         )
@@ -303,34 +305,72 @@ class KMS:
     async def issue_token(self, user_id: str) -> str:
         return (await self.issue_token_with_id(user_id))[0]
 
-    async def issue_token_with_id(self, user_id: str, *, id_claim: int | None = None) -> tuple[str, str]:
+    async def issue_token_with_id(
+        self, user_id: str, *, id_claim: int | None = None, renewing: Claims | None = None
+    ) -> tuple[str, str]:
         """A token for ``user_id`` and its ``jti`` (for the audit trail);
-        ``id_claim``: the integer the caller named the user by, if it did."""
-        claims = self.tokens.claims_for(user_id, id_claim=id_claim)
+        ``id_claim``: the integer the caller named the user by, if it did.
+        A new session (an admin's word) is tied to the subject's generation
+        now; ``renewing`` (a token of that subject, checked current) keeps
+        its generation and its session's start."""
+        if renewing is not None:
+            return await self._sign(user_id, id_claim, renewing.generation, renewing.auth_time)
+        generation, _ = await self.store.token_state(user_id, "")
+        return await self._sign(user_id, id_claim, generation, None)
+
+    async def _sign(
+        self, user_id: str, id_claim: int | None, generation: str, auth_time: int | None
+    ) -> tuple[str, str]:
+        claims = self.tokens.claims_for(user_id, id_claim=id_claim, generation=generation, auth_time=auth_time)
         return await self.vault.sign_jwt(claims), str(claims["jti"])
 
-    async def verify_token(self, token: str) -> Any:
+    async def verify_token(self, token: str) -> Claims:
+        """The claims of a token that is good now: signed by one of the
+        signing keys, unexpired, within its session's age, not revoked, and
+        of its subject's current generation (the store's word, asked at
+        every use, so every daemon of the database agrees at once)."""
         claims = self.tokens.cached(token)
-        if claims is not None:
-            return claims
-        if not self.tokens.has_key(token):
-            # Signed with a key this daemon has not loaded (another daemon
-            # may have added one): reload, then judge.
-            await self._reload_if_stale()
-        return self.tokens.verify(token)
+        if claims is None:
+            if not self.tokens.has_key(token):
+                # Signed with a key this daemon has not loaded (another daemon
+                # may have added one): reload, then judge.
+                await self._reload_if_stale()
+            claims = self.tokens.verify(token)
+        try:
+            await self._check_current(claims)
+        except Unauthorized:
+            self.tokens.forget(token)
+            raise
+        return claims
+
+    async def _check_current(self, claims: Claims) -> None:
+        generation, revoked = await self.store.token_state(claims.subject, claims.revocation_id)
+        if revoked or not secrets.compare_digest(generation, claims.generation):
+            raise Unauthorized()
+
+    async def revoke_token(self, claims: Claims) -> None:
+        """Void one token, on every daemon of the database (kept until the
+        token would have expired anyway)."""
+        await self.store.revoke_token(claims.revocation_id, claims.expires)
+
+    async def revoke_subject(self, user_id: str) -> None:
+        """Void every token of ``user_id``: a new generation (its record, if
+        any, stays; only an admin can issue its tokens now)."""
+        await self.store.set_generation(user_id, _new_generation())
 
     # -- records -------------------------------------------------------------
 
     async def store_record(
-        self, user_id: str, data: str, *, replace: bool, id_claim: int | None = None
+        self, user_id: str, data: str, *, owner: Claims | None = None, id_claim: int | None = None
     ) -> tuple[str, str]:
         """Encrypt ``data`` under a new DEK and store it; the answer is a
-        token for ``user_id`` and its ``jti``. Without ``replace`` an existing
-        user id is ``Conflict``; with it the row is replaced atomically
-        (compare-and-set on the row it replaces, see ``_replace``)."""
-        # Sign first: a write that succeeded must not be followed by a
-        # failure that makes the client believe it did not.
-        token, token_id = await self.issue_token_with_id(user_id, id_claim=id_claim)
+        token for ``user_id`` and its ``jti``. Without ``owner`` (a current
+        token of ``user_id``) an existing user id is ``Conflict``; with it
+        the row is replaced atomically (``_replace``).
+
+        A new record starts a new generation of its user's tokens: a token
+        issued before it (say, to whoever held the id before it was deleted)
+        never opens it."""
         dek = await self.vault.new_dek(user_id, env.Purpose.RECORD)
         record = Record(
             user_id,
@@ -339,28 +379,39 @@ class KMS:
             now_utc(),
             env.dek_key_id(dek.wrapped),
         )
-        if replace:
-            await self._replace(record)
-        else:
-            try:
-                await self.store.insert_record(record)
-            except Conflict:
-                raise Conflict("user_id already has a stored key; present its token to replace it") from None
-        return token, token_id
+        if owner is not None:
+            return await self._replace(record, owner, id_claim)
+        generation = _new_generation()
+        # Sign first: a write that succeeded must not be followed by a
+        # failure that makes the client believe it did not.
+        signed = await self._sign(user_id, id_claim, generation, None)
+        try:
+            await self.store.insert_record(record, generation=generation)
+        except Conflict:
+            raise Conflict("user_id already has a stored key; present its token to replace it") from None
+        return signed
 
-    async def _replace(self, record: Record) -> None:
-        """Insert or replace, compare-and-set on the row it replaces, so that
-        the wrapped DEK it drops is released (``_release``) if it has no owner."""
+    async def _replace(self, record: Record, owner: Claims, id_claim: int | None) -> tuple[str, str]:
+        """Insert or replace, compare-and-set on the row it replaces and on
+        the owner's generation, so that the wrapped DEK it drops is released
+        (``_release``) if it has no owner, and a token voided meanwhile
+        replaces nothing. The answer's token continues the owner's session."""
         for _ in range(_CAS_ATTEMPTS):
             old = await self.store.get_record(record.user_id)
             if old is None:
+                generation = _new_generation()
+                signed = await self._sign(record.user_id, id_claim, generation, owner.auth_time)
                 try:
-                    await self.store.insert_record(record)
-                    return
+                    await self.store.insert_record(record, generation=generation)
+                    return signed
                 except Conflict:
                     continue  # created meanwhile: replace that one
-            if await self.store.replace_record(old, record, release=_release(old)):
-                return
+            signed = await self._sign(record.user_id, id_claim, owner.generation, owner.auth_time)
+            if await self.store.replace_record(
+                old, record, release=_release(old), expect_generation=owner.generation
+            ):
+                return signed
+            await self._check_current(owner)  # a new generation voided the token
         raise Conflict("the record changed concurrently; try again")
 
     async def fetch_record(self, user_id: str) -> str:
@@ -428,13 +479,24 @@ class KMS:
             await self.load_keys()
         return upgraded
 
-    async def delete_record(self, user_id: str) -> None:
+    async def delete_record(self, owner: Claims) -> None:
+        """Delete the owner's record. Its tokens die with it (a new
+        generation in the same transaction): one kept from before cannot
+        read a record created under the same id later."""
+        user_id = owner.subject
         for _ in range(_CAS_ATTEMPTS):
             old = await self.store.get_record(user_id)
             if old is None:
                 break
-            if await self.store.delete_record(user_id, only_if=old, release=_release(old)):
+            if await self.store.delete_record(
+                user_id,
+                only_if=old,
+                release=_release(old),
+                expect_generation=owner.generation,
+                generation=_new_generation(),
+            ):
                 return
+            await self._check_current(owner)
         raise NotFound("no key stored for this user")
 
     async def _unwrap(self, owner: str, purposes: Sequence[env.Purpose], wrapped: bytes) -> DEK:
@@ -524,6 +586,10 @@ class KMS:
 
 # Rounds of read-then-compare-and-set before a concurrent writer wins.
 _CAS_ATTEMPTS = 5
+
+
+def _new_generation() -> str:
+    return secrets.token_hex(8)
 
 
 def _digest(wrapped: bytes) -> bytes:

@@ -147,25 +147,50 @@ class Store(Protocol):
     async def get_record(self, user_id: str) -> Record | None:
         """The row whose ``user_id`` is exactly this one (binary comparison)."""
 
-    async def insert_record(self, record: Record) -> None:
-        """Insert a new row; ``Conflict`` if the user id exists."""
+    async def insert_record(self, record: Record, *, generation: str | None = None) -> None:
+        """Insert a new row; ``Conflict`` if the user id exists.
+        ``generation``: in the same transaction, make it the user's token
+        generation (``token_state``)."""
 
     async def upsert_record(self, record: Record) -> None:
         """Insert, or replace the existing row's ciphertexts atomically."""
 
     async def delete_record(
-        self, user_id: str, *, only_if: Record | None = None, release: bytes | None = None
+        self,
+        user_id: str,
+        *,
+        only_if: Record | None = None,
+        release: bytes | None = None,
+        expect_generation: str | None = None,
+        generation: str | None = None,
     ) -> bool:
         """Delete the row; False when there was none. ``only_if``: only while
         its ciphertexts are still exactly that record's (compare-and-set).
         ``release``: in the same transaction, remember this digest of the
-        row's wrapped DEK as the user's (``released_owners``)."""
+        row's wrapped DEK as the user's (``released_owners``).
+        ``expect_generation``: only while the user's token generation is
+        still this one; ``generation``: make it the new one, in the same
+        transaction."""
 
-    async def replace_record(self, old: Record, new: Record, *, release: bytes | None = None) -> bool:
+    async def replace_record(
+        self, old: Record, new: Record, *, release: bytes | None = None, expect_generation: str | None = None
+    ) -> bool:
         """Compare-and-set: replace the row of ``old.user_id`` with ``new``
-        only if its ciphertexts are still exactly ``old``'s. False (and no
-        change) when the row was changed or deleted meanwhile. ``release``:
-        as for ``delete_record``, when the row is replaced."""
+        only if its ciphertexts are still exactly ``old``'s (and, with
+        ``expect_generation``, the user's token generation still that one).
+        False (and no change) otherwise. ``release``: as for
+        ``delete_record``, when the row is replaced."""
+
+    async def token_state(self, user_id: str, token_id: str) -> tuple[str, bool]:
+        """The user's token generation ("" while none was ever set) and
+        whether ``token_id`` was revoked: one read, made for every token use."""
+
+    async def set_generation(self, user_id: str, generation: str) -> None:
+        """Make ``generation`` the user's: every token of an older one is void."""
+
+    async def revoke_token(self, token_id: str, expires_at: int) -> None:
+        """Remember ``token_id`` as revoked until ``expires_at`` (Unix time,
+        the token's own exp), and forget revocations whose token expired."""
 
     async def record_owners(self, encrypted_dek: str) -> list[str]:
         """The user ids of the rows whose ``encrypted_dek`` is exactly this
@@ -312,9 +337,25 @@ _SQLITE_MIGRATIONS: Sequence[str] = (
         user_id VARCHAR(64) NOT NULL
     );
     """,
+    # 5: tokens tied to a record (a generation that a delete and a new
+    # record change, and a revoke-all) and revoked one by one.
+    """
+    CREATE TABLE IF NOT EXISTS kmsd_subjects (
+        user_id VARCHAR(64) PRIMARY KEY,
+        generation VARCHAR(32) NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS kmsd_revoked_tokens (
+        token_id VARCHAR(64) PRIMARY KEY,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS kmsd_revoked_tokens_expires_at ON kmsd_revoked_tokens (expires_at);
+    """,
 )
 # The indexed prefix of kms_keys.encrypted_dek (both backends).
 DEK_PREFIX = 32
+# Seconds a revocation outlives its token's exp: the daemons' clocks and
+# the database's may disagree by that much.
+REVOCATION_MARGIN = 300
 
 _RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_id"
 _JOB_COLUMNS = (
@@ -330,12 +371,29 @@ _WriteOp = Callable[[sqlite3.Connection], Any]
 _SQLITE_DOWN = (sqlite3.OperationalError, sqlite3.DatabaseError, sqlite3.ProgrammingError, ValueError)
 
 
-def _released(conn: sqlite3.Connection, changed: bool, release: bytes | None, user_id: str) -> bool:
-    """After a row changed: remember ``release`` as ``user_id``'s (the same
-    transaction). ``changed`` passes through."""
+def _released(
+    conn: sqlite3.Connection, changed: bool, release: bytes | None, user_id: str, generation: str | None = None
+) -> bool:
+    """After a row changed: remember ``release`` as ``user_id``'s and set
+    its token generation (the same transaction). ``changed`` passes through."""
     if changed and release is not None:
         conn.execute("INSERT OR IGNORE INTO kmsd_released_deks (digest, user_id) VALUES (?, ?)", (release, user_id))
+    if changed and generation is not None:
+        _set_generation(conn, user_id, generation)
     return changed
+
+
+def _set_generation(conn: sqlite3.Connection, user_id: str, generation: str) -> None:
+    conn.execute(
+        "INSERT INTO kmsd_subjects (user_id, generation) VALUES (?, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET generation = excluded.generation",
+        (user_id, generation),
+    )
+
+
+# A condition on the row's user: its token generation is still this one
+# (parameters: user_id, generation).
+_SAME_GENERATION = "COALESCE((SELECT generation FROM kmsd_subjects WHERE user_id = ?), '') = ?"
 
 
 class SQLiteStore:
@@ -615,15 +673,17 @@ class SQLiteStore:
             conn.execute("RELEASE op")
         return True, value
 
-    async def insert_record(self, record: Record) -> None:
+    async def insert_record(self, record: Record, *, generation: str | None = None) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
                 (record.user_id, record.encrypted_key, record.encrypted_dek, record.created_at,
                  record.master_key_id),
             )
+            if generation is not None:
+                _set_generation(conn, record.user_id, generation)
 
-        await self._write(op)
+        await self._write(op, multi=generation is not None)
 
     async def upsert_record(self, record: Record) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -639,31 +699,74 @@ class SQLiteStore:
         await self._write(op)
 
     async def delete_record(
-        self, user_id: str, *, only_if: Record | None = None, release: bytes | None = None
+        self,
+        user_id: str,
+        *,
+        only_if: Record | None = None,
+        release: bytes | None = None,
+        expect_generation: str | None = None,
+        generation: str | None = None,
     ) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            if only_if is None:
-                cur = conn.execute("DELETE FROM kms_keys WHERE user_id = ?", (user_id,))
-            else:
-                cur = conn.execute(
-                    "DELETE FROM kms_keys WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
-                    (user_id, only_if.encrypted_key, only_if.encrypted_dek),
-                )
-            return _released(conn, cur.rowcount > 0, release, user_id)
+        sql, params = "DELETE FROM kms_keys WHERE user_id = ?", [user_id]
+        if only_if is not None:
+            sql += " AND encrypted_key IS ? AND encrypted_dek IS ?"
+            params += [only_if.encrypted_key, only_if.encrypted_dek]
+        if expect_generation is not None:
+            sql += f" AND {_SAME_GENERATION}"
+            params += [user_id, expect_generation]
 
-        return bool(await self._write(op))
-
-    async def replace_record(self, old: Record, new: Record, *, release: bytes | None = None) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE kms_keys SET encrypted_key = ?, encrypted_dek = ?, created_at = ?, master_key_id = ?"
-                " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?",
-                (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
-                 old.user_id, old.encrypted_key, old.encrypted_dek),
-            )
+            cur = conn.execute(sql, params)
+            return _released(conn, cur.rowcount > 0, release, user_id, generation)
+
+        return bool(await self._write(op, multi=generation is not None))
+
+    async def replace_record(
+        self, old: Record, new: Record, *, release: bytes | None = None, expect_generation: str | None = None
+    ) -> bool:
+        sql = (
+            "UPDATE kms_keys SET encrypted_key = ?, encrypted_dek = ?, created_at = ?, master_key_id = ?"
+            " WHERE user_id = ? AND encrypted_key IS ? AND encrypted_dek IS ?"
+        )
+        params = [new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
+                  old.user_id, old.encrypted_key, old.encrypted_dek]
+        if expect_generation is not None:
+            sql += f" AND {_SAME_GENERATION}"
+            params += [old.user_id, expect_generation]
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(sql, params)
             return _released(conn, cur.rowcount > 0, release, old.user_id)
 
         return bool(await self._write(op))
+
+    async def token_state(self, user_id: str, token_id: str) -> tuple[str, bool]:
+        sql = (
+            "SELECT COALESCE((SELECT generation FROM kmsd_subjects WHERE user_id = ?), ''),"
+            " EXISTS (SELECT 1 FROM kmsd_revoked_tokens WHERE token_id = ?)"
+        )
+        row = None
+        if self._point is not None:
+            try:
+                row = self._point.execute(sql, (user_id, token_id)).fetchone()
+            except sqlite3.OperationalError:
+                pass  # busy: the threaded reader waits
+        if row is None:
+            row = (await self._read(sql, (user_id, token_id)))[0]
+        return str(row[0]), bool(row[1])
+
+    async def set_generation(self, user_id: str, generation: str) -> None:
+        await self._write(lambda conn: _set_generation(conn, user_id, generation))
+
+    async def revoke_token(self, token_id: str, expires_at: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO kmsd_revoked_tokens (token_id, expires_at) VALUES (?, ?)",
+                (token_id, expires_at),
+            )
+            conn.execute(f"DELETE FROM kmsd_revoked_tokens WHERE expires_at < {_SQLITE_NOW} - {REVOCATION_MARGIN}")
+
+        await self._write(op, multi=True)
 
     async def released_owners(self, digest: bytes) -> list[str]:
         rows = await self._read("SELECT user_id FROM kmsd_released_deks WHERE digest = ?", (digest,))

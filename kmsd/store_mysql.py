@@ -33,7 +33,7 @@ import pymysql.constants
 
 from .config import DatabaseURL
 from .errors import Conflict, KMSError
-from .store import DEK_PREFIX, MasterKeyRow, Record, RotationJob, SigningKeyRow, StoreError, now_utc
+from .store import DEK_PREFIX, REVOCATION_MARGIN, MasterKeyRow, Record, RotationJob, SigningKeyRow, StoreError, now_utc
 
 __all__ = ["MySQLStore"]
 
@@ -117,6 +117,19 @@ _MIGRATIONS: Sequence[Sequence[str]] = (
             user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL
         ) ENGINE=InnoDB""",
     ),
+    # 6: tokens tied to a record (a generation that a delete and a new
+    # record change, and a revoke-all) and revoked one by one.
+    (
+        """CREATE TABLE IF NOT EXISTS kmsd_subjects (
+            user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL PRIMARY KEY,
+            generation VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL
+        ) ENGINE=InnoDB""",
+        """CREATE TABLE IF NOT EXISTS kmsd_revoked_tokens (
+            token_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            expires_at BIGINT NOT NULL,
+            KEY kmsd_revoked_tokens_expires_at (expires_at)
+        ) ENGINE=InnoDB""",
+    ),
 )
 
 
@@ -147,6 +160,12 @@ async def _apply(cur: aiomysql.Cursor, statement: str) -> None:
 
 # Compare-and-set on a record's ciphertexts: byte-exact, NULL-safe.
 _SAME_CIPHERTEXTS = "BINARY encrypted_key <=> BINARY %s AND BINARY encrypted_dek <=> BINARY %s"
+# ... and on its user's token generation (parameters: user_id, generation).
+_SAME_GENERATION = "COALESCE((SELECT generation FROM kmsd_subjects WHERE user_id = %s), '') = %s"
+_SET_GENERATION = (
+    "INSERT INTO kmsd_subjects (user_id, generation) VALUES (%s, %s)"
+    " ON DUPLICATE KEY UPDATE generation = VALUES(generation)"
+)
 
 _Work = Callable[[aiomysql.Cursor], Awaitable[Any]]
 
@@ -319,7 +338,7 @@ class MySQLStore:
         self._reads = _Coalescer(self._get_records, flushers=flushers, timeout=timeout)
         self._inserts = _Coalescer(
             self._insert_records, flushers=flushers, timeout=timeout, writes=True,
-            size=lambda r: len(r.encrypted_key or "") + len(r.encrypted_dek or ""),
+            size=lambda item: len(item[0].encrypted_key or "") + len(item[0].encrypted_dek or ""),
         )
 
     def _connect_args(self) -> dict[str, Any]:
@@ -569,26 +588,40 @@ class MySQLStore:
         )
         return [_record(r) for r in rows]
 
-    async def insert_record(self, record: Record) -> None:
-        await self._inserts.submit(record)
+    async def insert_record(self, record: Record, *, generation: str | None = None) -> None:
+        await self._inserts.submit((record, generation))
 
-    async def _insert_records(self, records: list[Record]) -> list[BaseException | None]:
-        """One multi-row INSERT: a single statement, so it commits whole or
-        not at all. If any row is a duplicate nothing was written, and each
-        record is tried on its own so that only that caller gets 409."""
+    async def _insert_records(self, items: list[tuple[Record, str | None]]) -> list[BaseException | None]:
+        """One multi-row INSERT (and one for the generations, in the same
+        transaction): it commits whole or not at all. If any row is a
+        duplicate nothing was written, and each record is tried on its own
+        so that only that caller gets 409."""
+        records = [r for r, _ in items]
         marks = ", ".join(["(%s, %s, %s, %s, %s)"] * len(records))
         params = [v for r in records for v in (r.user_id, r.encrypted_key, r.encrypted_dek, r.created_at,
                                                 r.master_key_id)]
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES {marks}", params)
+        ]
+        generations = [(r.user_id, g) for r, g in items if g is not None]
+        if generations:
+            rows = ", ".join(["(%s, %s)"] * len(generations))
+            statements.append(
+                (
+                    _SET_GENERATION.replace("VALUES (%s, %s)", f"VALUES {rows}"),
+                    [v for pair in generations for v in pair],
+                )
+            )
         try:
-            await self._write((f"INSERT INTO kms_keys ({_RECORD_COLUMNS}) VALUES {marks}", params))
+            await self._write(*statements)
             return [None] * len(records)
         except Conflict:
             if len(records) == 1:
                 raise
         results: list[BaseException | None] = []
-        for record in records:
+        for item in items:
             try:
-                await self._insert_records([record])
+                await self._insert_records([item])
                 results.append(None)
             except (Conflict, StoreError) as exc:
                 results.append(exc)
@@ -606,35 +639,61 @@ class MySQLStore:
             )
         )
 
-    async def replace_record(self, old: Record, new: Record, *, release: bytes | None = None) -> bool:
-        return await self._change_releasing(
+    async def replace_record(
+        self, old: Record, new: Record, *, release: bytes | None = None, expect_generation: str | None = None
+    ) -> bool:
+        sql = (
             "UPDATE kms_keys SET encrypted_key = %s, encrypted_dek = %s, created_at = %s, master_key_id = %s"
-            f" WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
-            (new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
-             old.user_id, old.encrypted_key, old.encrypted_dek),
-            release, old.user_id,
+            f" WHERE user_id = %s AND {_SAME_CIPHERTEXTS}"
         )
+        params = [new.encrypted_key, new.encrypted_dek, new.created_at, new.master_key_id,
+                  old.user_id, old.encrypted_key, old.encrypted_dek]
+        if expect_generation is not None:
+            sql += f" AND {_SAME_GENERATION}"
+            params += [old.user_id, expect_generation]
+        return await self._change_releasing(sql, params, release, old.user_id)
 
     async def _change_releasing(
-        self, sql: str, params: Sequence[Any], release: bytes | None, user_id: str
+        self, sql: str, params: Sequence[Any], release: bytes | None, user_id: str, generation: str | None = None
     ) -> bool:
-        """One change of a row; with ``release``, and if it changed, the
-        digest remembered as ``user_id``'s in the same transaction."""
-        if release is None:
+        """One change of a row; if it changed, in the same transaction, the
+        digest ``release`` remembered as ``user_id``'s and ``generation``
+        made the user's."""
+        if release is None and generation is None:
             return await self._write((sql, params)) > 0
 
         async def work(cur: aiomysql.Cursor) -> bool:
             await cur.execute(sql, params)
             if cur.rowcount <= 0:
                 return False
-            # Hex: aiomysql cannot send a bytes parameter (pymysql 1.1 dropped what it calls).
-            await cur.execute(
-                "INSERT IGNORE INTO kmsd_released_deks (digest, user_id) VALUES (UNHEX(%s), %s)",
-                (release.hex(), user_id),
-            )
+            if release is not None:
+                # Hex: aiomysql cannot send a bytes parameter (pymysql 1.1 dropped what it calls).
+                await cur.execute(
+                    "INSERT IGNORE INTO kmsd_released_deks (digest, user_id) VALUES (UNHEX(%s), %s)",
+                    (release.hex(), user_id),
+                )
+            if generation is not None:
+                await cur.execute(_SET_GENERATION, (user_id, generation))
             return True
 
         return bool(await self._run(work, write="transaction"))
+
+    async def token_state(self, user_id: str, token_id: str) -> tuple[str, bool]:
+        rows = await self._read(
+            "SELECT COALESCE((SELECT generation FROM kmsd_subjects WHERE user_id = %s), ''),"
+            " EXISTS (SELECT 1 FROM kmsd_revoked_tokens WHERE token_id = %s)",
+            (user_id, token_id),
+        )
+        return _text(rows[0][0]) or "", bool(rows[0][1])
+
+    async def set_generation(self, user_id: str, generation: str) -> None:
+        await self._write((_SET_GENERATION, (user_id, generation)))
+
+    async def revoke_token(self, token_id: str, expires_at: int) -> None:
+        await self._write(
+            ("INSERT IGNORE INTO kmsd_revoked_tokens (token_id, expires_at) VALUES (%s, %s)", (token_id, expires_at)),
+            (f"DELETE FROM kmsd_revoked_tokens WHERE expires_at < {_NOW} - {REVOCATION_MARGIN}", ()),
+        )
 
     async def released_owners(self, digest: bytes) -> list[str]:
         rows = await self._read("SELECT user_id FROM kmsd_released_deks WHERE digest = UNHEX(%s)", (digest.hex(),))
@@ -767,14 +826,22 @@ class MySQLStore:
         return _job(rows[0]) if rows else None
 
     async def delete_record(
-        self, user_id: str, *, only_if: Record | None = None, release: bytes | None = None
+        self,
+        user_id: str,
+        *,
+        only_if: Record | None = None,
+        release: bytes | None = None,
+        expect_generation: str | None = None,
+        generation: str | None = None,
     ) -> bool:
-        if only_if is None:
-            return await self._change_releasing("DELETE FROM kms_keys WHERE user_id = %s", (user_id,), release, user_id)
-        return await self._change_releasing(
-            f"DELETE FROM kms_keys WHERE user_id = %s AND {_SAME_CIPHERTEXTS}",
-            (user_id, only_if.encrypted_key, only_if.encrypted_dek), release, user_id,
-        )
+        sql, params = "DELETE FROM kms_keys WHERE user_id = %s", [user_id]
+        if only_if is not None:
+            sql += f" AND {_SAME_CIPHERTEXTS}"
+            params += [only_if.encrypted_key, only_if.encrypted_dek]
+        if expect_generation is not None:
+            sql += f" AND {_SAME_GENERATION}"
+            params += [user_id, expect_generation]
+        return await self._change_releasing(sql, params, release, user_id, generation)
 
     async def list_master_keys(self) -> list[MasterKeyRow]:
         rows = await self._read(

@@ -66,15 +66,19 @@ async def test_delete_shreds_the_record(api: API) -> None:
     token = await api.store(user, "to-be-deleted")
     status, body = await api.call("DELETE", "/api/keys", token=token)
     assert status == 200 and body["message"]
-    assert (await api.call("GET", "/api/keys", token=token))[0] == 404
-    assert (await api.call("DELETE", "/api/keys", token=token))[0] == 404
+    # The token died with its record (a new generation): 401, not 404.
+    assert (await api.call("GET", "/api/keys", token=token))[0] == 401
+    assert (await api.call("DELETE", "/api/keys", token=token))[0] == 401
     # The id is free again.
     await api.store(user, "again")
 
 
-async def test_fetch_without_record_is_404(api: API) -> None:
-    token = await api.store(uid(), "short-lived")
+async def test_fetch_without_record_is_404(api: API, unix_api: API) -> None:
+    user = uid()
+    token = await api.store(user, "short-lived")
     assert (await api.call("DELETE", "/api/keys", token=token))[0] == 200
+    # The deleted record's tokens died with it; an admin's new one is current.
+    token = (await unix_api.call("POST", "/issue", {"id": user}))[1]["token"]
     status, body = await api.call("GET", "/api/keys", token=token)
     assert status == 404 and body == {"error": "no key stored for this user", "code": "not_found"}
 

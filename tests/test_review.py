@@ -5,11 +5,13 @@ test_vault.py, the original's tokens' claims in test_legacy.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import structlog
 from aiohttp import web
 from conftest import Daemon, open_api, remember
 
+from kmsd.auth import CACHE_PER_SUBJECT
 from kmsd.config import load_settings
 from kmsd.connections import MAX_TARGET
 from kmsd.server import LOGGED_PATH, create_app
@@ -182,3 +185,143 @@ async def test_a_request_from_a_foreign_origin_is_refused(shared_daemon: Daemon,
         else:
             assert (status, body["code"], body["error"]) == (403, "forbidden", "origin not allowed")
             assert (await tcp.call("POST", "/api/keys", {"user_id": user, "data": "owner"}))[0] == 200
+
+
+# -- 1: a user id hijacked in advance through renewed tokens -----------------------------------
+
+
+@pytest.fixture
+def two_daemons(backend: str, database_url: str, daemon_factory: Any, workdir: Path) -> tuple[Daemon, Daemon]:
+    """Two daemons on one database (the same root key), as on two hosts."""
+    key_file = workdir / f"root-{os.urandom(3).hex()}.key"
+    key_file.write_text(os.urandom(32).hex() + "\n")
+    key_file.chmod(0o600)
+    env = {"KMSD_ROOT_KEY_FILE": str(key_file)}
+    first, second = (daemon_factory(database=database_url, dev=False, extra_env=env) for _ in range(2))
+    return first, second
+
+
+def _hijack_id() -> str:
+    return "hijack-" + os.urandom(4).hex()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mysql"], indirect=True)
+async def test_a_token_from_before_a_delete_never_opens_the_next_record(two_daemons: tuple[Daemon, Daemon]) -> None:
+    """The review's attack: store junk under a predictable id over TCP, keep
+    the token, delete the record, renew forever; the application's record
+    under that id later was the attacker's to read and overwrite."""
+    a, b = two_daemons
+    victim = _hijack_id()
+    sa, a_tcp = open_api(a, "tcp")
+    sb, b_tcp = open_api(b, "tcp")
+    sbu, b_unix = open_api(b, "unix")
+    async with sa, sb, sbu:
+        squat = await a_tcp.store(victim, "attacker junk")
+        status, renewed = await a_tcp.call("POST", "/issue", {"id": victim}, token=squat)
+        assert status == 200
+        renewal = renewed["token"]
+        assert (await a_tcp.call("DELETE", "/api/keys", token=squat))[0] == 200
+        for token in (squat, renewal):
+            for api in (a_tcp, b_tcp):  # on both daemons of the database, at once
+                assert (await api.call("POST", "/issue", {"id": victim}, token=token))[0] == 401
+                assert (await api.call("POST", "/verify", {"token": token}))[1]["valid"] is False
+        # The application stores the card through the other daemon.
+        card = "4111 1111 1111 " + os.urandom(2).hex()
+        app_token = await b_unix.store(victim, card)
+        for token in (squat, renewal):
+            for api in (a_tcp, b_tcp):
+                assert (await api.call("GET", "/api/keys", token=token))[0] == 401
+                status, _ = await api.call("POST", "/api/keys", {"user_id": victim, "data": "overwritten"}, token=token)
+                assert status in (401, 409)
+        assert await a_tcp.call("GET", "/api/keys", token=app_token) == (200, {"data": card})
+        # The application's own token renews, and the renewal reads it too.
+        status, renewed = await a_tcp.call("POST", "/issue", {"id": victim}, token=app_token)
+        assert status == 200 and (await b_tcp.call("GET", "/api/keys", token=renewed["token"]))[1] == {"data": card}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mysql"], indirect=True)
+async def test_revoking_one_token_or_a_subject_holds_on_every_daemon(two_daemons: tuple[Daemon, Daemon]) -> None:
+    a, b = two_daemons
+    user, other = _hijack_id(), _hijack_id()
+    sa, a_tcp = open_api(a, "tcp")
+    sb, b_tcp = open_api(b, "tcp")
+    sbu, b_unix = open_api(b, "unix")
+    async with sa, sb, sbu:
+        first = await a_tcp.store(user, "revocable value")
+        assert (await b_tcp.call("GET", "/api/keys", token=first))[0] == 200  # cached on b now
+        second = (await a_tcp.call("POST", "/issue", {"id": user}, token=first))[1]["token"]
+        third = (await a_tcp.call("POST", "/issue", {"id": user}, token=first))[1]["token"]
+        # One token, by itself: dead everywhere at once; its siblings live.
+        assert await a_tcp.call("POST", "/api/tokens/revoke", {}, token=first) == (200, {"revoked": "token"})
+        for api in (a_tcp, b_tcp):
+            assert (await api.call("GET", "/api/keys", token=first))[0] == 401
+            assert (await api.call("POST", "/issue", {"id": user}, token=first))[0] == 401
+            assert (await api.call("GET", "/api/keys", token=second))[0] == 200
+        # Whoever holds a token may void it by naming it.
+        assert (await b_tcp.call("POST", "/api/tokens/revoke", {"token": third}))[0] == 200
+        assert (await a_tcp.call("GET", "/api/keys", token=third))[0] == 401
+        # Another subject's tokens: an admin's business only.
+        other_token = await a_tcp.store(other, "someone else's")
+        status, body = await a_tcp.call("POST", "/api/tokens/revoke", {"user_id": other}, token=second)
+        assert (status, body["code"]) == (403, "forbidden")
+        assert (await b_tcp.call("GET", "/api/keys", token=other_token))[0] == 200
+        # Every token of the subject: by its own token, or an admin peer.
+        status, body = await b_tcp.call("POST", "/api/tokens/revoke", {"all": True}, token=second)
+        assert (status, body) == (200, {"revoked": "subject", "user_id": user})
+        assert (await a_tcp.call("GET", "/api/keys", token=second))[0] == 401
+        assert (await b_unix.call("POST", "/api/tokens/revoke", {"user_id": other}))[0] == 200
+        assert (await a_tcp.call("GET", "/api/keys", token=other_token))[0] == 401
+        # The records stay: an admin's new token reads them.
+        fresh = (await b_unix.call("POST", "/issue", {"id": user}))[1]["token"]
+        assert await a_tcp.call("GET", "/api/keys", token=fresh) == (200, {"data": "revocable value"})
+        for body in ({"all": "yes"}, {"token": 5}, {"surprise": 1}):
+            status, answer = await a_tcp.call("POST", "/api/tokens/revoke", body, token=fresh)
+            assert status == 400, (body, answer)
+        assert (await a_tcp.call("POST", "/api/tokens/revoke", {}))[0] == 401
+        assert (await a_tcp.call("POST", "/api/tokens/revoke", {"token": "not-a-token"}))[0] == 401
+
+
+async def test_renewal_never_extends_a_session_past_its_maximum_age(daemon_factory: Any) -> None:
+    d: Daemon = daemon_factory(extra_env={"KMSD_TOKEN_LIFETIME": "2", "KMSD_MAX_SESSION_AGE": "3"})
+    user = _hijack_id()
+    session, tcp = open_api(d, "tcp")
+    async with session:
+        token = await tcp.store(user, "session-bound value")
+        started = (await tcp.call("POST", "/verify", {"token": token}))[1]["payload"]["auth_time"]
+        deadline = time.monotonic() + 6
+        refused = False
+        while time.monotonic() < deadline:
+            status, body = await tcp.call("POST", "/issue", {"id": user}, token=token)
+            if status != 200:
+                refused = True
+                break
+            token = body["token"]
+            payload = (await tcp.call("POST", "/verify", {"token": token}))[1]["payload"]
+            assert payload["auth_time"] == started and payload["exp"] <= started + 3
+            await asyncio.sleep(0.5)
+        assert refused, "renewal extended the session past max_session_age"
+        assert (await tcp.call("GET", "/api/keys", token=token))[0] == 401
+
+
+# -- 9: the verified-token cache filled by one client ------------------------------------------
+
+
+async def test_one_subject_cannot_fill_the_token_cache(shared_daemon: Daemon) -> None:
+    user = _hijack_id()
+    session, tcp = open_api(shared_daemon, "tcp")
+    async with session:
+        before = await _cache_entries(tcp)
+        token = await tcp.store(user, "cache filler")
+        for _ in range(200):  # renew and verify: the review's 50,000 entries in 25 s
+            token = (await tcp.call("POST", "/issue", {"id": user}, token=token))[1]["token"]
+            assert (await tcp.call("POST", "/verify", {"token": token}))[0] == 200
+        assert await _cache_entries(tcp) <= before + CACHE_PER_SUBJECT
+
+
+async def _cache_entries(api: Any) -> float:
+    status, text = await api.call("GET", "/metrics")
+    assert status == 200
+    for line in text.decode().splitlines():
+        if line.startswith("kmsd_token_cache_entries "):
+            return float(line.split()[1])
+    raise AssertionError("kmsd_token_cache_entries missing from /metrics")

@@ -23,7 +23,7 @@ from mariadb import MariaDBServer
 
 from kmsd.config import parse_database_url
 from kmsd.errors import Conflict
-from kmsd.store import MasterKeyRow, Record, SigningKeyRow, Store, StoreError, open_store
+from kmsd.store import REVOCATION_MARGIN, MasterKeyRow, Record, SigningKeyRow, Store, StoreError, open_store
 
 T0 = "2024-05-01 12:00:00"
 
@@ -177,6 +177,36 @@ async def test_a_closed_store_raises_store_error(database_url: str) -> None:
 
 
 # -- records ------------------------------------------------------------------------------
+
+
+async def test_token_generations_move_with_records_in_the_same_transaction(store: Store) -> None:
+    assert await store.token_state("gina", "jti-1") == ("", False)
+    await store.insert_record(rec("gina"), generation="g1")
+    assert await store.token_state("gina", "jti-1") == ("g1", False)
+    # A duplicate changes neither the row nor the generation.
+    with pytest.raises(Conflict):
+        await store.insert_record(rec("gina", 1), generation="g2")
+    assert await store.token_state("gina", "") == ("g1", False)
+    # Compare-and-set on the generation: a voided token replaces and deletes nothing.
+    assert await store.replace_record(rec("gina"), rec("gina", 3), expect_generation="g0") is False
+    assert await store.delete_record("gina", only_if=rec("gina"), expect_generation="g0", generation="gx") is False
+    assert await store.get_record("gina") == rec("gina") and await store.token_state("gina", "") == ("g1", False)
+    assert await store.replace_record(rec("gina"), rec("gina", 3), expect_generation="g1") is True
+    assert await store.delete_record("gina", expect_generation="g1", generation="g4") is True
+    assert await store.get_record("gina") is None and await store.token_state("gina", "") == ("g4", False)
+    await store.set_generation("hank", "h1")
+    assert await store.token_state("hank", "") == ("h1", False)
+
+
+async def test_revoked_tokens_are_kept_until_they_expire(store: Store) -> None:
+    now = int(time.time())
+    await store.revoke_token("old-jti", now - REVOCATION_MARGIN - 5)
+    await store.revoke_token("live-jti", now + 600)
+    await store.revoke_token("live-jti", now + 600)  # twice is once
+    assert (await store.token_state("ivy", "live-jti"))[1] is True
+    assert (await store.token_state("ivy", "other-jti"))[1] is False
+    await store.revoke_token("another-jti", now + 600)  # forgets what expired
+    assert (await store.token_state("ivy", "old-jti"))[1] is False
 
 
 async def test_get_insert_upsert_delete(store: Store) -> None:

@@ -222,8 +222,20 @@ class KMSClient:
         return _field(doc, "data", str)
 
     def delete(self, token: str | None = None) -> None:
-        """Crypto-shred the record of the token's subject."""
+        """Crypto-shred the record of the token's subject. Every token of
+        that subject dies with it."""
         self._call("DELETE", "/api/keys", token=self._bearer(token))
+
+    def revoke(self, token: str | None = None, *, everything: bool = False) -> None:
+        """Revoke ``token`` (else the client's), or with ``everything`` every
+        token of its subject, on every daemon of the database."""
+        body = {"all": True} if everything else {}
+        self._call("POST", "/api/tokens/revoke", body, token=self._bearer(token))
+
+    def revoke_subject(self, user_id: str, *, token: str | None = None) -> None:
+        """Revoke every token of ``user_id`` (an admin peer, or a token of
+        that subject)."""
+        self._call("POST", "/api/tokens/revoke", {"user_id": user_id}, token=self._bearer(token))
 
     def encrypt(
         self,
