@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -29,9 +30,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["LaunchedProcess", "Launcher"]
+__all__ = ["LAUNCHER_CAPABILITIES", "LaunchedProcess", "Launcher"]
 
 MAX_MESSAGE = 4096
+LAUNCHER_CAPABILITIES = ("setuid", "setgid", "kill", "ipc_lock")
 
 
 # -- daemon side -------------------------------------------------------------------
@@ -192,9 +194,22 @@ def launcher_main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("usage: python -m kmsd.launcher --fd N -- VAULT_ARGS...")
     sock = socket.socket(fileno=int(argv[1]))
     vault_args = argv[3:]
-    from .privileges import harden
+    from .privileges import harden, keep_capabilities, restrict_syscalls
+    from .vault import VAULT_MEMLOCK
 
+    # The vaults lock their memory as root; raising the limit needs
+    # CAP_SYS_RESOURCE, which is not kept: raise it here, once, for them.
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if hard != resource.RLIM_INFINITY and hard < VAULT_MEMLOCK:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (VAULT_MEMLOCK, VAULT_MEMLOCK))
     harden()
+    # Root for starting vaults and signalling them, nothing else: a vault
+    # switches to its user (setuid, setgid) and locks its memory (ipc_lock);
+    # the launcher signals vaults of another uid (kill). Outside systemd
+    # (whose unit bounds it too) it would otherwise keep every capability.
+    keep_capabilities(LAUNCHER_CAPABILITIES)
+    restrict_syscalls()
     # The daemon's terminal signals are not for us: we end when it closes
     # the socket. A handler, not SIG_IGN, which the vaults would inherit.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import RootKeySource
-from .privileges import MCL_CURRENT, MCL_FUTURE, harden, libc, switch_user, unix_sockets_only, user_exists
+from .privileges import MCL_CURRENT, MCL_FUTURE, harden, libc, switch_user, syscall_filter, user_exists
 from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
 
 if TYPE_CHECKING:
@@ -564,6 +564,7 @@ def drop_privileges(user: str | None) -> None:
     """No core files, no new privileges, a dedicated user when root, not
     dumpable (so neither ptrace nor /proc/PID/mem by the same uid)."""
     locked = True
+    seccomp = syscall_filter()
     if os.geteuid() == 0:
         locked = _lock_memory()
         switch_user(user or ("kmsd-vault" if user_exists("kmsd-vault") else "nobody"))
@@ -577,8 +578,7 @@ def drop_privileges(user: str | None) -> None:
         )
     # No network from here on: the vault talks to the daemon only, over the
     # socket it inherited.
-    if not unix_sockets_only():
-        _vault_log("no_socket_filter", level="warning", warning="seccomp socket filter not available on this CPU")
+    seccomp.load()
 
 
 def _lock_memory() -> bool:

@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 from conftest import Daemon, open_api
 
+from kmsd.launcher import LAUNCHER_CAPABILITIES
+from kmsd.privileges import CAPABILITIES
+
 
 def _need_root() -> None:
     if os.geteuid() != 0:
@@ -121,8 +124,16 @@ def test_daemon_and_vault_drop_privileges(users: Any, daemon_factory: Any) -> No
     # The vault's seccomp filter: Unix sockets only.
     assert st["Seccomp"] == "2", st.get("Seccomp")
 
+    # Its seccomp filter and the launcher's, inherited (both must allow).
+    assert int(st["Seccomp_filters"]) == 2, st.get("Seccomp_filters")
+
+    # The launcher keeps root for starting and signalling vaults only.
     st = status(launcher)
-    assert ids(st, "Uid") == {0} and st["NoNewPrivs"] == "1"
+    assert ids(st, "Uid") == {0} and st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+    kept = sum(1 << CAPABILITIES[name] for name in LAUNCHER_CAPABILITIES)
+    assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == kept & int(status(os.getpid())["CapEff"], 16)
+    assert int(st["CapInh"], 16) == 0 and int(st.get("CapAmb", "0"), 16) == 0
+    assert int(st["CapBnd"], 16) & ~kept == 0 or not int(status(os.getpid())["CapEff"], 16) >> 8 & 1
 
     # Neither the vault's user nor the daemon's can read the root key; the
     # vault's user cannot open the database.
@@ -141,10 +152,10 @@ def test_the_vault_filter_refuses_network_sockets() -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
-            from kmsd.privileges import harden, unix_sockets_only
+            from kmsd.privileges import harden, restrict_syscalls
 
             harden()
-            unix_sockets_only()
+            restrict_syscalls()
             out = []
             for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
                 try:

@@ -6,10 +6,16 @@ test_vault.py, the original's tokens' claims in test_legacy.py."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import platform
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -325,3 +331,63 @@ async def _cache_entries(api: Any) -> float:
         if line.startswith("kmsd_token_cache_entries "):
             return float(line.split()[1])
     raise AssertionError("kmsd_token_cache_entries missing from /metrics")
+
+
+# -- 4: the vault's seccomp filter bypassed by another ABI, and io_uring -----------------------
+
+PROBE_SOURCE = Path(__file__).parent / "helpers" / "syscall_probe.c"
+# Installs the vault's filter as the vault does (no-new-privs first), then
+# becomes the probe: the filter is inherited across exec.
+_HARDENED = (
+    "import os, sys\n"
+    "from kmsd.privileges import harden, syscall_filter\n"
+    "f = syscall_filter(); harden(); f.load()\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        message = "no C compiler (cc/gcc) to build tests/helpers/syscall_probe.c: apt-get install gcc"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set: {message}", pytrace=False)
+        pytest.skip(message)
+    out = tmp_path_factory.mktemp("probe") / "syscall_probe"
+    subprocess.run([cc, "-O2", "-o", str(out), str(PROBE_SOURCE)], check=True)
+    return out
+
+
+def _probe(probe: Path, what: str, *, hardened: bool) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-c", _HARDENED, str(probe), what] if hardened else [str(probe), what]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def test_an_i386_system_call_kills_a_vault_hardened_process(probe: Path) -> None:
+    """The review's bypass: the old filter allowed every call of a non-native
+    ABI, and an i386 `int $0x80` socket(AF_INET) opened a TCP connection
+    from the vault. libseccomp's filter kills the process instead."""
+    if platform.machine() != "x86_64":
+        pytest.skip(f"the i386 ABI probe is for x86_64 (this is {platform.machine()})")
+    control = _probe(probe, "i386-socket", hardened=False)
+    if control.returncode != 0 or int(control.stdout.split()[0]) < 0:
+        pytest.skip(
+            "SKIPPED LOUDLY: this kernel runs no i386 system calls (no IA32 emulation, or ia32_emulation=0): "
+            f"the bypass cannot be tried here (control: rc {control.returncode}, {control.stdout.strip()!r})"
+        )
+    hardened = _probe(probe, "i386-socket", hardened=True)
+    assert hardened.returncode == -signal.SIGSYS, (hardened.returncode, hardened.stdout, hardened.stderr)
+    assert hardened.stdout == ""  # it never got to print a socket
+
+
+def test_io_uring_and_network_sockets_are_refused_in_a_vault_hardened_process(probe: Path) -> None:
+    control = _probe(probe, "io_uring", hardened=False)
+    result, err = (int(v) for v in control.stdout.split())
+    hardened = _probe(probe, "io_uring", hardened=True)
+    assert hardened.returncode == 0 and hardened.stdout.split() == ["-1", str(errno.EPERM)], hardened.stdout
+    if result < 0 and err in (errno.EPERM, errno.ENOSYS):
+        pytest.skip(f"SKIPPED LOUDLY (after the check): io_uring is off in this kernel anyway (errno {err})")
+    assert result >= 0  # the control shows the filter is what refused it
+    assert _probe(probe, "inet", hardened=False).stdout.split()[0] != "-1"
+    assert _probe(probe, "inet", hardened=True).stdout.split() == ["-1", str(errno.EACCES)]
