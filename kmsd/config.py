@@ -133,6 +133,19 @@ class Settings:
     # recently active connection that waits for a request is closed to make
     # room; if every one is busy, the newcomer is answered 503.
     max_connections: int = 4096
+    # At most this share of max_connections per peer (a uid on the Unix
+    # socket; the TCP side as a whole), so TCP callers never take the Unix
+    # socket's capacity. Admin peers always get in.
+    connection_share: float = 0.5
+    # A client that reads none of its answers for this long is disconnected.
+    send_timeout: float = 10.0
+    # Rate limits per peer (events a second, and the burst; 0: off). Over
+    # one, a request is answered 429 with Retry-After, and the peer's
+    # connections are paused until then. Admin peers are not limited.
+    invalid_token_rate: float = 20.0
+    invalid_token_burst: int = 100
+    record_creation_rate: float = 100.0
+    record_creation_burst: int = 1000
     log_level: str = "info"
     database_pool_size: int = 10
     # One time budget per database call: an unreachable or hung server is
@@ -303,6 +316,12 @@ _CONVERTERS: dict[str, Any] = {
     "body_timeout": lambda v, n: float(v),
     "idle_timeout": lambda v, n: float(v),
     "max_connections": _as_int,
+    "connection_share": lambda v, n: float(v),
+    "send_timeout": lambda v, n: float(v),
+    "invalid_token_rate": lambda v, n: float(v),
+    "invalid_token_burst": _as_int,
+    "record_creation_rate": lambda v, n: float(v),
+    "record_creation_burst": _as_int,
     "log_level": str,
     "database_pool_size": _as_int,
     "database_timeout": lambda v, n: float(v),
@@ -426,11 +445,19 @@ def load_settings(
         raise ConfigError("max_session_age must be at least token_lifetime")
     if settings.max_body_size <= 0:
         raise ConfigError("max_body_size must be positive")
-    for name in ("header_timeout", "body_timeout", "idle_timeout"):
+    for name in ("header_timeout", "body_timeout", "idle_timeout", "send_timeout"):
         if not 0 < getattr(settings, name) <= 3600:
             raise ConfigError(f"{name} must be between 0 and 3600 seconds")
     if not 1 <= settings.max_connections <= 1_000_000:
         raise ConfigError("max_connections must be between 1 and 1000000")
+    if not 0.05 <= settings.connection_share <= 0.9:
+        raise ConfigError("connection_share must be between 0.05 and 0.9 (the rest is kept for other peers)")
+    for name in ("invalid_token_rate", "record_creation_rate"):
+        if not 0 <= getattr(settings, name) <= 1_000_000:
+            raise ConfigError(f"{name} must be between 0 (off) and 1000000 a second")
+    for name in ("invalid_token_burst", "record_creation_burst"):
+        if not 1 <= getattr(settings, name) <= 1_000_000:
+            raise ConfigError(f"{name} must be between 1 and 1000000")
     if not 1 <= settings.database_pool_size <= 1000:
         raise ConfigError("database_pool_size must be between 1 and 1000")
     if not 0 < settings.database_timeout <= 300:

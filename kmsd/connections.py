@@ -12,11 +12,21 @@ file descriptor. Nor does it bound the number of connections. So:
   ``header_timeout`` of being opened, and each later head within
   ``header_timeout`` of its first byte; otherwise it is answered 408 and
   closed. (Between requests, ``idle_timeout`` applies, as before.)
-- At ``max_connections`` open connections (Unix socket and TCP together), a
-  new connection first takes the place of the least recently active
-  connection that waits for a request head and has done so for at least
-  ``EVICT_AFTER``; if there is none, it is answered 503 and closed. A
-  request in progress is never cut short for a newcomer.
+- Connections are admitted by peer (``classify``: a uid on the Unix
+  socket, the TCP side as a whole). One peer may hold at most
+  ``connection_share`` of ``max_connections``, so TCP callers can never
+  take the Unix socket's capacity, nor one local user everyone else's. At
+  its share, or at the cap, a newcomer first takes the place of the least
+  recently active connection that waits for a request head and has done so
+  for at least ``EVICT_AFTER`` (its own peer's first); if there is none, it
+  is answered 503 and closed. A request in progress is never cut short for
+  a newcomer. Admin peers always get in (over the cap, if need be).
+- A client that does not read its answers (the transport's write buffer
+  stays full) for ``send_timeout`` loses its connection: pipelining
+  requests and never reading held a connection for as long as it liked.
+- ``hold(peer, seconds)`` pauses reading on every connection of a peer
+  (and on those it opens meanwhile): a peer over a rate limit costs the
+  daemon nothing until its Retry-After.
 - A 408 ends its connection at once: aiohttp would otherwise go on reading
   the rest of a body that did not arrive in time for another ten seconds.
 
@@ -31,8 +41,10 @@ tests/test_attacks.py fails if an aiohttp upgrade changes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -89,13 +101,23 @@ _REFUSED = _raw_answer(503, "Service Unavailable", Unavailable("too many connect
 class Limits:
     header_timeout: float
     max_connections: int
+    connection_share: float = 0.5
+    send_timeout: float = 10.0
+
+    @property
+    def per_peer(self) -> int:
+        return max(1, int(self.max_connections * self.connection_share))
+
+
+# Who a connection's peer is, from its transport: (key, is an admin peer).
+Classify = Callable[[asyncio.BaseTransport], tuple[Hashable, bool]]
 
 
 class GuardedServer(Server):
     """aiohttp's ``Server`` (the protocol factory of every listener) whose
     connections keep ``Limits``."""
 
-    def __init__(self, server: Server, limits: Limits, log: Any) -> None:
+    def __init__(self, server: Server, limits: Limits, log: Any, classify: Classify) -> None:
         # The server aiohttp's AppRunner built for the app, re-made with our
         # protocol: same handler, request factory and handler arguments.
         super().__init__(
@@ -107,46 +129,83 @@ class GuardedServer(Server):
         )
         self.limits = limits
         self.log = log
-        # Every connection counted against the cap -> when it was opened or
-        # last completed a request head; least recently active first.
+        self.classify = classify
+        # Every admitted connection -> when it was opened or last completed
+        # a request head; least recently active first.
         self._open: dict[_Connection, float] = {}
+        self._by_peer: dict[Hashable, dict[_Connection, None]] = {}
+        # Peers whose connections are paused -> until when (loop time).
+        self._held: dict[Hashable, float] = {}
         self.refused = 0
         self.evicted = 0
+        self.send_timeouts = 0
         self._warned_at = -3600.0
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        # Admission waits for connection_made, which knows the peer. Every
+        # accept of a burst gets there in turn, each seeing the ones before.
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+    def admit(self, conn: _Connection, peer: Hashable, admin: bool) -> bool:
         now = self._loop.time()
-        if len(self._open) >= self.limits.max_connections and not self._make_room(now):
-            self.refused += 1
-            self._warn(now)
-            return _Refused(self._loop)
-        # Counted from here, not from connection_made: a burst of accepts in
-        # one loop iteration must not overshoot the cap.
-        conn = _Connection(self, loop=self._loop, **self._kwargs)
+        if not admin:
+            mine = self._by_peer.get(peer, {})
+            if len(mine) >= self.limits.per_peer and not self._make_room(now, mine):
+                return self._refuse(now)
+            if len(self._open) >= self.limits.max_connections and not self._make_room(now, self._open):
+                return self._refuse(now)
         self._open[conn] = now
-        return conn
+        self._by_peer.setdefault(peer, {})[conn] = None
+        until = self._held.get(peer)
+        if until is not None and until > now:
+            conn.pause_reading_until(until)
+        return True
+
+    def _refuse(self, now: float) -> bool:
+        self.refused += 1
+        self._warn(now)
+        return False
+
+    def hold(self, peer: Hashable, seconds: float) -> None:
+        """Pause reading on every connection of ``peer`` for ``seconds``."""
+        until = self._loop.time() + seconds
+        if self._held.get(peer, 0.0) >= until:
+            return
+        self._held[peer] = until
+        for conn in self._by_peer.get(peer, {}):
+            conn.pause_reading_until(until)
 
     def _touch(self, conn: _Connection) -> None:
-        self._open.pop(conn, None)
-        self._open[conn] = self._loop.time()
+        # Both orders stay least recently active first.
+        if self._open.pop(conn, None) is not None:
+            self._open[conn] = self._loop.time()
+            mine = self._by_peer[conn.peer]
+            del mine[conn]
+            mine[conn] = None
 
     def _forget(self, conn: _Connection) -> None:
         self._open.pop(conn, None)
+        mine = self._by_peer.get(conn.peer)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._by_peer[conn.peer]
 
-    def _make_room(self, now: float) -> bool:
-        """Close the least recently active connection that waits for a
-        request head (or was never set up); False if there is none."""
+    def _make_room(self, now: float, among: dict[_Connection, Any]) -> bool:
+        """Close the least recently active connection of ``among`` that
+        waits for a request head (or was never set up); False if there is
+        none."""
         cutoff = now - EVICT_AFTER
         victim = None
-        for conn, since in self._open.items():
-            if since > cutoff:
+        for conn in among:
+            if self._open[conn] > cutoff:
                 break  # every later one is more recent still
             if conn.transport is None or conn.waiting_for_head():
                 victim = conn
                 break
         if victim is None:
             return False
-        del self._open[victim]
+        self._forget(victim)
         if victim.transport is not None:
             self.evicted += 1
             self._warn(now)
@@ -161,6 +220,7 @@ class GuardedServer(Server):
             self.log.warning(
                 "connection_limit_reached",
                 max_connections=self.limits.max_connections,
+                per_peer=self.limits.per_peer,
                 refused=self.refused,
                 closed_idle=self.evicted,
             )
@@ -181,30 +241,54 @@ def _short_targets_only(handler: Any) -> Any:
 
 
 class _Connection(RequestHandler):
-    """aiohttp's per-connection protocol with a deadline for request heads."""
+    """aiohttp's per-connection protocol with a deadline for request heads,
+    one for sending answers, and admission by peer."""
 
-    __slots__ = ("_guard", "_head_timer", "_heads")
+    __slots__ = ("_guard", "_head_timer", "_heads", "_refused", "_resume_timer", "_send_timer", "peer")
 
     def __init__(self, guard: GuardedServer, **kwargs: Any) -> None:
         super().__init__(guard, **kwargs)
         self._guard = guard
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._resume_timer: asyncio.TimerHandle | None = None
         self._heads = 0
+        self._refused: asyncio.TimerHandle | None = None
+        self.peer: Hashable = None
 
     def waiting_for_head(self) -> bool:
         waiter = self._waiter
         return waiter is not None and not waiter.done()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer, admin = self._guard.classify(transport)
+        if not self._guard.admit(self, self.peer, admin):
+            # Answered 503 at once, closed once the client has read it
+            # (what it sends meanwhile is dropped). aiohttp never sees it.
+            # uvloop's transports are not asyncio.WriteTransport subclasses.
+            raw = cast(asyncio.Transport, transport)
+            raw.write(_REFUSED)
+            if raw.can_write_eof():
+                raw.write_eof()
+            self._refused = self._loop.call_later(_REFUSED_LINGER, raw.close)
+            return
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused is not None:
+            self._refused.cancel()
+            return
+        for timer in (self._send_timer, self._resume_timer):
+            if timer is not None:
+                timer.cancel()
         self._disarm()
         self._guard._forget(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            return
         super().data_received(data)
         heads = self._request_count
         if heads != self._heads:
@@ -215,6 +299,39 @@ class _Connection(RequestHandler):
         elif self._head_timer is None and self.waiting_for_head():
             # The first bytes of the next head: it has header_timeout.
             self._arm()
+
+    def pause_writing(self) -> None:
+        # The client's receive buffer and ours are full: it does not read.
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self._guard.limits.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        if self.transport is not None:
+            self._guard.send_timeouts += 1
+            # Nothing more can reach a client that does not read.
+            self.transport.abort()
+
+    def pause_reading_until(self, until: float) -> None:
+        if self.transport is None:
+            return
+        self.transport.pause_reading()
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+        self._resume_timer = self._loop.call_at(until, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_timer = None
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):  # closing meanwhile
+                self.transport.resume_reading()
 
     def _arm(self) -> None:
         self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_timed_out)
@@ -278,42 +395,19 @@ class _Connection(RequestHandler):
         )
 
 
-class _Refused(asyncio.Protocol):
-    """A connection over the cap: answered 503 at once, and closed once the
-    client has read it (what it sends meanwhile is dropped)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.WriteTransport subclasses.
-        transport = cast(asyncio.Transport, transport)
-        transport.write(_REFUSED)
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._timer = self._loop.call_later(_REFUSED_LINGER, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
 class GuardedRunner(AppRunner):
     """An ``AppRunner`` whose listeners share one ``GuardedServer``."""
 
-    __slots__ = ("_limits", "_log")
+    __slots__ = ("_classify", "_limits", "_log")
 
-    def __init__(self, app: Any, limits: Limits, log: Any, **kwargs: Any) -> None:
+    def __init__(self, app: Any, limits: Limits, log: Any, classify: Classify, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._limits = limits
         self._log = log
+        self._classify = classify
 
     async def _make_server(self) -> Server:
-        return GuardedServer(await super()._make_server(), self._limits, self._log)
+        return GuardedServer(await super()._make_server(), self._limits, self._log, self._classify)
 
 
 def raise_fd_limit(connections: int) -> tuple[int, int]:

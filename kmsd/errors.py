@@ -22,6 +22,7 @@ __all__ = [
     "PayloadTooLarge",
     "URITooLong",
     "UnsupportedMediaType",
+    "TooManyRequests",
     "DecryptionFailed",
     "Unavailable",
     "InternalError",
@@ -115,6 +116,16 @@ class UnsupportedMediaType(KMSError):
     default_message = "request body must be application/json"
 
 
+class TooManyRequests(KMSError):
+    """A peer (a uid on the Unix socket, the TCP side as a whole) went over
+    one of its rate limits: retry after ``retry_after`` seconds (also the
+    Retry-After header). Its connections are paused until then."""
+
+    status = 429
+    code = "rate_limited"
+    default_message = "too many requests"
+
+
 class DecryptionFailed(KMSError):
     """A ciphertext did not authenticate: tampered, truncated, moved to another
     owner, or wrapped under a key that is gone. Never says which."""
@@ -151,6 +162,7 @@ ERRORS_BY_CODE: dict[str, type[KMSError]] = {
         PayloadTooLarge,
         URITooLong,
         UnsupportedMediaType,
+        TooManyRequests,
         DecryptionFailed,
         Unavailable,
         InternalError,

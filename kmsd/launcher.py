@@ -194,8 +194,7 @@ def launcher_main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("usage: python -m kmsd.launcher --fd N -- VAULT_ARGS...")
     sock = socket.socket(fileno=int(argv[1]))
     vault_args = argv[3:]
-    from .privileges import harden, keep_capabilities, restrict_syscalls
-    from .vault import VAULT_MEMLOCK
+    from .privileges import VAULT_MEMLOCK, harden, keep_capabilities, restrict_syscalls
 
     # The vaults lock their memory as root; raising the limit needs
     # CAP_SYS_RESOURCE, which is not kept: raise it here, once, for them.

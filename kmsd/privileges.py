@@ -14,6 +14,7 @@ __all__ = [
     "CAPABILITIES",
     "MCL_CURRENT",
     "MCL_FUTURE",
+    "VAULT_MEMLOCK",
     "harden",
     "keep_capabilities",
     "libc",
@@ -27,6 +28,9 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 MCL_CURRENT = 1
 MCL_FUTURE = 2
+# RLIMIT_MEMLOCK the vault gets before it drops root: far above what it maps
+# (~50 MB), so that locking every future page never fails an allocation.
+VAULT_MEMLOCK = 512 * 1024 * 1024
 
 
 def libc() -> ctypes.CDLL:

@@ -21,7 +21,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +32,8 @@ from aiohttp import web
 from .audit import AuditTrail
 from .auth import MAX_USER_ID, Claims, Peer, PeerPolicy, peer_from_socket, user_id_of
 from .config import Settings
-from .connections import GuardedRunner, Limits, raise_fd_limit
+from .connections import GuardedRunner, GuardedServer, Limits, raise_fd_limit
+from .limits import RateLimiter, peer_key, retry_after
 from .errors import (
     BadRequest,
     Forbidden,
@@ -42,6 +43,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
+    TooManyRequests,
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
@@ -75,6 +77,11 @@ class AppState:
     log: Any
     metrics: Metrics
     audit: AuditTrail | None
+    # Per peer: invalid tokens presented, records created (limits.py).
+    invalid_tokens: RateLimiter
+    creations: RateLimiter
+    # The listeners' connections, once they are open (not in app-only tests).
+    connections: GuardedServer | None = None
 
 
 STATE = web.AppKey("state", AppState)
@@ -236,10 +243,33 @@ async def caller_claims(request: web.Request, *, required: bool) -> Claims | Non
         if required:
             raise Unauthorized("missing bearer token")
         return None
-    claims = await request.app[STATE].kms.verify_token(token)
+    claims = await verified(request, token)
     request.setdefault(AUDIT_SUBJECT, claims.subject)
     request[AUDIT_TOKEN] = claims.token_id
     return claims
+
+
+async def verified(request: web.Request, token: str) -> Claims:
+    """The token's claims; an invalid one costs its peer one of its
+    ``invalid_token_rate`` (429 once they are spent)."""
+    try:
+        return await request.app[STATE].kms.verify_token(token)
+    except Unauthorized:
+        rate_limit(request, request.app[STATE].invalid_tokens)
+        raise
+
+
+def rate_limit(request: web.Request, limiter: RateLimiter) -> None:
+    """Spend one event of the caller's peer (admin peers are not limited);
+    ``TooManyRequests`` when it has none left. The middleware then pauses
+    the peer's connections until its Retry-After."""
+    state = request.app[STATE]
+    peer = peer_of(request)
+    if state.policy.is_admin(peer):
+        return
+    wait = limiter.take(peer_key(peer.transport, peer.uid))
+    if wait > 0:
+        raise TooManyRequests(extra={"retry_after": retry_after(wait)})
 
 
 def policy_from(settings: Settings) -> PeerPolicy:
@@ -339,6 +369,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 subject=request.get(AUDIT_SUBJECT),
             )
         response = await handler(request)
+    except TooManyRequests as exc:
+        seconds = exc.extra["retry_after"]
+        response = _error_response(exc, {"Retry-After": str(seconds)})
+        if state.connections is not None:
+            # Until then the peer costs nothing: its connections are not read.
+            state.connections.hold(peer_key(peer.transport, peer.uid), seconds)
     except KMSError as exc:
         response = _error_response(exc)
         if exc.status >= 500:
@@ -503,7 +539,7 @@ async def verify(request: web.Request) -> web.Response:
     if not isinstance(token, str) or not token:
         raise BadRequest("token is required", extra={"valid": False})
     try:
-        claims = await _kms(request).verify_token(token)
+        claims = await verified(request, token)
     except Unauthorized:
         raise Unauthorized("invalid token", extra={"valid": False}) from None
     return json_response({"valid": True, "payload": claims.payload})
@@ -517,6 +553,8 @@ async def store_key(request: web.Request) -> web.Response:
     data = require_str(body, "data")
     claims = await caller_claims(request, required=False)
     owner = claims if claims is not None and claims.subject == user_id else None
+    if owner is None:
+        rate_limit(request, request.app[STATE].creations)
     token, request[AUDIT_ISSUED] = await _kms(request).store_record(
         user_id, data, owner=owner, id_claim=_id_claim(body, "user_id")
     )
@@ -563,7 +601,7 @@ async def revoke_tokens(request: web.Request) -> web.Response:
         await kms.revoke_subject(user_id)
         return json_response({"revoked": "subject", "user_id": user_id})
     if named is not None:
-        claims = await kms.verify_token(named)  # only a live token needs revoking
+        claims = await verified(request, named)  # only a live token needs revoking
         request[AUDIT_SUBJECT] = claims.subject
         request[AUDIT_TOKEN] = claims.token_id
     else:
@@ -780,7 +818,11 @@ def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application
         period=settings.rotation_period,
         log=log,
     )
-    app[STATE] = AppState(settings, kms.store, kms.vault, kms, rotator, policy, log, metrics, audit)
+    app[STATE] = AppState(
+        settings, kms.store, kms.vault, kms, rotator, policy, log, metrics, audit,
+        invalid_tokens=RateLimiter(settings.invalid_token_rate, settings.invalid_token_burst),
+        creations=RateLimiter(settings.record_creation_rate, settings.record_creation_burst),
+    )
     # Read now, while the package's files are surely readable: after the
     # privilege drop they may not be (an interpreter under /root).
     _openapi_document()
@@ -846,9 +888,22 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
 async def start_listeners(
     app: web.Application, settings: Settings, passed: Sequence[ListenSocket] = ()
 ) -> web.AppRunner:
-    limits = Limits(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
+    limits = Limits(
+        header_timeout=settings.header_timeout,
+        max_connections=settings.max_connections,
+        connection_share=settings.connection_share,
+        send_timeout=settings.send_timeout,
+    )
+    policy = app[STATE].policy
+
+    def classify(transport: asyncio.BaseTransport) -> tuple[Hashable, bool]:
+        peer = peer_from_socket(transport.get_extra_info("socket"))
+        with contextlib.suppress(TypeError):  # a transport without weak references
+            _PEERS[transport] = peer
+        return peer_key(peer.transport, peer.uid), policy.is_admin(peer)
+
     runner = GuardedRunner(
-        app, limits, app[STATE].log, access_log=None, handle_signals=False, shutdown_timeout=10,
+        app, limits, app[STATE].log, classify, access_log=None, handle_signals=False, shutdown_timeout=10,
         keepalive_timeout=settings.idle_timeout,
     )
     try:
@@ -865,6 +920,8 @@ async def start_listeners(
         # process would linger after a failed start.
         await runner.cleanup()
         raise
+    if isinstance(runner.server, GuardedServer):
+        app[STATE].connections = runner.server
     return runner
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import RootKeySource
-from .privileges import MCL_CURRENT, MCL_FUTURE, harden, libc, switch_user, syscall_filter, user_exists
+from .privileges import MCL_CURRENT, MCL_FUTURE, VAULT_MEMLOCK, harden, libc, switch_user, syscall_filter, user_exists
 from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
 
 if TYPE_CHECKING:
@@ -44,9 +44,6 @@ PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">IBBI")
 _FIELD = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
-# RLIMIT_MEMLOCK the vault gets before it drops root: far above what it maps
-# (~50 MB), so that locking every future page never fails an allocation.
-VAULT_MEMLOCK = 512 * 1024 * 1024
 
 
 class Op(enum.IntEnum):

@@ -18,6 +18,7 @@ TABLE = [
     (errors.PayloadTooLarge, 413, "too_large"),
     (errors.URITooLong, 414, "uri_too_long"),
     (errors.UnsupportedMediaType, 415, "unsupported_media_type"),
+    (errors.TooManyRequests, 429, "rate_limited"),
     (errors.DecryptionFailed, 422, "decryption_failed"),
     (errors.Unavailable, 503, "unavailable"),
     (errors.InternalError, 500, "internal"),

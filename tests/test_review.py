@@ -391,3 +391,178 @@ def test_io_uring_and_network_sockets_are_refused_in_a_vault_hardened_process(pr
     assert result >= 0  # the control shows the filter is what refused it
     assert _probe(probe, "inet", hardened=False).stdout.split()[0] != "-1"
     assert _probe(probe, "inet", hardened=True).stdout.split() == ["-1", str(errno.EACCES)]
+
+
+# -- 2: connection starvation --------------------------------------------------------------------
+
+STARVE_CAP = 16
+
+
+async def _raw(d: Daemon, transport: str, rcvbuf: int | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if transport == "unix":
+        return await asyncio.open_unix_connection(d.socket)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect, so that the window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", d.port))
+    return await asyncio.open_connection(sock=sock)
+
+
+def _request(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
+    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}{length}\r\n".encode() + body
+
+
+async def _answer(reader: asyncio.StreamReader, timeout: float = 5) -> tuple[int, dict[str, str], Any]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), timeout)
+    return int(lines[0].split()[1]), headers, json.loads(body) if body else None
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True if the daemon closes (or resets) the connection within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(1 << 20):
+                pass
+        return True
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.fixture
+def starved(daemon_factory: Any) -> Daemon:
+    d: Daemon = daemon_factory(extra_env={
+        "KMSD_MAX_CONNECTIONS": str(STARVE_CAP),
+        "KMSD_SEND_TIMEOUT": "1.5",
+        "KMSD_BODY_TIMEOUT": "30",
+        # Root on the socket stays an admin (the default) for the admin check;
+        # the TCP side is the attacker.
+    })
+    return d
+
+
+async def test_tcp_callers_that_never_read_or_never_finish_cannot_lock_anyone_out(starved: Daemon) -> None:
+    """The review's two holds: TCP connections that pipeline requests and
+    never read their answers, and connections with partial bodies, filled
+    the cap for as long as they liked (every newcomer, root on the socket
+    too, got 503). Now TCP can hold at most its share; the Unix socket and
+    admins always get in; a non-reader loses its connection after
+    send_timeout."""
+    share = STARVE_CAP // 2
+    attackers = []
+    # Half of TCP's share: pipelines of large answers into a tiny receive window.
+    flood = _request("GET", "/openapi.yaml") * 400
+    for _ in range(share // 2):
+        reader, writer = await _raw(starved, "tcp", rcvbuf=4096)
+        writer.write(flood)
+        attackers.append((reader, writer, "pipeline"))
+    # The other half: a head, and a body that never completes.
+    for _ in range(share - share // 2):
+        reader, writer = await _raw(starved, "tcp")
+        writer.write(b"POST /api/keys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"user_id\": ")
+        attackers.append((reader, writer, "partial"))
+    try:
+        await asyncio.sleep(0.5)
+        # TCP is at its share: a TCP newcomer is refused...
+        reader, writer = await _raw(starved, "tcp")
+        writer.write(_request("GET", "/healthz"))
+        status, headers, body = await _answer(reader)
+        writer.close()
+        assert (status, body["code"], headers.get("retry-after")) == (503, "unavailable", "1")
+        # ...but the Unix socket is served at once, again and again: more
+        # connections than the cap (root is an admin peer: always in).
+        unix = [await _raw(starved, "unix") for _ in range(STARVE_CAP)]
+        for reader, writer in unix:
+            started = time.monotonic()
+            writer.write(_request("GET", "/healthz"))
+            assert (await _answer(reader))[0] == 200
+            assert time.monotonic() - started < 1.0
+        for _, writer in unix:
+            writer.close()
+        # The non-readers lose their connections after send_timeout (read
+        # nothing meanwhile: reading is what they do not do); the partial
+        # bodies keep theirs until body_timeout (TCP's own problem).
+        await asyncio.sleep(3.5)
+        closed = await asyncio.gather(*(_closed_within(r, 3) for r, _, kind in attackers if kind == "pipeline"))
+        assert all(closed), closed
+        # Their places are free: TCP is served again.
+        reader, writer = await _raw(starved, "tcp")
+        writer.write(_request("GET", "/healthz"))
+        assert (await _answer(reader))[0] == 200
+        writer.close()
+    finally:
+        for _, writer, _ in attackers:
+            writer.close()
+
+
+# -- 10: floods of bogus tokens, and of new records ----------------------------------------------
+
+
+@pytest.fixture
+def limited(daemon_factory: Any) -> Daemon:
+    d: Daemon = daemon_factory(extra_env={
+        "KMSD_INVALID_TOKEN_RATE": "2",
+        "KMSD_INVALID_TOKEN_BURST": "10",
+        "KMSD_RECORD_CREATION_RATE": "2",
+        "KMSD_RECORD_CREATION_BURST": "5",
+    })
+    return d
+
+
+async def test_a_bogus_token_flood_is_429_and_paused_while_the_socket_is_served(limited: Daemon) -> None:
+    bogus = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0." + "A" * 86
+    reader, writer = await _raw(limited, "tcp")
+    statuses = []
+    try:
+        for _ in range(12):
+            writer.write(_request("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
+            status, headers, body = await _answer(reader)
+            statuses.append(status)
+            if status == 429:
+                break
+        assert statuses[:10] == [401] * 10 and statuses[-1] == 429, statuses
+        assert body["code"] == "rate_limited" and int(headers["retry-after"]) >= 1
+        assert body["retry_after"] == int(headers["retry-after"])
+        # The connection is paused: its next request waits out the Retry-After...
+        started = time.monotonic()
+        writer.write(_request("GET", "/healthz"))
+        unix_reader, unix_writer = await _raw(limited, "unix")
+        # ...while the Unix socket is served at once (another peer).
+        unix_writer.write(_request("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
+        assert (await _answer(unix_reader))[0] == 401
+        unix_writer.close()
+        assert (await _answer(reader, timeout=10))[0] == 200
+        assert time.monotonic() - started >= 0.4
+    finally:
+        writer.close()
+    # A new TCP connection of the same peer (TCP as a whole) is paused too,
+    # then served; the limit refills.
+    await asyncio.sleep(1.5)
+    session, tcp = open_api(limited, "tcp")
+    async with session:
+        assert (await tcp.call("GET", "/api/keys", token=bogus))[0] == 401
+
+
+async def test_record_creation_is_rate_limited_per_peer(limited: Daemon) -> None:
+    session, tcp = open_api(limited, "tcp")
+    usession, unix = open_api(limited, "unix")
+    async with session, usession:
+        answers = []
+        for i in range(8):
+            status, body = await tcp.call("POST", "/api/keys", {"user_id": f"flood-{i}-{os.urandom(3).hex()}",
+                                                                 "data": "squat"})
+            answers.append((status, body.get("code")))
+            if status == 429:
+                break
+        assert [s for s, _ in answers[:5]] == [200] * 5 and answers[-1] == (429, "rate_limited"), answers
+        # An admin peer is not limited.
+        for i in range(8):
+            assert (await unix.call("POST", "/api/keys", {"user_id": f"admin-{i}-{os.urandom(3).hex()}",
+                                                           "data": "bulk load"}))[0] == 200

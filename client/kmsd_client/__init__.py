@@ -31,6 +31,7 @@ from kmsd.errors import (
     KMSError,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
     Unauthorized,
     Unavailable,
     error_for_code,
@@ -46,6 +47,7 @@ __all__ = [
     "KMSError",
     "NotFound",
     "PayloadTooLarge",
+    "TooManyRequests",
     "Unauthorized",
     "Unavailable",
 ]
