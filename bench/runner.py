@@ -37,6 +37,12 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = sys.executable
 LOAD = str(BENCH / "load.py")
+FLOOD = str(BENCH / "flood.py")
+# The read-flood point: Unix-socket reads at this concurrency while this
+# many TCP connections present invalid tokens (issue 14: the legitimate
+# client should keep at least 40% of its unloaded rate).
+FLOOD_CONC = 16
+FLOOD_CONNECTIONS = 32
 
 WRITE_CONC = (1, 16, 64)
 READ_CONC = (16, 64, 256)
@@ -403,14 +409,15 @@ def run_point(
     argv = [PY, LOAD, f"--{listener}", address, "--json", str(out), "--quiet", "--label", target,
             "--timeout", str(args.request_timeout)]
     warmup = 0.0 if mode in ("burst", "read-cold") else args.warmup
+    load_mode = "read" if mode in ("read-cold", "read-flood") else mode
     if mode == "burst":
         argv += ["--mode", "burst", "--burst", str(args.burst), "--timeout", str(args.burst_timeout)]
         limit = args.burst_timeout + 120
     else:
-        argv += ["--mode", "read" if mode == "read-cold" else mode, "--concurrency", str(conc),
+        argv += ["--mode", load_mode, "--concurrency", str(conc),
                  "--duration", str(args.duration), "--warmup", str(warmup),
                  "--procs", str(args.procs if conc >= 16 else 1)]
-        if mode == "read":
+        if load_mode == "read" and mode != "read-cold":
             if tokens and tokens.exists():
                 # the warm working set: the first --read-users tokens, over and over
                 argv += ["--tokens", str(tokens), "--max-tokens", str(args.read_users)]
@@ -441,7 +448,7 @@ def run_point(
     doc = json.loads(out.read_text())
     r = next(x for x in doc["results"] if x["mode"] in ("write", "read", "burst"))
     r["target"] = target
-    r["mode"] = mode  # read-cold is load.py's read
+    r["mode"] = mode  # read-cold and read-flood are load.py's read
     r["warmup_s"] = warmup
     if proc.returncode not in (0, 3):
         r["load_exit"] = proc.returncode
@@ -512,16 +519,30 @@ def run_leg(
     def point(listener: str, mode: str, conc: int, tokens: Path | None = None, save: Path | None = None) -> None:
         if not daemon.alive():
             raise DaemonDied()
-        r = run_point(target=target, address=addr[listener], listener=listener, mode=mode, conc=conc, args=args,
-                      tmp=tmp, tokens=tokens, save_tokens=save, verify=True, cpu_pids=kmsd_cpu)
+        flood = None
+        if mode == "read-flood":
+            flood = subprocess.Popen([PY, FLOOD, "--tcp", addr["tcp"], "--connections", str(FLOOD_CONNECTIONS),
+                                      "--duration", str(args.duration + args.warmup + 180)],
+                                     stdout=subprocess.PIPE, text=True, preexec_fn=_pdeathsig)
+            time.sleep(1.0)  # the flood is on before the reads start
+        try:
+            r = run_point(target=target, address=addr[listener], listener=listener, mode=mode, conc=conc, args=args,
+                          tmp=tmp, tokens=tokens, save_tokens=save, verify=True, cpu_pids=kmsd_cpu)
+        finally:
+            if flood is not None:
+                flood.terminate()
+                out, _ = flood.communicate(timeout=30)
+        if flood is not None:
+            with contextlib.suppress(ValueError):
+                r["flood"] = json.loads(out)
         r["leg"] = leg
         results.append(r)
-        log(short(r))
+        log(short(r) + (f"  flood {r['flood']}" if "flood" in r else ""))
         if not daemon.alive():
             info["died"] = f"exit code {daemon.proc.returncode} during {listener} {mode} c={conc}"
             log(f"kmsd ({leg}) DIED during {listener} {mode} c={conc}:\n{tail(daemon.logfile)}")
             raise DaemonDied()
-        if baseline and not args.no_baseline:
+        if baseline and not args.no_baseline and mode != "read-flood":
             b = run_point(target="baseline", address=base_addr[listener], listener=listener, mode=mode, conc=conc,
                           args=args, tmp=tmp, tokens=tokens, save_tokens=None, verify=False, cpu_pids=base_cpu)
             b["leg"] = leg
@@ -542,6 +563,8 @@ def run_leg(
                     f"--read-users {args.read_users} tokens")
             for c in READ_CONC:
                 point(listener, "read", c, tokens=tokens)
+            if listener == "unix" and leg == "sqlite":
+                point(listener, "read-flood", FLOOD_CONC, tokens=tokens)
         if not args.no_burst:
             for listener in LISTENERS:
                 point(listener, "burst", args.burst)
@@ -840,6 +863,28 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
             errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "-"
             lines.append(f"| {r['target']} | {r['listener']} | {r['ok']} | {r['burst'] - r['ok']} | {errs} | "
                          f"{r['elapsed_s']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} |")
+    floods = [r for r in results if r.get("mode") == "read-flood" and "rps" in r]
+    if floods:
+        lines += [
+            "",
+            f"## Under a flood of invalid tokens ({FLOOD_CONNECTIONS} TCP connections)",
+            "",
+            "A legitimate client reads over the Unix socket while TCP callers present invalid tokens as fast as "
+            "the daemon answers them (bench/flood.py); kept = its rate ÷ its unloaded rate at the same "
+            "concurrency in this run (the goal: at least 0.40).",
+            "",
+            "| leg | conc | req/s under flood | unloaded req/s | kept | flood answers/s | flood answers |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in floods:
+            alone = next((x for x in results if x.get("leg") == r.get("leg") and x.get("target") == r["target"]
+                          and x.get("listener") == r["listener"] and x.get("mode") == "read"
+                          and x.get("concurrency") == r["concurrency"] and "rps" in x), None)
+            kept = f"{r['rps'] / alone['rps']:.2f}" if alone and alone["rps"] else "-"
+            flood = r.get("flood", {})
+            answers = ", ".join(f"{k}: {v}" for k, v in sorted(flood.get("answers", {}).items())) or "-"
+            lines.append(f"| {r.get('leg')} | {r['concurrency']} | {r['rps']:.0f} | "
+                         f"{alone['rps'] if alone else 0:.0f} | {kept} | {flood.get('answers_per_s', '-')} | {answers} |")
     lines += ["", "## Daemon", ""]
     for leg in legs:
         server = leg.get("server")
@@ -1030,6 +1075,10 @@ def main(argv: list[str] | None = None) -> int:
         env["KMSD_ROOT_KEY_FILE"] = os.path.abspath(args.root_key_file)
     if args.log_level:
         env["KMSD_LOG_LEVEL"] = args.log_level
+    # One client process writes thousands of new records a second here; the
+    # default record_creation_rate (100/s per peer) would answer most of the
+    # TCP writes 429. The other limits stay at their defaults.
+    env["KMSD_RECORD_CREATION_RATE"] = "0"
     log(f"temporary directory {tmp}; {machine['cpu_count']} CPUs ({machine['cpu_model']}); "
         f"commit {machine['commit']}{'-dirty' if machine['dirty'] else ''}; load average {machine['loadavg_at_start']}")
     mysql_skipped = ""
