@@ -76,10 +76,20 @@ class AuditTrail:
         self._seq = 0
         self.healthy = False
         self._lock = threading.Lock()
+        # Directories open() made, outermost first: a daemon that drops its
+        # privileges makes them its own, to create the file anew in after a
+        # logrotate (one that existed before is the operator's to set up).
+        self.created_dirs: list[str] = []
 
     def open(self) -> None:
         """Open for appending, continuing the chain of what is there."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        missing = []
+        while directory and not os.path.isdir(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.created_dirs += reversed(missing)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         last = _last_line(self.path)
         prev, seq = GENESIS, 0

@@ -45,7 +45,10 @@ LEASE = "master-key-rotation"
 def _parse_time(text: str | None) -> float | None:
     if not text:
         return None
-    return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc).timestamp()
+    # fromisoformat, not strptime: strptime imports _strptime on first use,
+    # which fails once the daemon has dropped to a user that cannot read
+    # the interpreter's files (one under /root): the schedule never ran.
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
 
 
 class Rotator:

@@ -947,11 +947,11 @@ def _describe(listener: ListenSocket) -> str:
     return f"{address or '?'} ({listener.name})"
 
 
-def _hand_over(settings: Settings, user: str) -> None:
+def _hand_over(settings: Settings, user: str, created_dirs: Sequence[str] = ()) -> None:
     import pwd
 
     pw = pwd.getpwnam(user)
-    paths = [settings.audit_log] if settings.audit_log else []
+    paths = [*created_dirs, *([settings.audit_log] if settings.audit_log else [])]
     if settings.database.scheme == "sqlite":
         paths += [settings.database.path + suffix for suffix in ("", "-wal", "-shm")]
     for path in paths:
@@ -1029,7 +1029,8 @@ async def serve(
         # Sockets bound, database open, vault started: root is not needed any
         # more. The files the daemon keeps writing become its own first, so
         # that it can reopen them (the audit trail after logrotate).
-        _hand_over(settings, drop_to)
+        audit = app[STATE].audit
+        _hand_over(settings, drop_to, audit.created_dirs if audit is not None else ())
         pw = switch_user(drop_to)
         harden()
         log.info("privileges_dropped", user=drop_to, uid=pw.pw_uid, launcher_pid=app[STATE].vault.launcher_pid)
@@ -1041,6 +1042,12 @@ async def serve(
         except BaseException:
             await runner.cleanup()
             raise
+        if settings.audit_log and not os.access(os.path.dirname(os.path.abspath(settings.audit_log)), os.W_OK | os.X_OK):
+            log.warning(
+                "audit_directory_not_writable", path=os.path.dirname(os.path.abspath(settings.audit_log)),
+                warning=f"{drop_to} cannot create the audit file anew after a logrotate: make the directory "
+                f"{drop_to}'s (systemd: LogsDirectory=kmsd) or rotate with copytruncate",
+            )
     elif os.geteuid() == 0:
         log.warning(
             "running_as_root",
