@@ -105,7 +105,14 @@ def syscall_filter() -> Any:
             f"seccomp: libseccomp is required for the system-call filter ({exc}): apt-get install libseccomp2"
         ) from None
     f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
-    f.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
+    try:
+        f.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
+    except OSError:
+        # No seccomp() system call (an outer filter refuses it, as
+        # systemd's @system-service does): libseccomp falls back to prctl,
+        # which knows no KILL_PROCESS. The vault and the launcher run one
+        # thread, so killing the thread kills the process.
+        f.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL)
     f.add_rule(seccomp.ERRNO(errno.EACCES), "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
     for name in _DENIED_SYSCALLS:
         try:

@@ -566,3 +566,24 @@ async def test_record_creation_is_rate_limited_per_peer(limited: Daemon) -> None
         for i in range(8):
             assert (await unix.call("POST", "/api/keys", {"user_id": f"admin-{i}-{os.urandom(3).hex()}",
                                                            "data": "bulk load"}))[0] == 200
+
+
+def test_the_filter_loads_where_a_service_manager_refuses_seccomp(probe: Path) -> None:
+    """systemd's @system-service refuses the seccomp() system call (EPERM):
+    libseccomp then loads through prctl, which has no KILL_PROCESS. The
+    vault's filter must load there too, and still kill another ABI."""
+    outer = (
+        "import errno, os, sys\n"
+        "import pyseccomp as s\n"
+        "from kmsd.privileges import harden\n"
+        "harden()\n"
+        "f = s.SyscallFilter(defaction=s.ALLOW); f.add_rule(s.ERRNO(errno.EPERM), 'seccomp'); f.load()\n"
+        "os.execv(sys.executable, [sys.executable, '-c', sys.argv[1], *sys.argv[2:]])\n"
+    )
+    control = _probe(probe, "i386-socket", hardened=False)
+    emulated = platform.machine() == "x86_64" and control.returncode == 0 and int(control.stdout.split()[0]) >= 0
+    for what, check in (("inet", lambda r: r.stdout.split() == ["-1", str(errno.EACCES)]),
+                        ("i386-socket", lambda r: r.returncode == -signal.SIGSYS or not emulated)):
+        result = subprocess.run([sys.executable, "-c", outer, _HARDENED, str(probe), what],
+                                capture_output=True, text=True, timeout=30)
+        assert check(result), (what, result.returncode, result.stdout, result.stderr)
