@@ -475,7 +475,13 @@ class MySQLStore:
                     maybe_committed = False
                     try:
                         async with self._gate:
-                            conn = await pool.acquire()
+                            try:
+                                conn = await pool.acquire()
+                            except RuntimeError as exc:
+                                # aiomysql, when the server goes away while it
+                                # connects: "Transport does not expose socket
+                                # instance". A lost connection, nothing sent.
+                                raise pymysql.OperationalError(2013, "lost connection while connecting") from exc
                             try:
                                 if write == "transaction":
                                     await conn.begin()

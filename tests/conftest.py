@@ -212,6 +212,9 @@ def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kmsd-t-"))
     path.chmod(0o755)
     yield path
+    if os.environ.get("KMSD_TEST_KEEP"):  # the daemons' logs, to read after a failure
+        print(f"\nKMSD_TEST_KEEP: the tests' work directory is kept: {path}")
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 
