@@ -237,6 +237,10 @@ def _run(case: Any, fuzz: Fuzz) -> None:
             fuzz.send(case, caller)
         except BaseException as exc:
             exc.add_note(f"caller: {caller.name}; seed: KMSD_FUZZ_SEED={SEED}")
+            # What the daemon said of a 500 (its type and frame, never data).
+            errors = [line for line in fuzz.daemon.logs().splitlines() if '"level":"error"' in line]
+            if errors:
+                exc.add_note("daemon errors:\n" + "\n".join(errors[-5:]))
             raise
 
 
