@@ -336,6 +336,8 @@ class MySQLStore:
         # Half the pool each: reads and inserts keep going side by side.
         flushers = max(1, pool_size // 2)
         self._reads = _Coalescer(self._get_records, flushers=flushers, timeout=timeout)
+        # Every use of a token asks for its subject's state: batched too.
+        self._states = _Coalescer(self._token_states, flushers=flushers, timeout=timeout)
         self._inserts = _Coalescer(
             self._insert_records, flushers=flushers, timeout=timeout, writes=True,
             size=lambda item: len(item[0].encrypted_key or "") + len(item[0].encrypted_dek or ""),
@@ -443,6 +445,7 @@ class MySQLStore:
 
     async def close(self) -> None:
         await self._reads.close()
+        await self._states.close()
         await self._inserts.close()
         if self._pool is not None:
             self._pool.close()
@@ -685,12 +688,29 @@ class MySQLStore:
         return bool(await self._run(work, write="transaction"))
 
     async def token_state(self, user_id: str, token_id: str) -> tuple[str, bool]:
-        rows = await self._read(
-            "SELECT COALESCE((SELECT generation FROM kmsd_subjects WHERE user_id = %s), ''),"
-            " EXISTS (SELECT 1 FROM kmsd_revoked_tokens WHERE token_id = %s)",
-            (user_id, token_id),
-        )
-        return _text(rows[0][0]) or "", bool(rows[0][1])
+        state: tuple[str, bool] = await self._states.submit((user_id, token_id))
+        return state
+
+    async def _token_states(self, items: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+        """Two statements on one connection for the whole batch."""
+        users = sorted({u for u, _ in items})
+        tokens = sorted({t for _, t in items})
+
+        async def work(cur: aiomysql.Cursor) -> tuple[dict[str, str], set[str]]:
+            await cur.execute(
+                f"SELECT user_id, generation FROM kmsd_subjects WHERE user_id IN ({', '.join(['%s'] * len(users))})",
+                users,
+            )
+            generations = {r[0]: _text(r[1]) or "" for r in await cur.fetchall()}
+            await cur.execute(
+                f"SELECT token_id FROM kmsd_revoked_tokens WHERE token_id IN ({', '.join(['%s'] * len(tokens))})",
+                tokens,
+            )
+            return generations, {_text(r[0]) or "" for r in await cur.fetchall()}
+
+        generations, revoked = await self._run(work)
+        # user_id compares exactly (binary, no pad), so it is the key back.
+        return [(generations.get(u, ""), t in revoked) for u, t in items]
 
     async def set_generation(self, user_id: str, generation: str) -> None:
         await self._write((_SET_GENERATION, (user_id, generation)))
