@@ -692,23 +692,26 @@ class MySQLStore:
         return state
 
     async def _token_states(self, items: list[tuple[str, str]]) -> list[tuple[str, bool]]:
-        """Two statements on one connection for the whole batch."""
+        """One statement for the whole batch: the subjects' generations and
+        the revoked token ids, as bytes (so the union needs no common
+        collation)."""
         users = sorted({u for u, _ in items})
         tokens = sorted({t for _, t in items})
-
-        async def work(cur: aiomysql.Cursor) -> tuple[dict[str, str], set[str]]:
-            await cur.execute(
-                f"SELECT user_id, generation FROM kmsd_subjects WHERE user_id IN ({', '.join(['%s'] * len(users))})",
-                users,
-            )
-            generations = {r[0]: _text(r[1]) or "" for r in await cur.fetchall()}
-            await cur.execute(
-                f"SELECT token_id FROM kmsd_revoked_tokens WHERE token_id IN ({', '.join(['%s'] * len(tokens))})",
-                tokens,
-            )
-            return generations, {_text(r[0]) or "" for r in await cur.fetchall()}
-
-        generations, revoked = await self._run(work)
+        rows = await self._read(
+            f"SELECT 0, CAST(user_id AS BINARY), generation FROM kmsd_subjects"
+            f" WHERE user_id IN ({', '.join(['%s'] * len(users))})"
+            f" UNION ALL SELECT 1, CAST(token_id AS BINARY), '' FROM kmsd_revoked_tokens"
+            f" WHERE token_id IN ({', '.join(['%s'] * len(tokens))})",
+            [*users, *tokens],
+        )
+        generations: dict[str, str] = {}
+        revoked: set[str] = set()
+        for kind, key, generation in rows:
+            name = bytes(key).decode("utf-8")
+            if kind:
+                revoked.add(name)
+            else:
+                generations[name] = _text(generation) or ""
         # user_id compares exactly (binary, no pad), so it is the key back.
         return [(generations.get(u, ""), t in revoked) for u, t in items]
 

@@ -198,6 +198,21 @@ async def test_token_generations_move_with_records_in_the_same_transaction(store
     assert await store.token_state("hank", "") == ("h1", False)
 
 
+async def test_token_states_answer_each_caller_of_a_batch(store: Store) -> None:
+    """Concurrent checks (MySQL answers them in one statement): each gets
+    its own subject's generation and its own token's revocation, ids that
+    differ only in case or trailing space included."""
+    users = ["Ünï", "ünï", "ünï ", "plain", "never-set"]
+    for i, user in enumerate(users[:-1]):
+        await store.set_generation(user, f"gen{i}")
+    await store.revoke_token("revoked-1", int(time.time()) + 600)
+    asks = [(u, t) for u in users for t in ("revoked-1", "live-1")] * 5
+    answers = await asyncio.gather(*(store.token_state(u, t) for u, t in asks))
+    for (user, token), (generation, revoked) in zip(asks, answers, strict=True):
+        assert generation == (f"gen{users.index(user)}" if user != "never-set" else "")
+        assert revoked is (token == "revoked-1")
+
+
 async def test_revoked_tokens_are_kept_until_they_expire(store: Store) -> None:
     now = int(time.time())
     await store.revoke_token("old-jti", now - REVOCATION_MARGIN - 5)
