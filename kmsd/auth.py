@@ -143,7 +143,10 @@ class Claims:
     # the session grew from, and the id a revocation names it by.
     generation: str = ""
     auth_time: int = 0
+    # A renewal keeps its token's session (sid): revoking a token revokes
+    # the renewals made from it too, or a thief who renewed would keep it.
     revocation_id: str = ""
+    session: str | None = None
 
     @property
     def expires(self) -> int:
@@ -286,14 +289,21 @@ class TokenService:
         return len(self._cache)
 
     def claims_for(
-        self, user_id: str, *, id_claim: int | None = None, generation: str = "", auth_time: int | None = None
+        self,
+        user_id: str,
+        *,
+        id_claim: int | None = None,
+        generation: str = "",
+        auth_time: int | None = None,
+        session: str | None = None,
     ) -> dict[str, Any]:
         """``id_claim``: the ``id`` as the caller gave it (a JSON integer
         stays one, as the original's tokens had it); ``sub`` is its decimal
         string either way. ``generation``: the subject's, which the token
-        is tied to. ``auth_time``: when the session this token renews began
-        (now for a new one); it never lives past ``max_session_age`` of it.
-        ``Unauthorized`` when that leaves it no time at all."""
+        is tied to. ``auth_time`` and ``session``: when the session this
+        token renews began (now for a new one) and its id (a new one); it
+        never lives past ``max_session_age`` of its start. ``Unauthorized``
+        when that leaves it no time at all."""
         now = int(self._clock())
         started = now if auth_time is None else auth_time
         exp = min(now + self.lifetime, started + self.max_session_age)
@@ -308,6 +318,7 @@ class TokenService:
             "nbf": now,
             "exp": exp,
             "auth_time": started,
+            "sid": session or secrets.token_urlsafe(12),
             "jti": secrets.token_urlsafe(12),
         }
         if generation:
@@ -399,15 +410,17 @@ class TokenService:
         if payload["exp"] <= now or payload.get("nbf", 0) > now + 1:
             raise Unauthorized()
         jti = payload.get("jti")
+        sid = payload.get("sid")
         generation = payload.get("gen", "")
         auth_time = payload.get("auth_time", payload["iat"])
-        if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > 64):
-            raise Unauthorized()
+        for value in (jti, sid):
+            if value is not None and (not isinstance(value, str) or not value or len(value) > 64):
+                raise Unauthorized()
         if not isinstance(generation, str) or not isinstance(auth_time, int) or isinstance(auth_time, bool):
             raise Unauthorized()
         if auth_time > payload["iat"]:
             raise Unauthorized()
-        return Claims(subject, jti, payload, generation, auth_time, jti or _revocation_id(token))
+        return Claims(subject, jti, payload, generation, auth_time, sid or jti or _revocation_id(token), sid)
 
     def _verify_legacy(self, token: str) -> Claims:
         """A token of the original auth service: HS256 with its shared
@@ -458,8 +471,16 @@ def _digest(token: str) -> bytes:
 
 
 def _revocation_id(token: str) -> str:
-    """What a revocation names a token without a jti by."""
-    return "sha256:" + _digest(token).hex()[:48]
+    """What a revocation names a token without a sid or jti by: a digest
+    of its signed part and its signature's bytes, not of its text (the
+    same token with "=" padding, or other spare bits in the last base64
+    character, verifies as well and must stay revoked)."""
+    signed, _, signature = token.rpartition(".")
+    try:
+        raw = _b64url_decode(signature)
+    except (ValueError, TypeError):
+        raw = signature.encode("utf-8", "surrogatepass")
+    return "sha256:" + hashlib.sha256(signed.encode("utf-8", "surrogatepass") + b"." + raw).hexdigest()[:48]
 
 
 def user_id_of(value: Any) -> str | None:

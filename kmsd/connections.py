@@ -41,7 +41,6 @@ tests/test_attacks.py fails if an aiohttp upgrade changes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import resource
 from collections.abc import Callable, Hashable
@@ -146,7 +145,9 @@ class GuardedServer(Server):
         # accept of a burst gets there in turn, each seeing the ones before.
         return _Connection(self, loop=self._loop, **self._kwargs)
 
-    def admit(self, conn: _Connection, peer: Hashable, admin: bool) -> bool:
+    def admit(self, conn: _Connection, peer: Hashable, admin: bool) -> float | None:
+        """None: refused. Else until when (loop time) the new connection is
+        held with its peer (0.0: not held)."""
         now = self._loop.time()
         if not admin:
             mine = self._by_peer.get(peer, {})
@@ -156,15 +157,23 @@ class GuardedServer(Server):
                 return self._refuse(now)
         self._open[conn] = now
         self._by_peer.setdefault(peer, {})[conn] = None
-        until = self._held.get(peer)
-        if until is not None and until > now:
-            conn.pause_reading_until(until)
-        return True
+        return self._held.get(peer, 0.0)
 
-    def _refuse(self, now: float) -> bool:
+    def _refuse(self, now: float) -> None:
         self.refused += 1
         self._warn(now)
-        return False
+        return None
+
+    def held(self, peer: Hashable) -> float:
+        """Seconds ``peer`` is still held (0.0 if it is not)."""
+        until = self._held.get(peer)
+        if until is None:
+            return 0.0
+        left = until - self._loop.time()
+        if left <= 0:
+            del self._held[peer]
+            return 0.0
+        return left
 
     def hold(self, peer: Hashable, seconds: float) -> None:
         """Pause reading on every connection of ``peer`` for ``seconds``."""
@@ -244,7 +253,9 @@ class _Connection(RequestHandler):
     """aiohttp's per-connection protocol with a deadline for request heads,
     one for sending answers, and admission by peer."""
 
-    __slots__ = ("_guard", "_head_timer", "_heads", "_refused", "_resume_timer", "_send_timer", "peer")
+    __slots__ = (
+        "_guard", "_head_timer", "_heads", "_held_until", "_pending", "_refused", "_resume_timer", "_send_timer", "peer",
+    )
 
     def __init__(self, guard: GuardedServer, **kwargs: Any) -> None:
         super().__init__(guard, **kwargs)
@@ -254,6 +265,8 @@ class _Connection(RequestHandler):
         self._resume_timer: asyncio.TimerHandle | None = None
         self._heads = 0
         self._refused: asyncio.TimerHandle | None = None
+        self._held_until = 0.0
+        self._pending: list[bytes] = []
         self.peer: Hashable = None
 
     def waiting_for_head(self) -> bool:
@@ -262,7 +275,8 @@ class _Connection(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.peer, admin = self._guard.classify(transport)
-        if not self._guard.admit(self, self.peer, admin):
+        held_until = self._guard.admit(self, self.peer, admin)
+        if held_until is None:
             # Answered 503 at once, closed once the client has read it
             # (what it sends meanwhile is dropped). aiohttp never sees it.
             # uvloop's transports are not asyncio.WriteTransport subclasses.
@@ -274,6 +288,9 @@ class _Connection(RequestHandler):
             return
         super().connection_made(transport)
         self._arm()
+        if held_until > self._loop.time():
+            # Its peer is over a rate limit: a new connection waits with the others.
+            self.pause_reading_until(held_until)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused is not None:
@@ -288,6 +305,12 @@ class _Connection(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
+            return
+        if self._held_until > self._loop.time():
+            # Read although paused (uvloop starts reading after
+            # connection_made, whatever it asked): kept for the end of the hold.
+            self._pending.append(data)
+            self._pause_transport_reading()
             return
         super().data_received(data)
         heads = self._request_count
@@ -320,18 +343,31 @@ class _Connection(RequestHandler):
             self.transport.abort()
 
     def pause_reading_until(self, until: float) -> None:
-        if self.transport is None:
+        """Read nothing until ``until`` (loop time), whatever aiohttp's own
+        flow control does meanwhile (it resumes reading when its queue
+        drains: ``_resume_transport_reading`` waits for the hold)."""
+        if self.transport is None or until <= self._held_until:
             return
-        self.transport.pause_reading()
+        self._held_until = until
+        self._pause_transport_reading()
         if self._resume_timer is not None:
             self._resume_timer.cancel()
         self._resume_timer = self._loop.call_at(until, self._resume)
 
+    def _resume_transport_reading(self) -> None:
+        if self._held_until > self._loop.time():
+            return
+        super()._resume_transport_reading()
+
     def _resume(self) -> None:
         self._resume_timer = None
-        if self.transport is not None:
-            with contextlib.suppress(RuntimeError):  # closing meanwhile
-                self.transport.resume_reading()
+        self._held_until = 0.0
+        pending, self._pending = b"".join(self._pending), []
+        if pending and self.transport is not None:
+            self.data_received(pending)
+        # Only if aiohttp's flow control does not hold it back itself.
+        if not self._reading_paused and not self._buffer_paused:
+            self._resume_transport_reading()
 
     def _arm(self) -> None:
         self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_timed_out)

@@ -361,6 +361,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             _check_origin(request, state.settings.allowed_hosts)
         if route in CLIENT_ROUTES and not state.policy.is_client(peer):
             raise Forbidden("this peer may not use kmsd (not in client_uids or client_gids)")
+        if state.connections is not None and route in CLIENT_ROUTES:
+            # Requests its connections had sent before the hold began: a
+            # 429 at once, before any token is looked at.
+            held = state.connections.held(peer_key(peer.transport, peer.uid))
+            if held > 0 and not state.policy.is_admin(peer):
+                raise TooManyRequests(extra={"retry_after": retry_after(held)})
         if audit is not None and audit.fail_closed:
             # Nothing happens that the trail cannot show: the attempt is on
             # record (or the request is refused) before the operation runs.

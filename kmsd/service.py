@@ -314,14 +314,20 @@ class KMS:
         now; ``renewing`` (a token of that subject, checked current) keeps
         its generation and its session's start."""
         if renewing is not None:
-            return await self._sign(user_id, id_claim, renewing.generation, renewing.auth_time)
+            return await self._sign(user_id, id_claim, renewing.generation, renewing)
         generation, _ = await self.store.token_state(user_id, "")
         return await self._sign(user_id, id_claim, generation, None)
 
     async def _sign(
-        self, user_id: str, id_claim: int | None, generation: str, auth_time: int | None
+        self, user_id: str, id_claim: int | None, generation: str, continuing: Claims | None
     ) -> tuple[str, str]:
-        claims = self.tokens.claims_for(user_id, id_claim=id_claim, generation=generation, auth_time=auth_time)
+        """A token; ``continuing``: the token whose session it continues
+        (its start and its id), else a new session."""
+        claims = self.tokens.claims_for(
+            user_id, id_claim=id_claim, generation=generation,
+            auth_time=continuing.auth_time if continuing is not None else None,
+            session=continuing.session if continuing is not None else None,
+        )
         return await self.vault.sign_jwt(claims), str(claims["jti"])
 
     async def verify_token(self, token: str) -> Claims:
@@ -349,9 +355,13 @@ class KMS:
             raise Unauthorized()
 
     async def revoke_token(self, claims: Claims) -> None:
-        """Void one token, on every daemon of the database (kept until the
-        token would have expired anyway)."""
-        await self.store.revoke_token(claims.revocation_id, claims.expires)
+        """Void a token and every renewal made from it (its session), on
+        every daemon of the database. Remembered until every token of the
+        session has expired: a renewal made before now expires within
+        token_lifetime, and none can be made after (renewing needs a live
+        token of the session)."""
+        expires = max(claims.expires, int(self._clock()) + self.tokens.lifetime)
+        await self.store.revoke_token(claims.revocation_id, expires)
 
     async def revoke_subject(self, user_id: str) -> None:
         """Void every token of ``user_id``: a new generation (its record, if
@@ -400,13 +410,13 @@ class KMS:
             old = await self.store.get_record(record.user_id)
             if old is None:
                 generation = _new_generation()
-                signed = await self._sign(record.user_id, id_claim, generation, owner.auth_time)
+                signed = await self._sign(record.user_id, id_claim, generation, owner)
                 try:
                     await self.store.insert_record(record, generation=generation)
                     return signed
                 except Conflict:
                     continue  # created meanwhile: replace that one
-            signed = await self._sign(record.user_id, id_claim, owner.generation, owner.auth_time)
+            signed = await self._sign(record.user_id, id_claim, owner.generation, owner)
             if await self.store.replace_record(
                 old, record, release=_release(old), expect_generation=owner.generation
             ):

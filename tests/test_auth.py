@@ -126,3 +126,16 @@ def test_renewal_never_passes_the_session_age(clock: Clock, signer: Ed25519Priva
     )
     with pytest.raises(Unauthorized):
         service.verify(token)
+
+
+def test_a_revoked_original_token_stays_revoked_in_another_spelling(clock: Clock) -> None:
+    """The original's tokens have no jti: a revocation names them by a
+    digest. PyJWT also accepts the token with "=" padding on its signature;
+    that spelling must name the same revocation."""
+    secret = "original-shared-secret"
+    service = TokenService(issuer="kmsd", audience="kmsd", lifetime=60, legacy_secret=secret, clock=clock)
+    now = int(clock.now)
+    token = jwt.encode({"id": "legacy-user", "iat": now, "exp": now + 600}, secret, algorithm="HS256")
+    claims, padded = service.verify(token), service.verify(token + "=")
+    assert claims.subject == padded.subject == "legacy-user"
+    assert claims.revocation_id == padded.revocation_id and claims.revocation_id.startswith("sha256:")
