@@ -400,10 +400,13 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], shared_dae
         await c.call(tcp, "DELETE", "/api/keys", token=fresh["token"], expect=404)
         await c.call(unix, "GET", "/api/keys", token=fresh["token"], expect=404)
         # Revocation: one token, a subject, refused forms.
-        _, spare = await c.call(tcp, "POST", "/issue", {"id": "oa-alice"}, token=alice, expect=200)
-        remember(spare["token"])
-        await c.call(tcp, "POST", "/api/tokens/revoke", {}, token=spare["token"], expect=200, valid_request=True)
-        await c.call(tcp, "POST", "/api/tokens/revoke", {"token": spare["token"]}, expect=401, valid_request=True)
+        # (A session of its own: revoking a renewal of alice's would end hers.)
+        _, spare = await c.call(tcp, "POST", "/api/keys", {"user_id": "oa-erin", "data": "x"}, expect=200)
+        remember(spare["access_token"])
+        await c.call(tcp, "POST", "/api/tokens/revoke", {}, token=spare["access_token"], expect=200,
+                     valid_request=True)
+        await c.call(tcp, "POST", "/api/tokens/revoke", {"token": spare["access_token"]}, expect=401,
+                     valid_request=True)
         await c.call(tcp, "POST", "/api/tokens/revoke", {"user_id": "oa-nobody"}, token=alice, expect=403,
                      valid_request=True)
         await c.call(tcp, "POST", "/api/tokens/revoke", {"all": 3}, token=alice, expect=400, valid_request=False)
