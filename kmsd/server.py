@@ -157,7 +157,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw, object_pairs_hook=_unique_keys)
     except _RepeatedKey:
         raise BadRequest("body must not repeat a key") from None
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, LookupError):  # LookupError: a codec json guessed and could not load
         raise BadRequest("body must be a JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
@@ -953,6 +953,19 @@ def _describe(listener: ListenSocket) -> str:
     return f"{address or '?'} ({listener.name})"
 
 
+def _preload() -> None:
+    """Load now what the standard library loads on first use: after the
+    privilege drop the interpreter's own files may be unreadable (one under
+    /root). json.loads of a body in UTF-16 or UTF-32 (which JSON allows)
+    looks its codec up then, and failed with LookupError: a 500."""
+    import codecs
+
+    for name in ("utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-32-be", "utf-32-le", "ascii", "latin-1",
+                 "idna", "punycode"):
+        codecs.lookup(name)
+    import _strptime  # noqa: F401  (datetime.strptime's, in any library)
+
+
 def _hand_over(settings: Settings, user: str, created_dirs: Sequence[str] = ()) -> None:
     import pwd
 
@@ -1035,6 +1048,7 @@ async def serve(
         # Sockets bound, database open, vault started: root is not needed any
         # more. The files the daemon keeps writing become its own first, so
         # that it can reopen them (the audit trail after logrotate).
+        _preload()
         audit = app[STATE].audit
         _hand_over(settings, drop_to, audit.created_dirs if audit is not None else ())
         pw = switch_user(drop_to)

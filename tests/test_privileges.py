@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, open_api
+from conftest import Daemon, open_api, remember
 
 from kmsd.launcher import LAUNCHER_CAPABILITIES
 from kmsd.privileges import CAPABILITIES
@@ -288,3 +288,27 @@ def test_a_dead_launcher_is_said_loudly_and_in_readyz(users: Any, daemon_factory
     assert len(exited) == 1 and exited[0]["level"] == "error" and "restarted" in exited[0]["error"]
     # The vault it had started still serves.
     assert d.get("/healthz")[0] == 200
+
+
+async def test_a_body_in_utf16_is_read_after_the_privilege_drop(users: Any, daemon_factory: Any) -> None:
+    """Found by the fuzzing with the kmsd users present: json.loads of a
+    body in UTF-16 looks its codec up on first use, from an interpreter
+    directory the daemon's user may not read (one under /root): a 500.
+    The daemon loads those codecs before it drops."""
+    daemon_user, vault_user = users
+    d = daemon_factory(extra_env={"KMSD_DAEMON_USER": daemon_user.pw_name, "KMSD_VAULT_USER": vault_user.pw_name})
+    session, api = open_api(d, "tcp")
+    async with session:
+        body = json.dumps({"user_id": "utf16-" + os.urandom(3).hex(), "data": "sent as utf-16"}).encode("utf-16-be")
+        status, answer = await api.call("POST", "/api/keys", raw=body)
+        assert status == 200, answer
+        remember(answer["access_token"])
+        for raw in (b"\x00\xef\x1c\\i\x1d\xaf\x99\xdd\x8fk\x1e:E", b"\x00\x00\x00{\x00\x00\x00\xff"):
+            status, answer = await api.call("POST", "/api/keys", raw=raw)
+            assert (status, answer["code"]) == (400, "bad_request"), raw
+        # A Host (or Origin) that is not ASCII goes through the idna codec.
+        for header in ("Host", "Origin"):
+            value = "\u00e9xample.localhost" if header == "Host" else "http://\u00e9xample.localhost"
+            status, answer = await api.call("GET", "/healthz", headers={header: value})
+            assert status in (400, 403), (header, status, answer)
+    assert "unhandled_error" not in d.logs()
