@@ -26,16 +26,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Unavailable
+from .errors import AuditUnavailable
 from .logs import escape_controls
 
 __all__ = ["AuditTrail", "AuditUnavailable", "VerifyResult", "GENESIS", "verify_file"]
 
 GENESIS = "0" * 64  # the "prev" of the first line of a new trail
-
-
-class AuditUnavailable(Unavailable):
-    default_message = "audit trail unavailable"
 
 
 def _hash(line: bytes) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import aiosqlite
 
 from .config import DatabaseURL
-from .errors import Conflict, KMSError, Unavailable
+from .errors import Conflict, KMSError, StoreError, Unavailable
 
 __all__ = [
     "MasterKeyRow",
@@ -39,19 +39,6 @@ __all__ = [
     "now_utc",
     "open_store",
 ]
-
-class StoreError(Unavailable):
-    """The database failed; the request may be retried later."""
-
-    default_message = "storage unavailable"
-
-    @classmethod
-    def outcome_unknown(cls) -> StoreError:
-        """A write that the database may have applied before it went away
-        (the connection broke, or the time ran out, after the statement was
-        sent): the client must not take this 503 to mean nothing was written."""
-        return cls("storage unavailable; the write may have been applied", extra={"outcome": "unknown"})
-
 
 def now_utc() -> str:
     """DATETIME text, as the original stored it (UTC, second precision)."""

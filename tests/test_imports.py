@@ -1,70 +1,102 @@
 """Dependencies point one way: cli -> server -> rotation -> service -> auth / vault /
-store -> errors / config. Nothing imports server; the client imports only
-the shared errors."""
+store -> errors / config, and the daemon -> the client's wire errors. Nothing
+imports server; the client imports nothing but the standard library and
+itself. The graph of both packages has no cycle."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"kmsd": ROOT / "kmsd", "kmsd_client": ROOT / "client" / "kmsd_client"}
 
-# module -> the kmsd modules it may import
+# module -> the modules of kmsd and kmsd_client it may import
 ALLOWED = {
-    "errors": set(),
-    "config": {"errors"},
-    "envelope": set(),
-    "logs": set(),
-    "store": {"errors", "config", "store_mysql"},
-    "store_mysql": {"errors", "config", "store"},
-    "auth": {"errors"},
-    "privileges": set(),
-    "launcher": {"privileges"},
-    "vault": {"errors", "config", "envelope", "launcher", "privileges"},
-    "service": {"errors", "config", "envelope", "auth", "store", "vault"},
-    "migrate": {"errors", "service", "store"},
-    "rotation": {"errors", "logs", "service", "store"},
-    "rootkey": {"errors", "config", "envelope", "service", "store"},
-    "admin": {"errors", "config", "logs", "rotation", "rootkey", "service"},
-    "systemd": set(),
-    "metrics": {"errors"},
-    "audit": {"errors", "logs"},
-    "connections": {"errors"},
-    "limits": set(),
-    "server": {"errors", "config", "audit", "auth", "connections", "limits", "logs", "metrics", "privileges", "rotation",
-               "service", "store", "systemd", "vault"},
-    "cli": {"admin", "audit", "errors", "config", "logs", "migrate", "server", "service", "vault"},
-    "__main__": {"cli"},
-    "__init__": set(),
+    "kmsd.errors": {"kmsd_client.errors"},
+    "kmsd.config": {"kmsd.errors"},
+    "kmsd.envelope": set(),
+    "kmsd.logs": set(),
+    "kmsd.store": {"kmsd.errors", "kmsd.config", "kmsd.store_mysql"},
+    "kmsd.store_mysql": {"kmsd.errors", "kmsd.config", "kmsd.store"},
+    "kmsd.auth": {"kmsd.errors"},
+    "kmsd.privileges": set(),
+    "kmsd.launcher": {"kmsd.privileges"},
+    "kmsd.vault": {"kmsd.errors", "kmsd.config", "kmsd.envelope", "kmsd.launcher", "kmsd.privileges"},
+    "kmsd.service": {"kmsd.errors", "kmsd.config", "kmsd.envelope", "kmsd.auth", "kmsd.store", "kmsd.vault"},
+    "kmsd.migrate": {"kmsd.errors", "kmsd.service", "kmsd.store"},
+    "kmsd.rotation": {"kmsd.errors", "kmsd.logs", "kmsd.service", "kmsd.store"},
+    "kmsd.rootkey": {"kmsd.errors", "kmsd.config", "kmsd.envelope", "kmsd.service", "kmsd.store"},
+    "kmsd.admin": {"kmsd_client.__init__", "kmsd.errors", "kmsd.config", "kmsd.logs", "kmsd.rotation", "kmsd.rootkey", "kmsd.service"},
+    "kmsd.systemd": set(),
+    "kmsd.metrics": {"kmsd.errors"},
+    "kmsd.audit": {"kmsd.errors", "kmsd.logs"},
+    "kmsd.connections": {"kmsd.errors"},
+    "kmsd.limits": set(),
+    "kmsd.server": {"kmsd.errors", "kmsd.config", "kmsd.audit", "kmsd.auth", "kmsd.connections", "kmsd.limits", "kmsd.logs", "kmsd.metrics", "kmsd.privileges", "kmsd.rotation",
+               "kmsd.service", "kmsd.store", "kmsd.systemd", "kmsd.vault"},
+    "kmsd.cli": {"kmsd.admin", "kmsd.audit", "kmsd.errors", "kmsd.config", "kmsd.logs", "kmsd.migrate", "kmsd.server", "kmsd.service", "kmsd.vault"},
+    "kmsd.__main__": {"kmsd.cli"},
+    "kmsd.__init__": set(),
+
+    "kmsd_client.errors": set(),
+    "kmsd_client.__init__": {"kmsd_client.errors"},
 }
 
 
-def kmsd_imports(path: Path) -> set[str]:
-    found = set()
+def module_imports(path: Path, package: str) -> tuple[set[str], set[str]]:
+    """The modules of kmsd and kmsd_client that ``path`` imports, and the
+    top-level names of everything else it imports."""
+    ours: set[str] = set()
+    others: set[str] = set()
+
+    def add(name: str) -> None:
+        top, _, rest = name.partition(".")
+        if top in PACKAGES:
+            ours.add(f"{top}.{rest.split('.')[0]}" if rest else f"{top}.__init__")
+        else:
+            others.add(top)
+
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level >= 1:
                 if node.module:
-                    found.add(node.module.split(".")[0])
+                    add(f"{package}.{node.module}")
                 else:
-                    found.update(a.name for a in node.names)
-            elif node.module and (node.module == "kmsd" or node.module.startswith("kmsd.")):
-                found.add(node.module.split(".")[1] if "." in node.module else "__init__")
+                    ours.update(f"{package}.{a.name}" for a in node.names)
+            elif node.module:
+                if node.module in PACKAGES:
+                    ours.update(f"{node.module}.{a.name}" for a in node.names
+                                if (PACKAGES[node.module] / f"{a.name}.py").exists())
+                    if not all((PACKAGES[node.module] / f"{a.name}.py").exists() for a in node.names):
+                        ours.add(f"{node.module}.__init__")
+                else:
+                    add(node.module)
         elif isinstance(node, ast.Import):
             for a in node.names:
-                if a.name.startswith("kmsd."):
-                    found.add(a.name.split(".")[1])
+                add(a.name)
+    return ours, others
+
+
+def graph() -> dict[str, set[str]]:
+    found = {}
+    for package, directory in PACKAGES.items():
+        for path in sorted(directory.glob("*.py")):
+            found[f"{package}.{path.stem}"] = module_imports(path, package)[0]
     return found
 
 
 def test_dependencies_point_one_way() -> None:
-    for path in sorted((ROOT / "kmsd").glob("*.py")):
-        name = path.stem
+    for name, imports in graph().items():
         assert name in ALLOWED, f"new module {name}: add it to the dependency table"
-        extra = kmsd_imports(path) - ALLOWED[name]
-        assert not extra, f"kmsd/{path.name} imports {extra}"
+        extra = imports - ALLOWED[name]
+        assert not extra, f"{name} imports {extra}"
 
 
-def test_client_imports_only_shared_errors() -> None:
-    for path in (ROOT / "client").rglob("*.py"):
-        assert kmsd_imports(path) <= {"errors"}, path
+def test_client_imports_only_the_standard_library() -> None:
+    for path in sorted(PACKAGES["kmsd_client"].rglob("*.py")):
+        ours, others = module_imports(path, "kmsd_client")
+        assert all(name.startswith("kmsd_client.") for name in ours), path
+        outside = {name for name in others if name not in sys.stdlib_module_names and name != "__future__"}
+        assert not outside, f"{path} imports {outside}"

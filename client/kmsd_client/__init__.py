@@ -5,7 +5,7 @@ default) or over TCP, keeping one keep-alive connection open. It is meant for
 one thread: give each thread its own client.
 
 Every error the daemon answers with is rebuilt as the same class from
-``kmsd.errors`` (the wire ``code`` decides it), and anything that keeps us from
+``kmsd_client.errors`` (the wire ``code`` decides it), and anything that keeps us from
 getting an answer at all (socket missing, connection refused, timeout) raises
 ``Unavailable``. Tokens, data and DEKs never appear in exception messages or in
 ``repr()``.
@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-from kmsd.errors import (
+from .errors import (
     BadRequest,
     Conflict,
     DecryptionFailed,
