@@ -16,11 +16,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, Settings, load_settings
 from .errors import KMSError
 from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["add_parsers", "run_mk", "run_root_key"]
 
@@ -155,31 +158,16 @@ def _daemon_client(settings: Settings) -> Any | None:
 
 @asynccontextmanager
 async def _direct(settings: Settings) -> AsyncIterator[_Direct]:
-    from .rotation import Rotator
-    from .service import KMS
+    from .runtime import Runtime
 
-    log = get_logger(process="kmsd-mk")
-    kms = KMS.from_settings(settings, log=log)
-    await kms.store.open()
-    try:
-        if not await kms.store.list_master_keys():
+    async def kmsd_database(store: Store) -> None:
+        if not await store.list_master_keys():
             # Most likely the wrong database: do not make it a kmsd one.
             raise KMSError(f"{settings.database.masked()} has no master keys: is it kmsd's database?")
-        await kms.vault.start()
-        rotator = Rotator(
-            kms,
-            lease_ttl=settings.rotation_lease_ttl,
-            batch_size=settings.rotation_batch_size,
-            refresh_interval=settings.key_refresh_interval,
-            log=log,
-        )
-        try:
-            yield _Direct(kms, rotator)
-        finally:
-            await rotator.close()
-            await kms.vault.close()
-    finally:
-        await kms.store.close()
+
+    runtime = Runtime(settings, log=get_logger(process="kmsd-mk"))
+    async with runtime.running(check=kmsd_database):
+        yield _Direct(runtime.kms, runtime.rotator)
 
 
 def run_mk(args: argparse.Namespace) -> int:

@@ -156,7 +156,7 @@ def _migrate_legacy(args: argparse.Namespace) -> int:
 
     from .errors import KMSError
     from .migrate import MigrationReport, migrate_legacy
-    from .service import KMS
+    from .runtime import Runtime
 
     def progress(r: MigrationReport) -> None:
         print(
@@ -167,16 +167,8 @@ def _migrate_legacy(args: argparse.Namespace) -> int:
         )
 
     async def run() -> MigrationReport:
-        kms = KMS.from_settings(settings, log=get_logger(process="migrate"))
-        await kms.store.open()
-        try:
-            await kms.vault.start()
-            try:
-                return await migrate_legacy(kms, batch_size=args.batch_size, progress=progress)
-            finally:
-                await kms.vault.close()
-        finally:
-            await kms.store.close()
+        async with Runtime(settings, log=get_logger(process="migrate")).running() as runtime:
+            return await migrate_legacy(runtime.kms, batch_size=args.batch_size, progress=progress)
 
     print(
         f"migrate-legacy: working on {settings.database.masked()} directly"

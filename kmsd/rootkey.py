@@ -19,8 +19,7 @@ from typing import Any
 
 from .config import RootKeySource, Settings
 from .errors import Conflict, KMSError
-from .service import KMS
-from .store import open_store
+from .runtime import Runtime
 
 __all__ = ["RootKeyReport", "prepare_new_root_key", "rotate_root_key"]
 
@@ -56,42 +55,35 @@ def prepare_new_root_key(path: str, *, generate: bool) -> bool:
 
 
 async def rotate_root_key(settings: Settings, new_key_file: str, *, log: Any) -> RootKeyReport:
-    store = open_store(settings.database, pool_size=2, timeout=settings.database_timeout)
-    await store.open()
+    path = os.path.abspath(new_key_file)
+    runtime = Runtime(settings, log=log, pool_size=2, new_root_key_file=path)
     holder = f"root-key-rotate:{socket.gethostname()}:{os.getpid()}"
-    try:
+    async with runtime.store_open() as store:
         if not await store.acquire_lease(LEASE, holder, max(settings.rotation_lease_ttl, 60.0)):
             raise Conflict("a master key rotation is running; wait for it to finish (kmsd mk rotate --status)")
         try:
-            return await _rotate(settings, store, new_key_file, log)
+            return await _rotate(runtime, path)
         finally:
             await store.release_lease(LEASE, holder)
-    finally:
-        await store.close()
 
 
-async def _rotate(settings: Settings, store: Any, new_key_file: str, log: Any) -> RootKeyReport:
-    path = os.path.abspath(new_key_file)
-    kms = KMS.from_settings(settings, log=log, store=store, new_root_key_file=path)
+async def _rotate(runtime: Runtime, path: str) -> RootKeyReport:
+    store = runtime.store
     # Starting the vault loads every key row under the old root key: a row
     # it cannot open stops the rotation here, before anything is written.
-    await kms.vault.start()
-    try:
+    async with runtime.vault_started() as kms:
         masters = await store.list_master_keys()
         signing = await store.list_signing_keys()
         new_masters = [(r.key_id, r.key_material, await kms.vault.rekey(r.key_id, r.key_material)) for r in masters]
         new_signing = [(s.kid, s.key_material, await kms.vault.rekey("jwt:" + s.kid, s.key_material)) for s in signing]
-    finally:
-        await kms.vault.close()
     if not await store.replace_key_materials(new_masters, new_signing):
         raise Conflict("a key changed during the rotation; run it again")
 
     # Proof: a vault with the new root key alone opens every row now stored.
-    check = KMS.from_settings(replace(settings, root_key=RootKeySource(file=path)), log=log, store=store)
+    check = Runtime(replace(runtime.settings, root_key=RootKeySource(file=path)), log=runtime.log, store=store)
     try:
-        await check.vault.start()
+        async with check.vault_started():
+            pass
     except KMSError as exc:
         raise KMSError(f"the rows were rewrapped, but the new root key does not open them: {exc.message}") from None
-    finally:
-        await check.vault.close()
     return RootKeyReport(len(new_masters), len(new_signing))

@@ -52,6 +52,7 @@ from .logs import get_logger, raised_at, set_log_level
 from .metrics import CONTENT_TYPE, Metrics, instrument_store
 from .privileges import harden, switch_user, user_exists
 from .rotation import Rotator
+from .runtime import Runtime
 from .service import KMS
 from .store import Store
 from .systemd import ListenSocket, Notifier, listen_fds, watchdog_interval
@@ -80,6 +81,7 @@ class AppState:
     # Per peer: invalid tokens presented, records created (limits.py).
     invalid_tokens: RateLimiter
     creations: RateLimiter
+    runtime: Runtime
     # The listeners' connections, once they are open (not in app-only tests).
     connections: GuardedServer | None = None
 
@@ -808,27 +810,19 @@ async def jwks(request: web.Request) -> web.Response:
 # -- app and listeners ---------------------------------------------------------------
 
 
-def create_app(settings: Settings, *, kms: KMS | None = None) -> web.Application:
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.Application:
     log = get_logger(process="daemon")
-    kms = kms or KMS.from_settings(settings, log=log)
     metrics = Metrics()
-    kms.store = instrument_store(kms.store, metrics)
-    kms.vault.observe = metrics.observe_vault
+    runtime = runtime or Runtime(settings, log=log, wrap_store=lambda store: instrument_store(store, metrics))
+    runtime.vault.observe = metrics.observe_vault
     policy = policy_from(settings)
     audit = AuditTrail(settings.audit_log, fail_closed=settings.audit_fail_closed, log=log) if settings.audit_log else None
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
-    rotator = Rotator(
-        kms,
-        lease_ttl=settings.rotation_lease_ttl,
-        batch_size=settings.rotation_batch_size,
-        refresh_interval=settings.key_refresh_interval,
-        period=settings.rotation_period,
-        log=log,
-    )
     app[STATE] = AppState(
-        settings, kms.store, kms.vault, kms, rotator, policy, log, metrics, audit,
+        settings, runtime.store, runtime.vault, runtime.kms, runtime.rotator, policy, log, metrics, audit,
         invalid_tokens=RateLimiter(settings.invalid_token_rate, settings.invalid_token_burst),
         creations=RateLimiter(settings.record_creation_rate, settings.record_creation_burst),
+        runtime=runtime,
     )
     # Read now, while the package's files are surely readable: after the
     # privilege drop they may not be (an interpreter under /root).
@@ -846,50 +840,51 @@ async def _rotator_ctx(app: web.Application) -> AsyncIterator[None]:
     await rotator.close()
 
 
-async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The store, then the vault (it loads its keys from the store). On the
-    way out, after every in-flight request has finished: the store, then
-    the vault, last."""
-    state = app[STATE]
-    if state.audit is not None:
-        try:
-            state.audit.open()
-        except OSError as exc:
-            # Fail closed: refuse to start; otherwise serve, and say so.
-            if state.audit.fail_closed:
-                raise Unavailable(f"cannot open the audit trail {state.audit.path}: {exc.strerror}") from None
-            state.log.error("audit_open_failed", path=state.audit.path, error=exc.strerror)
-    else:
+def _open_audit(state: AppState) -> None:
+    if state.audit is None:
         state.log.warning("audit_disabled", warning="no audit_log configured: key operations are not audited")
-    await state.store.open()
-    for warning in state.store.warnings:
-        state.log.warning("database_warning", warning=warning)
+        return
     try:
-        await state.vault.start()
-    except BaseException:
-        await state.store.close()
-        raise
-    if state.vault.is_passphrase:
-        state.log.warning(
-            "root_key_is_passphrase",
-            warning="the root key is a passphrase, not 32 random bytes; run `kmsd root-key rotate`",
-        )
-    if state.settings.root_key.dev_file:
-        state.log.warning(
-            "development_root_key",
-            path=state.settings.root_key.dev_file,
-            warning="--dev: using a generated development root key; never use this in production",
-        )
-    yield
+        state.audit.open()
+    except OSError as exc:
+        # Fail closed: refuse to start; otherwise serve, and say so.
+        if state.audit.fail_closed:
+            raise Unavailable(f"cannot open the audit trail {state.audit.path}: {exc.strerror}") from None
+        state.log.error("audit_open_failed", path=state.audit.path, error=exc.strerror)
+
+
+def _close_audit(state: AppState) -> None:
+    if state.audit is not None:
+        seq, head = state.audit.head
+        # Anchors the end of the chain: `kmsd audit verify --head`.
+        state.log.info("audit_head", path=state.audit.path, seq=seq, hash=head)
+        state.audit.close()
+
+
+async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The audit trail, then the runtime (store, vault). On the way out,
+    after every in-flight request has finished: the reverse."""
+    state = app[STATE]
+    _open_audit(state)
     try:
-        await state.store.close()
+        async with state.runtime.store_open() as store:
+            for warning in store.warnings:
+                state.log.warning("database_warning", warning=warning)
+            async with state.runtime.vault_started():
+                if state.vault.is_passphrase:
+                    state.log.warning(
+                        "root_key_is_passphrase",
+                        warning="the root key is a passphrase, not 32 random bytes; run `kmsd root-key rotate`",
+                    )
+                if state.settings.root_key.dev_file:
+                    state.log.warning(
+                        "development_root_key",
+                        path=state.settings.root_key.dev_file,
+                        warning="--dev: using a generated development root key; never use this in production",
+                    )
+                yield
     finally:
-        await state.vault.close()
-        if state.audit is not None:
-            seq, head = state.audit.head
-            # Anchors the end of the chain: `kmsd audit verify --head`.
-            state.log.info("audit_head", path=state.audit.path, seq=seq, hash=head)
-            state.audit.close()
+        _close_audit(state)
 
 
 async def start_listeners(

@@ -15,9 +15,8 @@ from typing import Any, Literal, TypeVar
 
 from . import envelope as env
 from .auth import Claims, TokenService, random_kid
-from .config import Settings
 from .errors import Conflict, DecryptionFailed, NotFound, Unauthorized, Unavailable
-from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc, open_store
+from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc
 from .vault import DEK, Kind, Rewrap, UnknownKey, VaultClient
 
 __all__ = ["KMS", "KeyState", "RewrapResult"]
@@ -64,38 +63,6 @@ class KMS:
         self._signing_loaded: tuple[SigningKeyRow, ...] = ()
         self._vault_signing: tuple[int | None, str] | None = None
         vault.on_start = self.load_keys
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, *, log: Any, store: Store | None = None, new_root_key_file: str | None = None
-    ) -> KMS:
-        """The service with its store (unless given), vault client and token
-        service, none of them started yet."""
-        if store is None:
-            store = open_store(
-                settings.database, pool_size=settings.database_pool_size, timeout=settings.database_timeout
-            )
-        vault = VaultClient(
-            settings.root_key,
-            user=settings.vault_user,
-            timeout=settings.vault_timeout,
-            # A (re)start is routine; everything else the vault client reports
-            # is not, and a launcher that died leaves the daemon unable to
-            # restart its vault.
-            log=lambda event, **kw: {"vault_started": log.info, "launcher_exited": log.error}.get(
-                event, log.warning
-            )(event, **kw),
-            new_root_key_file=new_root_key_file,
-        )
-        tokens = TokenService(
-            issuer=settings.issuer,
-            audience=settings.audience,
-            lifetime=settings.token_lifetime,
-            max_session_age=settings.max_session_age,
-            legacy_secret=settings.legacy_jwt_secret,
-            cache_size=settings.token_cache_size,
-        )
-        return cls(store, vault, tokens, log=log)
 
     # -- keys ----------------------------------------------------------------
 

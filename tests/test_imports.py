@@ -18,8 +18,15 @@ ALLOWED = {
     "kmsd.config": {"kmsd.errors"},
     "kmsd.envelope": set(),
     "kmsd.logs": set(),
-    "kmsd.store": {"kmsd.errors", "kmsd.config", "kmsd.store_mysql"},
-    "kmsd.store_mysql": {"kmsd.errors", "kmsd.config", "kmsd.store"},
+    "kmsd.store": {"kmsd.errors"},
+    "kmsd.store_sql": {"kmsd.store"},
+    "kmsd.store_sqlite": {"kmsd.errors", "kmsd.store", "kmsd.store_sql"},
+    "kmsd.mysql_batch": {"kmsd.errors"},
+    "kmsd.mysql_schema": {"kmsd.store_sql"},
+    "kmsd.store_mysql": {"kmsd.errors", "kmsd.config", "kmsd.store", "kmsd.store_sql", "kmsd.mysql_batch",
+                         "kmsd.mysql_schema"},
+    "kmsd.runtime": {"kmsd.auth", "kmsd.config", "kmsd.rotation", "kmsd.service", "kmsd.store", "kmsd.store_mysql",
+                     "kmsd.store_sqlite", "kmsd.vault"},
     "kmsd.auth": {"kmsd.errors"},
     "kmsd.privileges": set(),
     "kmsd.launcher": {"kmsd.privileges"},
@@ -27,16 +34,17 @@ ALLOWED = {
     "kmsd.service": {"kmsd.errors", "kmsd.config", "kmsd.envelope", "kmsd.auth", "kmsd.store", "kmsd.vault"},
     "kmsd.migrate": {"kmsd.errors", "kmsd.service", "kmsd.store"},
     "kmsd.rotation": {"kmsd.errors", "kmsd.logs", "kmsd.service", "kmsd.store"},
-    "kmsd.rootkey": {"kmsd.errors", "kmsd.config", "kmsd.envelope", "kmsd.service", "kmsd.store"},
-    "kmsd.admin": {"kmsd_client.__init__", "kmsd.errors", "kmsd.config", "kmsd.logs", "kmsd.rotation", "kmsd.rootkey", "kmsd.service"},
+    "kmsd.rootkey": {"kmsd.errors", "kmsd.config", "kmsd.envelope", "kmsd.runtime"},
+    "kmsd.admin": {"kmsd_client.__init__", "kmsd.errors", "kmsd.config", "kmsd.logs", "kmsd.rootkey", "kmsd.runtime",
+                   "kmsd.store"},
     "kmsd.systemd": set(),
     "kmsd.metrics": {"kmsd.errors"},
     "kmsd.audit": {"kmsd.errors", "kmsd.logs"},
     "kmsd.connections": {"kmsd.errors"},
     "kmsd.limits": set(),
     "kmsd.server": {"kmsd.errors", "kmsd.config", "kmsd.audit", "kmsd.auth", "kmsd.connections", "kmsd.limits", "kmsd.logs", "kmsd.metrics", "kmsd.privileges", "kmsd.rotation",
-               "kmsd.service", "kmsd.store", "kmsd.systemd", "kmsd.vault"},
-    "kmsd.cli": {"kmsd.admin", "kmsd.audit", "kmsd.errors", "kmsd.config", "kmsd.logs", "kmsd.migrate", "kmsd.server", "kmsd.service", "kmsd.vault"},
+               "kmsd.runtime", "kmsd.service", "kmsd.store", "kmsd.systemd", "kmsd.vault"},
+    "kmsd.cli": {"kmsd.runtime", "kmsd.admin", "kmsd.audit", "kmsd.errors", "kmsd.config", "kmsd.logs", "kmsd.migrate", "kmsd.server", "kmsd.service", "kmsd.vault"},
     "kmsd.__main__": {"kmsd.cli"},
     "kmsd.__init__": set(),
 
@@ -92,6 +100,38 @@ def test_dependencies_point_one_way() -> None:
         assert name in ALLOWED, f"new module {name}: add it to the dependency table"
         extra = imports - ALLOWED[name]
         assert not extra, f"{name} imports {extra}"
+
+
+def test_no_import_cycle() -> None:
+    edges = graph()
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in path, "import cycle: " + " -> ".join([*path[path.index(name):], name])
+        if name in done:
+            return
+        for dep in sorted(edges.get(name, ())):
+            visit(dep, [*path, name])
+        done.add(name)
+
+    for name in edges:
+        visit(name, [])
+
+
+def test_the_table_itself_has_no_cycle() -> None:
+    # The table is what a change is checked against: a cycle allowed in it
+    # would be a cycle waiting to happen.
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in path, "cycle in ALLOWED: " + " -> ".join([*path[path.index(name):], name])
+        if name not in done:
+            for dep in sorted(ALLOWED.get(name, ())):
+                visit(dep, [*path, name])
+            done.add(name)
+
+    for name in ALLOWED:
+        visit(name, [])
 
 
 def test_client_imports_only_the_standard_library() -> None:

@@ -355,7 +355,7 @@ async def test_the_original_master_key_functions_as_a_library(workdir: Path) -> 
     of the original, on a real store and a real vault."""
     from kmsd.config import load_settings
     from kmsd.logs import get_logger
-    from kmsd.service import KMS
+    from kmsd.runtime import Runtime
 
     base = workdir / f"lib-{os.urandom(3).hex()}"
     base.mkdir()
@@ -363,25 +363,18 @@ async def test_the_original_master_key_functions_as_a_library(workdir: Path) -> 
         overrides={"database_url": f"sqlite:///{base / 'kmsd.db'}", "dev": True, "socket": str(base / "s.sock")},
         environ={},
     )
-    kms = KMS.from_settings(settings, log=get_logger(process="test"))
-    await kms.store.open()
-    try:
-        await kms.vault.start()
-        try:
-            first = await kms.active_master_key()
-            assert first is not None and await kms.retired_master_keys() == []
-            new_id, previous = await kms.add_master_key("by the library")
-            assert previous == first.key_id
-            active = await kms.active_master_key()
-            assert active is not None and active.key_id == new_id and active.description == "by the library"
-            assert [r.key_id for r in await kms.retired_master_keys()] == [first.key_id]
-            listing = await kms.list_master_keys()
-            assert [(k["key_id"], k["status"], k["records"]) for k in listing] == [
-                (first.key_id, "retired", 0), (new_id, "active", 0),
-            ]
-            # The rows never carry a plaintext key: only the wrapped material.
-            assert "key_material" not in listing[0]
-        finally:
-            await kms.vault.close()
-    finally:
-        await kms.store.close()
+    async with Runtime(settings, log=get_logger(process="test")).running() as runtime:
+        kms = runtime.kms
+        first = await kms.active_master_key()
+        assert first is not None and await kms.retired_master_keys() == []
+        new_id, previous = await kms.add_master_key("by the library")
+        assert previous == first.key_id
+        active = await kms.active_master_key()
+        assert active is not None and active.key_id == new_id and active.description == "by the library"
+        assert [r.key_id for r in await kms.retired_master_keys()] == [first.key_id]
+        listing = await kms.list_master_keys()
+        assert [(k["key_id"], k["status"], k["records"]) for k in listing] == [
+            (first.key_id, "retired", 0), (new_id, "active", 0),
+        ]
+        # The rows never carry a plaintext key: only the wrapped material.
+        assert "key_material" not in listing[0]

@@ -23,7 +23,9 @@ from mariadb import MariaDBServer
 
 from kmsd.config import parse_database_url
 from kmsd.errors import Conflict
-from kmsd.store import REVOCATION_MARGIN, MasterKeyRow, Record, SigningKeyRow, Store, StoreError, open_store
+from kmsd.runtime import open_store
+from kmsd.store import MasterKeyRow, Record, SigningKeyRow, Store, StoreError
+from kmsd.store_sql import REVOCATION_MARGIN
 
 T0 = "2024-05-01 12:00:00"
 
@@ -73,11 +75,11 @@ def schema_versions(url: str, request: pytest.FixtureRequest) -> list[int]:
 def expected_versions(url: str) -> list[int]:
     """Every migration the backend defines, numbered from 1."""
     if parse_database_url(url).scheme == "sqlite":
-        from kmsd.store import _SQLITE_MIGRATIONS
+        from kmsd.store_sqlite import MIGRATIONS as _SQLITE_MIGRATIONS
 
         count = len(_SQLITE_MIGRATIONS)
     else:
-        from kmsd.store_mysql import _MIGRATIONS
+        from kmsd.mysql_schema import MIGRATIONS as _MIGRATIONS
 
         count = len(_MIGRATIONS)
     return list(range(1, count + 1))
@@ -676,7 +678,8 @@ async def test_acknowledged_writes_survive_close_and_a_server_crash(
 _WRITER = r"""
 import asyncio, sys
 from kmsd.config import parse_database_url
-from kmsd.store import Record, open_store
+from kmsd.runtime import open_store
+from kmsd.store import Record
 
 async def main(url, n):
     store = open_store(parse_database_url(url))
@@ -1768,7 +1771,7 @@ async def test_mysql_an_interrupted_lifecycle_migration_completes_on_the_next_op
 ) -> None:
     """MySQL commits DDL at once: a migration interrupted after some of its
     steps is applied again, step by step, on the next open."""
-    from kmsd.store_mysql import _MIGRATIONS
+    from kmsd.mysql_schema import MIGRATIONS as _MIGRATIONS
 
     url = mysql_server.new_database()
     name = db_name(url)

@@ -1,0 +1,124 @@
+"""The MySQL/MariaDB schema: kmsd's numbered migrations over the original
+system's tables, each step written so that it can run again (MySQL commits
+DDL at once, so an interrupted migration leaves a step half done)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiomysql
+
+from .store_sql import DEK_PREFIX
+
+__all__ = ["MIGRATIONS", "NOPAD_COLLATIONS", "apply_step"]
+
+# Exact comparison needs a binary collation that does not pad: MariaDB's
+# utf8mb4_bin and MySQL's utf8mb4_bin ignore trailing spaces.
+NOPAD_COLLATIONS = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin")
+
+MIGRATIONS: Sequence[Sequence[str]] = (
+    # 1: the original schema, byte for byte where it exists already (IF NOT
+    # EXISTS leaves an original database untouched), plus kmsd's signing keys.
+    (
+        """CREATE TABLE IF NOT EXISTS master_keys (
+            id INT AUTO_INCREMENT PRIMARY KEY,
+            key_id VARCHAR(64) UNIQUE NOT NULL,
+            key_material TEXT NOT NULL,
+            created_at DATETIME NOT NULL,
+            status ENUM('active','retired') NOT NULL,
+            description TEXT
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+        """CREATE TABLE IF NOT EXISTS kms_keys (
+            user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL PRIMARY KEY,
+            encrypted_key TEXT,
+            encrypted_dek TEXT,
+            created_at DATETIME
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+        """CREATE TABLE IF NOT EXISTS kmsd_signing_keys (
+            kid VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            public_key TEXT NOT NULL,
+            key_material TEXT NOT NULL,
+            status ENUM('active','retired') NOT NULL,
+            created_at DATETIME NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ),
+    # 2: user ids compare exactly in a database the original created. No row
+    # is lost: ids distinct under the old collation stay distinct under this.
+    ("ALTER TABLE kms_keys MODIFY user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL",),
+    # 3: master-key lifecycle. Which key wraps each record (counted without
+    # decrypting); at most one active master key, enforced by a unique index
+    # on a generated column that is NULL for retired keys; leases; jobs.
+    (
+        "column kms_keys master_key_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NULL",
+        "index kms_keys kms_keys_master_key_id (master_key_id)",
+        "column master_keys kmsd_one_active TINYINT AS (IF(status = 'active', 1, NULL)) STORED",
+        "index master_keys kmsd_master_keys_one_active UNIQUE (kmsd_one_active)",
+        """CREATE TABLE IF NOT EXISTS kmsd_leases (
+            name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            holder VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL,
+            expires_at DOUBLE NOT NULL
+        ) ENGINE=InnoDB""",
+        """CREATE TABLE IF NOT EXISTS kmsd_rotation_jobs (
+            id INT AUTO_INCREMENT PRIMARY KEY,
+            state ENUM('running','finished') NOT NULL,
+            target_key_id VARCHAR(64) NOT NULL,
+            requested_by VARCHAR(255),
+            started_at DATETIME NOT NULL,
+            finished_at DATETIME NULL,
+            rewrapped BIGINT NOT NULL DEFAULT 0,
+            changed BIGINT NOT NULL DEFAULT 0,
+            unreadable BIGINT NOT NULL DEFAULT 0,
+            active_seconds DOUBLE NOT NULL DEFAULT 0
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ),
+    # 4: whose record a wrapped DEK is (record_owners): a prefix index, as
+    # a TEXT column allows (the prefix of a wrapped DEK is random enough).
+    (f"index kms_keys kms_keys_encrypted_dek (encrypted_dek({DEK_PREFIX}))",),
+    # 5: whose record a wrapped DEK used to be (released_owners): a digest,
+    # never the wrapped DEK itself, so a deleted record stays shredded.
+    (
+        """CREATE TABLE IF NOT EXISTS kmsd_released_deks (
+            digest BINARY(32) NOT NULL PRIMARY KEY,
+            user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL
+        ) ENGINE=InnoDB""",
+    ),
+    # 6: tokens tied to a record (a generation that a delete and a new
+    # record change, and a revoke-all) and revoked one by one.
+    (
+        """CREATE TABLE IF NOT EXISTS kmsd_subjects (
+            user_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL PRIMARY KEY,
+            generation VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL
+        ) ENGINE=InnoDB""",
+        """CREATE TABLE IF NOT EXISTS kmsd_revoked_tokens (
+            token_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            expires_at BIGINT NOT NULL,
+            KEY kmsd_revoked_tokens_expires_at (expires_at)
+        ) ENGINE=InnoDB""",
+    ),
+)
+
+
+async def apply_step(cur: aiomysql.Cursor, statement: str) -> None:
+    """Run one migration step so that it can run again: MySQL commits DDL
+    at once, so a step may be half done when a migration was interrupted.
+    "column T C DDL" and "index T NAME [UNIQUE] (COLS)" are added only if
+    missing (MySQL has no ADD COLUMN IF NOT EXISTS); anything else is SQL."""
+    kind, _, rest = statement.partition(" ")
+    if kind not in ("column", "index"):
+        await cur.execute(statement)
+        return
+    table, name, ddl = rest.split(" ", 2)
+    view = "COLUMNS" if kind == "column" else "STATISTICS"
+    field = "COLUMN_NAME" if kind == "column" else "INDEX_NAME"
+    await cur.execute(
+        f"SELECT COUNT(*) FROM information_schema.{view}"
+        f" WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s AND {field} = %s",
+        (table, name),
+    )
+    if (await cur.fetchone())[0]:
+        return
+    if kind == "column":
+        await cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
+    else:
+        unique = "UNIQUE " if ddl.startswith("UNIQUE ") else ""
+        await cur.execute(f"ALTER TABLE {table} ADD {unique}INDEX {name} {ddl.removeprefix('UNIQUE ')}")
