@@ -18,7 +18,8 @@ from .auth import Claims, TokenService, random_kid
 from .config import Settings
 from .errors import Conflict, DecryptionFailed, NotFound, Unauthorized, Unavailable
 from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc, open_store
-from .vault import DEK, Kind, Rewrap, UnknownKey, VaultClient
+from .vault import DEK, UnknownKey, VaultClient
+from .vault_protocol import Kind, Rewrap
 
 __all__ = ["KMS", "KeyState", "RewrapResult"]
 
