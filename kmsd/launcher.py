@@ -237,7 +237,7 @@ def launcher_main(argv: Sequence[str] | None = None) -> None:
             if op == "spawn" and len(fds) == 1:
                 fd = fds[0]
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-m", "kmsd.vault", "--fd", str(fd), *vault_args],
+                    [sys.executable, "-I", "-m", "kmsd.vault_process", "--fd", str(fd), *vault_args],
                     pass_fds=[fd, *_inherited_fds(vault_args)],
                     env={},
                     stdin=subprocess.DEVNULL,

@@ -56,7 +56,8 @@ from .runtime import Runtime
 from .service import KMS
 from .store import Store
 from .systemd import ListenSocket, Notifier, listen_fds, watchdog_interval
-from .vault import Kind, VaultClient
+from .vault import VaultClient
+from .vault_protocol import Kind
 
 __all__ = ["AppState", "STATE", "create_app", "serve"]
 

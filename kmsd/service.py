@@ -17,7 +17,8 @@ from . import envelope as env
 from .auth import Claims, TokenService, random_kid
 from .errors import Conflict, DecryptionFailed, NotFound, Unauthorized, Unavailable
 from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc
-from .vault import DEK, Kind, Rewrap, UnknownKey, VaultClient
+from .vault import DEK, UnknownKey, VaultClient
+from .vault_protocol import Kind, Rewrap
 
 __all__ = ["KMS", "KeyState", "RewrapResult"]
 

@@ -179,8 +179,8 @@ def _cmdline(pid: int) -> list[bytes]:
 
 
 def _is_vault(pid: int) -> bool:
-    # python -I -m kmsd.vault ...
-    return _cmdline(pid)[3:4] == [b"kmsd.vault"]
+    # python -I -m kmsd.vault_process ...
+    return _cmdline(pid)[3:4] == [b"kmsd.vault_process"]
 
 
 def make_daemon(

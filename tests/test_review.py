@@ -126,11 +126,12 @@ def test_the_vault_answers_a_frame_too_short_to_name_its_request() -> None:
     """The vault's own loop, on a real socketpair: a 5-byte frame used to
     crash its error path (and with it the vault)."""
     from kmsd.envelope import RootKey
-    from kmsd.vault import Op, Status, _serve, _Vault, decode_body, encode_frame
+    from kmsd.vault_process import VaultState, serve
+    from kmsd.vault_protocol import Op, Status, decode_body, encode_frame
 
     ours, theirs = socket.socketpair()
-    vault = _Vault(RootKey(os.urandom(32).hex()))
-    thread = threading.Thread(target=_serve, args=(theirs, vault), daemon=True)
+    vault = VaultState(RootKey(os.urandom(32).hex()))
+    thread = threading.Thread(target=serve, args=(theirs, vault), daemon=True)
     thread.start()
     try:
         ours.settimeout(5)

@@ -59,7 +59,7 @@ def test_vault_is_a_separate_locked_down_process(daemon_factory) -> None:  # noq
     core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"]
     cmdline = Path(f"/proc/{vault}/cmdline").read_bytes().split(b"\0")
-    assert b"kmsd.vault" in cmdline and b"-I" in cmdline
+    assert b"kmsd.vault_process" in cmdline and b"-I" in cmdline
     if ROOT:
         uid = int(fields["Uid"].split()[0])
         # The daemon keeps root unless a 'kmsd' user exists (make install).
@@ -90,7 +90,7 @@ def daemon_uid() -> int:
 def can_lock_the_vault() -> bool:
     import resource
 
-    from kmsd.vault import VAULT_MEMLOCK
+    from kmsd.privileges import VAULT_MEMLOCK
 
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     cap_sys_resource = int(status_fields(os.getpid())["CapEff"], 16) & (1 << 24)
