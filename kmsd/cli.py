@@ -1,4 +1,4 @@
-"""The ``kmsd`` command line (DESIGN.md §8)."""
+"""The ``kmsd`` command line (README.md and docs/operations.md document it)."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from .errors import KMSError
-    from .server import serve
+    from .daemon import serve
 
     async def run() -> None:
         stop, hup = asyncio.Event(), asyncio.Event()

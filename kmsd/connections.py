@@ -41,7 +41,6 @@ tests/test_attacks.py fails if an aiohttp upgrade changes them.
 from __future__ import annotations
 
 import asyncio
-import json
 import resource
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from .errors import (
     RequestTimeout,
     Unavailable,
     URITooLong,
+    error_body,
     error_for_code,
 )
 
@@ -84,7 +84,7 @@ _FD_RESERVE = 256
 
 
 def _raw_answer(status: int, reason: str, err: KMSError, extra: str = "") -> bytes:
-    body = json.dumps({"error": err.message, "code": err.code}).encode()
+    body = error_body(err)
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
@@ -240,7 +240,7 @@ def _short_targets_only(handler: Any) -> Any:
         if len(request.raw_path) > MAX_TARGET:
             err = URITooLong()
             return Response(
-                body=json.dumps({"error": err.message, "code": err.code}).encode(),
+                body=error_body(err),
                 status=err.status,
                 content_type="application/json",
             )
@@ -416,7 +416,7 @@ class _Connection(RequestHandler):
             cls = error_for_code(None, status)
             err = cls() if cls.status == status and cls is not BadRequest else BadRequest("malformed HTTP request")
             self._guard.log.info("bad_http_request", status=err.status, error_type=error_type)
-        body = json.dumps({"error": err.message, "code": err.code}).encode()
+        body = error_body(err)
         resp = Response(body=body, status=err.status, content_type="application/json")
         resp.force_close()
         return resp

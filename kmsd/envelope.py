@@ -1,4 +1,4 @@
-"""Ciphertext formats (DESIGN.md §3) and root-key derivation.
+"""Ciphertext formats (docs/architecture.md, "Formats") and root-key derivation.
 
 Every ciphertext is self-describing: a version byte first. v1 uses
 AES-256-GCM with a 96-bit random nonce, and binds everything that gives the

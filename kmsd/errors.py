@@ -9,6 +9,8 @@ is rendered in one place, the server's error middleware.
 
 from __future__ import annotations
 
+import json
+
 from kmsd_client.errors import (
     ERRORS_BY_CODE,
     BadRequest,
@@ -48,8 +50,16 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
+    "error_body",
     "error_for_code",
 ]
+
+
+def error_body(exc: KMSError) -> bytes:
+    """The JSON body of every error answer, wherever it is rendered (the
+    error middleware, and the connection layer for what never reaches a
+    route): the documented extra fields, then ``error`` and ``code``."""
+    return json.dumps({**exc.extra, "error": exc.message, "code": exc.code}, separators=(",", ":")).encode()
 
 
 class StoreError(Unavailable):

@@ -6,25 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
-import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import StoreError
 
-__all__ = ["Coalescer", "sending"]
-
-# Set by a coalescer's flusher around a batch of writes: called once the
-# statement may reach the server, from when on no answer leaves it unknown.
-_ON_SEND: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("kmsd_on_send", default=None)
-
-
-def sending() -> None:
-    notify = _ON_SEND.get()
-    if notify is not None:
-        notify()
-
+__all__ = ["Coalescer"]
 
 # Coalesced point reads and inserts: at most this many in one statement,
 # and (inserts) at most this many bytes of ciphertext, well under the
@@ -51,9 +38,10 @@ class Coalescer:
     ) -> None:
         self._run = run
         self._writes = writes
-        # Writes whose statement went to the server (each caller removes its
-        # own): one that times out after that may have been applied.
-        self._sent: set[asyncio.Future[Any]] = set()
+        # Writes taken into a batch (each caller removes its own): one whose
+        # caller times out after that may still be sent, and applied, by
+        # the flusher, so its outcome is unknown; one still queued is not.
+        self._taken: set[asyncio.Future[Any]] = set()
         self._timeout = timeout
         self._flushers = flushers
         self._size = size
@@ -75,11 +63,11 @@ class Coalescer:
             async with asyncio.timeout(self._timeout):
                 return await fut
         except TimeoutError:
-            if fut in self._sent:
+            if fut in self._taken:
                 raise StoreError.outcome_unknown() from None
             raise StoreError() from None
         finally:
-            self._sent.discard(fut)
+            self._taken.discard(fut)
 
     async def _flush(self) -> None:
         try:
@@ -92,11 +80,10 @@ class Coalescer:
                         continue
                     batch.append((item, fut))
                     size += self._size(item)
+                    if self._writes:
+                        self._taken.add(fut)
                 if not batch:
                     continue
-                on_send = _ON_SEND.set(
-                    functools.partial(self._sent.update, [fut for _, fut in batch]) if self._writes else None
-                )
                 try:
                     results = await self._run([item for item, _ in batch])
                 except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
@@ -106,8 +93,6 @@ class Coalescer:
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                finally:
-                    _ON_SEND.reset(on_send)
                 for (_, fut), result in zip(batch, results, strict=True):
                     if fut.done():
                         continue

@@ -1,502 +1,59 @@
-"""The HTTP face of kmsd: app factory, routes, the one error middleware, and
-the listeners (a Unix socket and loopback TCP side by side).
+"""The HTTP face of kmsd: its routes and ``create_app``.
 
-The only module that imports ``aiohttp.web`` (``connections`` holds the
-limits on connections, below it). Handlers validate input at
-the edge and call the service; every error is an exception rendered once,
-in ``error_middleware``.
+Each handler validates its input at the edge (``http_input``), calls the
+service and answers JSON; every refusal is an exception, rendered once by
+the middlewares (``middleware``), which also log, count and audit. The
+process around the app (listeners, privilege drop, systemd, SIGHUP) is
+``daemon``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import contextlib
-import dataclasses
 import functools
 import importlib.resources
-import json
-import os
-import re
-import time
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
-import orjson
 from aiohttp import web
 
 from .audit import AuditTrail
-from .auth import MAX_USER_ID, Claims, Peer, PeerPolicy, peer_from_socket, user_id_of
+from .auth import Peer
 from .config import Settings
-from .connections import GuardedRunner, GuardedServer, Limits, raise_fd_limit
-from .limits import RateLimiter, peer_key, retry_after
-from .errors import (
-    BadRequest,
-    Forbidden,
-    InternalError,
-    KMSError,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
-    TooManyRequests,
-    Unauthorized,
-    Unavailable,
-    UnsupportedMediaType,
+from .errors import BadRequest, Forbidden, KMSError, NotFound, Unauthorized, Unavailable
+from .http_input import (
+    caller_claims,
+    has_controls,
+    rate_limit,
+    read_json,
+    require_base64,
+    require_dek,
+    require_str,
+    require_user_id,
+    utf8,
+    verified,
 )
-from .logs import get_logger, raised_at, set_log_level
+from .http_state import (
+    AUDIT_DETAIL,
+    AUDIT_ISSUED,
+    AUDIT_SUBJECT,
+    AUDIT_TOKEN,
+    COMPAT,
+    STATE,
+    AppState,
+    json_response,
+    peer_of,
+    policy_from,
+    require_admin,
+)
+from .limits import RateLimiter
+from .logs import get_logger
 from .metrics import CONTENT_TYPE, Metrics, instrument_store
-from .privileges import harden, switch_user, user_exists
-from .rotation import Rotator
+from .middleware import MIDDLEWARES
 from .runtime import Runtime
 from .service import KMS
-from .store import Store
-from .systemd import ListenSocket, Notifier, listen_fds, watchdog_interval
-from .vault import VaultClient
 from .vault_protocol import Kind
 
-__all__ = ["AppState", "STATE", "create_app", "serve"]
-
-DEK_HEX_LENGTH = 64
-# A request line logs at most this much of its path (they are at most
-# connections.MAX_TARGET long; a log line need not be).
-LOGGED_PATH = 256
-_HEX_DEK = re.compile(f"[0-9a-fA-F]{{{DEK_HEX_LENGTH}}}")
-
-
-@dataclass
-class AppState:
-    settings: Settings
-    store: Store
-    vault: VaultClient
-    kms: KMS
-    rotator: Rotator
-    policy: PeerPolicy
-    log: Any
-    metrics: Metrics
-    audit: AuditTrail | None
-    # Per peer: invalid tokens presented, records created (limits.py).
-    invalid_tokens: RateLimiter
-    creations: RateLimiter
-    runtime: Runtime
-    # The listeners' connections, once they are open (not in app-only tests).
-    connections: GuardedServer | None = None
-
-
-STATE = web.AppKey("state", AppState)
-PEER = "kmsd.peer"
-# What the audit line of a request names: set by the handler once known.
-AUDIT_SUBJECT = "kmsd.audit.subject"
-AUDIT_TOKEN = "kmsd.audit.token_id"
-AUDIT_ISSUED = "kmsd.audit.issued_token_id"  # the jti of a token the request minted
-AUDIT_DETAIL = "kmsd.audit.detail"  # what else the audit line says (not secret)
-# Set by a handler that let a request through only because of compat = "original".
-COMPAT = "kmsd.compat"
-
-# Key operations: one audit line each. (method, route template) -> name.
-AUDITED = {
-    ("POST", "/issue"): "issue",
-    ("POST", "/api/keys"): "store",
-    ("GET", "/api/keys"): "fetch",
-    ("DELETE", "/api/keys"): "delete",
-    ("POST", "/api/encrypt"): "encrypt",
-    ("POST", "/api/decrypt-dek"): "decrypt_dek",
-    ("POST", "/api/rewrap"): "rewrap",
-    ("POST", "/api/tokens/revoke"): "revoke_tokens",
-    ("GET", "/api/rotate-mk"): "rotation_status",
-    ("POST", "/api/rotate-mk"): "rotate_master_key",
-    ("POST", "/api/master-keys"): "add_master_key",
-    ("DELETE", "/api/master-keys/{key_id}"): "destroy_master_key",
-}
-# Routes only clients of the policy may use (the admin routes check admins).
-CLIENT_ROUTES = {
-    "/issue", "/verify", "/api/keys", "/api/encrypt", "/api/decrypt-dek", "/api/rewrap", "/api/tokens/revoke",
-}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-# -- input validation -------------------------------------------------------------
-
-
-class _RepeatedKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # {"user_id": "a", "user_id": "b"}: a proxy or log reader that takes the
-    # first would see another request than kmsd, which would take the last.
-    body = dict(pairs)
-    if len(body) != len(pairs):
-        raise _RepeatedKey
-    return body
-
-
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx (408 if it does not arrive
-    within body_timeout; 415 unless it is declared application/json)."""
-    settings = request.app[STATE].settings
-    # Before a byte of the body is read. (The original's JSON parser ignored
-    # a body of any other type too.)
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType()
-    if request.content_length is not None and request.content_length > settings.max_body_size:
-        raise PayloadTooLarge()
-    try:
-        if request.content.is_eof():  # it came with the head: no timer needed
-            raw = await request.read()
-        else:
-            async with asyncio.timeout(settings.body_timeout):
-                raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge() from None
-    except TimeoutError:
-        raise RequestTimeout() from None
-    try:
-        body = json.loads(raw, object_pairs_hook=_unique_keys)
-    except _RepeatedKey:
-        raise BadRequest("body must not repeat a key") from None
-    except (ValueError, RecursionError, LookupError):  # LookupError: a codec json guessed and could not load
-        raise BadRequest("body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    return body
-
-
-def _utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes
-        return False
-
-
-def require_str(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if value is None:
-        raise BadRequest(f"{name} is required")
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string")
-    if not value:
-        raise BadRequest(f"{name} must not be empty")
-    if not _utf8(value):
-        raise BadRequest(f"{name} must be valid Unicode")
-    return value
-
-
-def require_user_id(body: dict[str, Any], name: str = "user_id") -> str:
-    """A user id: a string, or a JSON integer taken as its decimal string
-    (the original stored one in a VARCHAR column, where MySQL made it that)."""
-    raw = body.get(name)
-    number = user_id_of(raw) if not isinstance(raw, str) else None
-    value = number if number is not None else require_str(body, name)
-    if len(value) > MAX_USER_ID:
-        raise BadRequest(f"{name} must be at most {MAX_USER_ID} characters")
-    if _has_controls(value):
-        raise BadRequest(f"{name} must not contain control characters")
-    return value
-
-
-def _has_controls(value: str) -> bool:
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
-
-
-def require_base64(body: dict[str, Any], name: str) -> bytes:
-    value = require_str(body, name)
-    try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError):
-        raise BadRequest(f"{name} must be standard base64") from None
-
-
-def require_dek(body: dict[str, Any], name: str = "dek") -> bytes:
-    value = require_str(body, name)
-    # fullmatch, not fromhex alone: fromhex skips whitespace, so 62 digits
-    # and two spaces would pass as a 31-byte key.
-    if not _HEX_DEK.fullmatch(value):
-        raise BadRequest(f"{name} must be 32 bytes as 64 hex digits")
-    return bytes.fromhex(value)
-
-
-def bearer_token(request: web.Request) -> str | None:
-    """``Authorization: Bearer <jwt>``, or ``Authorization: <jwt>`` with no
-    scheme (the original's services strip a leading "Bearer " and take the
-    rest, so its clients send either)."""
-    header = request.headers.get("Authorization")
-    if header is None:
-        return None
-    scheme, space, token = header.strip().partition(" ")
-    if not space:
-        token = scheme  # no scheme: the header is the token
-    elif scheme.lower() != "bearer":
-        raise Unauthorized()
-    token = token.strip()
-    if not token:
-        raise Unauthorized()
-    return token
-
-
-async def caller_claims(request: web.Request, *, required: bool) -> Claims | None:
-    token = bearer_token(request)
-    if token is None:
-        if required:
-            raise Unauthorized("missing bearer token")
-        return None
-    claims = await verified(request, token)
-    request.setdefault(AUDIT_SUBJECT, claims.subject)
-    request[AUDIT_TOKEN] = claims.token_id
-    return claims
-
-
-async def verified(request: web.Request, token: str) -> Claims:
-    """The token's claims; an invalid one costs its peer one of its
-    ``invalid_token_rate`` (429 once they are spent)."""
-    try:
-        return await request.app[STATE].kms.verify_token(token)
-    except Unauthorized:
-        rate_limit(request, request.app[STATE].invalid_tokens)
-        raise
-
-
-def rate_limit(request: web.Request, limiter: RateLimiter) -> None:
-    """Spend one event of the caller's peer (admin peers are not limited);
-    ``TooManyRequests`` when it has none left. The middleware then pauses
-    the peer's connections until its Retry-After."""
-    state = request.app[STATE]
-    peer = peer_of(request)
-    if state.policy.is_admin(peer):
-        return
-    wait = limiter.take(peer_key(peer.transport, peer.uid))
-    if wait > 0:
-        raise TooManyRequests(extra={"retry_after": retry_after(wait)})
-
-
-def policy_from(settings: Settings) -> PeerPolicy:
-    return PeerPolicy(
-        settings.admin_uids,
-        settings.admin_gids,
-        settings.allow_admin_over_tcp,
-        settings.client_uids,
-        settings.client_gids,
-        settings.allow_tcp_clients,
-    )
-
-
-# A connection's peer does not change: read SO_PEERCRED once per connection,
-# not once per request on it.
-_PEERS: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
-
-
-def peer_of(request: web.Request) -> Peer:
-    peer = request.get(PEER)
-    if peer is None:
-        transport = request.transport
-        peer = _PEERS.get(transport) if transport is not None else None
-        if peer is None:
-            peer = peer_from_socket(transport.get_extra_info("socket") if transport else None)
-            if transport is not None:
-                with contextlib.suppress(TypeError):  # a transport without weak references
-                    _PEERS[transport] = peer
-        request[PEER] = peer
-    return peer
-
-
-def require_admin(request: web.Request) -> Peer:
-    peer = peer_of(request)
-    if not request.app[STATE].policy.is_admin(peer):
-        raise Forbidden("admin operation: requires an admin peer on the Unix socket")
-    return peer
-
-
-# -- middleware --------------------------------------------------------------------
-
-_HTTP_ERRORS: dict[int, type[KMSError]] = {
-    404: NotFound,
-    405: MethodNotAllowed,
-    413: PayloadTooLarge,
-}
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    """aiohttp's json_response with orjson: every answer goes through here,
-    and the standard encoder cost more than the rest of building one."""
-    try:
-        raw = orjson.dumps(body)
-    except TypeError:  # e.g. an integer claim beyond 64 bits in a legacy token
-        raw = json.dumps(body).encode()
-    return web.Response(body=raw, status=status, content_type="application/json", charset="utf-8")
-
-
-def _error_response(exc: KMSError, headers: Mapping[str, str] | None = None) -> web.Response:
-    response = json_response({**exc.extra, "error": exc.message, "code": exc.code}, status=exc.status)
-    if headers:
-        response.headers.update(headers)
-    if exc.status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    return response
-
-
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error as JSON, check the Host of TCP requests and the
-    peer policy, and account for the request: one log line (never a body, a
-    token or a header value), metrics, and an audit line for key operations."""
-    state = request.app[STATE]
-    started = time.perf_counter()
-    peer = peer_of(request)
-    route = _route(request)
-    # aiohttp answers HEAD with the GET handler: audit it as that.
-    operation = AUDITED.get(("GET" if request.method == "HEAD" else request.method, route))
-    audit = state.audit if operation else None
-    failure: dict[str, str] = {}
-    try:
-        if peer.transport == "tcp":
-            _check_host(request, state.settings.allowed_hosts)
-            _check_origin(request, state.settings.allowed_hosts)
-        if route in CLIENT_ROUTES and not state.policy.is_client(peer):
-            raise Forbidden("this peer may not use kmsd (not in client_uids or client_gids)")
-        if state.connections is not None and route in CLIENT_ROUTES:
-            # Requests its connections had sent before the hold began: a
-            # 429 at once, before any token is looked at.
-            held = state.connections.held(peer_key(peer.transport, peer.uid))
-            if held > 0 and not state.policy.is_admin(peer):
-                raise TooManyRequests(extra={"retry_after": retry_after(held)})
-        if audit is not None and audit.fail_closed:
-            # Nothing happens that the trail cannot show: the attempt is on
-            # record (or the request is refused) before the operation runs.
-            audit.record(
-                operation=operation or "", outcome="started", status=0, caller=peer.audit(),
-                subject=request.get(AUDIT_SUBJECT),
-            )
-        response = await handler(request)
-    except TooManyRequests as exc:
-        seconds = exc.extra["retry_after"]
-        response = _error_response(exc, {"Retry-After": str(seconds)})
-        if state.connections is not None:
-            # Until then the peer costs nothing: its connections are not read.
-            state.connections.hold(peer_key(peer.transport, peer.uid), seconds)
-    except KMSError as exc:
-        response = _error_response(exc)
-        if exc.status >= 500:
-            failure = _failure(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        cls = _HTTP_ERRORS.get(exc.status)
-        if cls is not None:
-            err: KMSError = cls()
-        elif exc.status >= 500:
-            err = InternalError()
-        else:
-            err = BadRequest(exc.reason)
-            err.status = exc.status
-        # A 405 must say what is allowed.
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        response = _error_response(err, allow)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        # The type and where it was raised, never its message (which may
-        # quote data) nor a rendered traceback with the frames' values.
-        state.log.error(
-            "unhandled_error", path=request.path[:LOGGED_PATH], method=request.method,
-            error_type=type(exc).__name__, where=raised_at(exc),
-        )
-        response = _error_response(InternalError())
-    if COMPAT in request and response.status < 400:
-        state.metrics.compat_requests.labels(route).inc()
-    if audit is not None and operation is not None:
-        response = _audit(request, audit, operation, peer, response)
-    seconds = time.perf_counter() - started
-    state.metrics.observe_request(route, request.method, response.status, seconds)
-    (state.log.warning if failure else state.log.info)(
-        "request",
-        method=request.method,
-        path=request.path[:LOGGED_PATH],
-        status=response.status,
-        ms=round(seconds * 1000, 2),
-        **peer.describe(),
-        **failure,
-    )
-    return response
-
-
-def _failure(exc: KMSError) -> dict[str, str]:
-    """For the log line of a 5xx: its code and why the dependency failed
-    (the driver's exception and message: "database or disk is full", a
-    refused connection), which the client is never told."""
-    out = {"error": exc.code}
-    # `raise ... from None` hid its context on purpose: so does the log.
-    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    if cause is not None:
-        out["cause"] = f"{type(cause).__name__}: {cause}"[:200]
-    return out
-
-
-def _audit(
-    request: web.Request, audit: AuditTrail, operation: str, peer: Peer, response: web.StreamResponse
-) -> web.StreamResponse:
-    outcome = "ok"
-    if response.status >= 400:
-        try:
-            outcome = json.loads(response.body)["code"]  # type: ignore[attr-defined]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            outcome = "error"
-    detail: dict[str, Any] = dict(request.get(AUDIT_DETAIL) or {})
-    if AUDIT_ISSUED in request:
-        detail["issued_token_id"] = request[AUDIT_ISSUED]
-    if COMPAT in request:
-        detail["compat"] = "original"  # allowed only because of compat = "original"
-    try:
-        audit.record(
-            operation=operation,
-            outcome=outcome,
-            status=response.status,
-            caller=peer.audit(),
-            subject=request.get(AUDIT_SUBJECT),
-            token_id=request.get(AUDIT_TOKEN),
-            detail=detail or None,
-        )
-    except KMSError as exc:
-        # Fail closed: no answer leaves without its audit line.
-        return _error_response(exc)
-    return response
-
-
-def _check_host(request: web.Request, allowed: tuple[str, ...]) -> None:
-    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 may
-    reach the TCP listener, but it cannot choose the Host header."""
-    host = request.headers.get("Host", "")
-    if host.startswith("["):
-        name = host[1 : host.find("]")] if "]" in host else ""
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if name.lower() not in allowed:
-        raise Forbidden("host not allowed")
-
-
-def _check_origin(request: web.Request, allowed: tuple[str, ...]) -> None:
-    """A browser names the page that sent a request in ``Origin``; kmsd
-    serves no page, so only one of its own loopback names may send one (a
-    page elsewhere cannot write through a user's browser)."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return
-    try:
-        host = urlsplit(origin).hostname if "://" in origin else None
-    except ValueError:  # "http://[::1", say
-        host = None
-    if host is None or host.lower() not in allowed:
-        raise Forbidden("origin not allowed")
+__all__ = ["create_app", "routes"]
 
 
 # -- routes ------------------------------------------------------------------------
@@ -742,7 +299,7 @@ async def add_master_key(request: web.Request) -> web.Response:
     require_admin(request)
     body = await read_json(request) if request.can_read_body else {}
     description = body.get("description")
-    if description is not None and (not isinstance(description, str) or len(description) > 255 or not _utf8(description)):
+    if description is not None and (not isinstance(description, str) or len(description) > 255 or not utf8(description)):
         raise BadRequest("description must be a string of at most 255 characters")
     return json_response(await request.app[STATE].rotator.add_key(description))
 
@@ -752,7 +309,7 @@ async def destroy_master_key(request: web.Request) -> web.Response:
     require_admin(request)
     key_id = request.match_info["key_id"]
     # The rule of user ids, which the document can state as a pattern.
-    if not 0 < len(key_id) <= 64 or not _utf8(key_id) or _has_controls(key_id):
+    if not 0 < len(key_id) <= 64 or not utf8(key_id) or has_controls(key_id):
         raise BadRequest("key_id must be 1 to 64 characters without control characters")
     request[AUDIT_SUBJECT] = key_id
     await _kms(request).destroy_master_key(key_id)
@@ -783,11 +340,9 @@ async def openapi(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     checks = await _kms(request).readiness()
-    ready = all(checks.values())
-    body: dict[str, Any] = {"ready": ready, "checks": checks}
-    if not ready:
-        body.update(error="not ready", code="unavailable")
-    return json_response(body, status=200 if ready else 503)
+    if not all(checks.values()):
+        raise Unavailable("not ready", extra={"ready": False, "checks": checks})
+    return json_response({"ready": True, "checks": checks})
 
 
 @routes.get("/metrics")
@@ -808,7 +363,7 @@ async def jwks(request: web.Request) -> web.Response:
     return json_response(_kms(request).tokens.jwks())
 
 
-# -- app and listeners ---------------------------------------------------------------
+# -- the app ------------------------------------------------------------------------
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.Application:
@@ -818,7 +373,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
     runtime.vault.observe = metrics.observe_vault
     policy = policy_from(settings)
     audit = AuditTrail(settings.audit_log, fail_closed=settings.audit_fail_closed, log=log) if settings.audit_log else None
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
+    app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.max_body_size)
     app[STATE] = AppState(
         settings, runtime.store, runtime.vault, runtime.kms, runtime.rotator, policy, log, metrics, audit,
         invalid_tokens=RateLimiter(settings.invalid_token_rate, settings.invalid_token_burst),
@@ -886,274 +441,3 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
                 yield
     finally:
         _close_audit(state)
-
-
-async def start_listeners(
-    app: web.Application, settings: Settings, passed: Sequence[ListenSocket] = ()
-) -> web.AppRunner:
-    limits = Limits(
-        header_timeout=settings.header_timeout,
-        max_connections=settings.max_connections,
-        connection_share=settings.connection_share,
-        send_timeout=settings.send_timeout,
-    )
-    policy = app[STATE].policy
-
-    def classify(transport: asyncio.BaseTransport) -> tuple[Hashable, bool]:
-        peer = peer_from_socket(transport.get_extra_info("socket"))
-        with contextlib.suppress(TypeError):  # a transport without weak references
-            _PEERS[transport] = peer
-        return peer_key(peer.transport, peer.uid), policy.is_admin(peer)
-
-    runner = GuardedRunner(
-        app, limits, app[STATE].log, classify, access_log=None, handle_signals=False, shutdown_timeout=10,
-        keepalive_timeout=settings.idle_timeout,
-    )
-    try:
-        await runner.setup()
-        if passed:
-            # Socket activation: systemd bound them (mode, owner, address
-            # come from kmsd.socket); the settings' addresses are not used.
-            for listener in passed:
-                await web.SockSite(runner, listener.sock).start()
-        else:
-            await _bind(runner, settings)
-    except BaseException:
-        # Whatever started (store threads, the vault) must stop, or the
-        # process would linger after a failed start.
-        await runner.cleanup()
-        raise
-    if isinstance(runner.server, GuardedServer):
-        app[STATE].connections = runner.server
-    return runner
-
-
-async def _bind(runner: web.AppRunner, settings: Settings) -> None:
-    if settings.socket:
-        directory = os.path.dirname(os.path.abspath(settings.socket))
-        os.makedirs(directory, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(settings.socket) and not os.path.isdir(settings.socket):
-                os.unlink(settings.socket)
-        site: web.BaseSite = web.UnixSite(runner, settings.socket, backlog=4096)
-        await site.start()
-        os.chmod(settings.socket, settings.socket_mode)
-    for host, port in settings.listen:
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
-        await site.start()
-
-
-def _describe(listener: ListenSocket) -> str:
-    address = listener.sock.getsockname()
-    if isinstance(address, tuple):
-        return f"{address[0]}:{address[1]} ({listener.name})"
-    return f"{address or '?'} ({listener.name})"
-
-
-def _preload() -> None:
-    """Load now what the standard library loads on first use: after the
-    privilege drop the interpreter's own files may be unreadable (one under
-    /root). json.loads of a body in UTF-16 or UTF-32 (which JSON allows)
-    looks its codec up then, and failed with LookupError: a 500."""
-    import codecs
-
-    for name in ("utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-32-be", "utf-32-le", "ascii", "latin-1",
-                 "idna", "punycode"):
-        codecs.lookup(name)
-    import _strptime  # noqa: F401  (datetime.strptime's, in any library)
-
-
-def _hand_over(settings: Settings, user: str, created_dirs: Sequence[str] = ()) -> None:
-    import pwd
-
-    pw = pwd.getpwnam(user)
-    paths = [*created_dirs, *([settings.audit_log] if settings.audit_log else [])]
-    if settings.database.scheme == "sqlite":
-        paths += [settings.database.path + suffix for suffix in ("", "-wal", "-shm")]
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.chown(path, pw.pw_uid, pw.pw_gid)
-
-
-def daemon_user(settings: Settings) -> str | None:
-    """The user a daemon started as root drops to, or None."""
-    if os.geteuid() != 0:
-        return None
-    if settings.daemon_user:
-        return settings.daemon_user
-    return "kmsd" if user_exists("kmsd") else None
-
-
-def apply_reload(app: web.Application, new: Settings) -> list[str]:
-    """SIGHUP: take the settings that can change at run time (log level,
-    peer policy, allowed hosts); the others need a restart. What changed."""
-    state = app[STATE]
-    old = state.settings
-    reloadable = (
-        "log_level", "admin_uids", "admin_gids", "allow_admin_over_tcp", "allowed_hosts",
-        "client_uids", "client_gids", "allow_tcp_clients", "unbound_envelopes",
-    )
-    changed = [name for name in reloadable if getattr(old, name) != getattr(new, name)]
-    # Secrets and the root key are re-read by a restart only (the reload may
-    # run without access to them after the privilege drop): not compared.
-    unseen = ("root_key", "legacy_jwt_secret")
-    ignored = [
-        f.name for f in dataclasses.fields(Settings)
-        if f.name not in reloadable and f.name not in unseen and f.name != "database"
-        and getattr(old, f.name) != getattr(new, f.name)
-    ]
-    if old.database.masked() != new.database.masked():
-        ignored.append("database")
-    state.settings = dataclasses.replace(old, **{name: getattr(new, name) for name in reloadable})
-    state.policy = policy_from(state.settings)
-    set_log_level(new.log_level)
-    if ignored:
-        state.log.warning("reload_needs_restart", settings=sorted(ignored))
-    return changed
-
-
-async def serve(
-    settings: Settings,
-    *,
-    stop: asyncio.Event,
-    reload: Callable[[], Settings] | None = None,
-    hup: asyncio.Event | None = None,
-) -> None:
-    """Run until ``stop`` is set, then shut down gracefully: stop accepting,
-    let in-flight requests finish, stop the rotation, the store, the vault.
-    Each time ``hup`` is set, ``reload()`` gives new settings to apply."""
-    log = get_logger(process="daemon")
-    passed = listen_fds()
-    notifier = Notifier()
-    # Files kmsd creates (SQLite database, audit trail) are its own.
-    os.umask(0o077)
-    drop_to = daemon_user(settings)
-    fds, wanted = raise_fd_limit(settings.max_connections)
-    if fds < wanted:
-        log.warning("open_files_limit_low", limit=fds, wanted=wanted, max_connections=settings.max_connections)
-    app = create_app(settings)
-    root_key_fd = settings.root_key.fd
-    if drop_to is not None or root_key_fd is not None:
-        # A launcher starts the vaults: one that stays root when the daemon
-        # drops, and the one process besides the vaults that holds ROOT_KEY's
-        # sealed memfd, so that the daemon can let go of it.
-        app[STATE].vault.start_launcher()
-        if root_key_fd is not None:
-            os.close(root_key_fd)
-    runner = await start_listeners(app, settings, passed)
-    if drop_to is not None:
-        # Sockets bound, database open, vault started: root is not needed any
-        # more. The files the daemon keeps writing become its own first, so
-        # that it can reopen them (the audit trail after logrotate).
-        _preload()
-        audit = app[STATE].audit
-        _hand_over(settings, drop_to, audit.created_dirs if audit is not None else ())
-        pw = switch_user(drop_to)
-        harden()
-        log.info("privileges_dropped", user=drop_to, uid=pw.pw_uid, launcher_pid=app[STATE].vault.launcher_pid)
-        try:
-            # The pool opens new connections as this user from now on: one
-            # that authenticates as the OS user (unix_socket) fails now,
-            # clearly, and not as 503s later.
-            await app[STATE].store.check_access()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        if settings.audit_log and not os.access(os.path.dirname(os.path.abspath(settings.audit_log)), os.W_OK | os.X_OK):
-            log.warning(
-                "audit_directory_not_writable", path=os.path.dirname(os.path.abspath(settings.audit_log)),
-                warning=f"{drop_to} cannot create the audit file anew after a logrotate: make the directory "
-                f"{drop_to}'s (systemd: LogsDirectory=kmsd) or rotate with copytruncate",
-            )
-    elif os.geteuid() == 0:
-        log.warning(
-            "running_as_root",
-            warning="no 'kmsd' user (make install creates it) and no daemon_user: the daemon keeps root",
-        )
-    server = runner.server
-    if server is not None:
-        app[STATE].metrics.open_connections.set_function(lambda: len(server.connections))
-    if passed:
-        addresses = [_describe(p) for p in passed]
-    else:
-        addresses = [settings.socket] + [f"{h}:{p}" for h, p in settings.listen]
-    if settings.legacy_jwt_secret:
-        log.warning(
-            "legacy_tokens_accepted",
-            warning="HS256 tokens of the original auth service are accepted (migration option)",
-        )
-    if settings.compat_original:
-        log.warning(
-            "compat_original",
-            warning="compat = original: any TCP caller may get a token for ANY user id (POST /issue) "
-            "and read the rotation status (GET /api/rotate-mk), as in the original system; anything "
-            "that reaches the TCP listeners can then read every record. Only while original services "
-            "still run; each such request is counted (kmsd_compat_requests_total) and audited",
-        )
-    log.info(
-        "kmsd_started",
-        listen=addresses,
-        socket_activated=bool(passed),
-        database=settings.database.masked(),
-        root_key_source=settings.root_key.describe(),
-        vault_pid=app[STATE].vault.pid,
-    )
-    notifier.ready(f"serving on {', '.join(addresses)}")
-    tasks = []
-    interval = watchdog_interval()
-    if interval and notifier.enabled:
-        tasks.append(asyncio.create_task(_watchdog(notifier, interval), name="watchdog"))
-    if hup is not None and reload is not None:
-        tasks.append(asyncio.create_task(_reloader(app, notifier, hup, reload), name="reload"))
-    try:
-        await stop.wait()
-    finally:
-        log.info("kmsd_stopping")
-        notifier.stopping("finishing in-flight requests")
-        for task in tasks:
-            task.cancel()
-        await runner.cleanup()
-        log.info("kmsd_stopped")
-        notifier.close()
-
-
-async def _watchdog(notifier: Notifier, interval: float) -> None:
-    # Sent from the event loop itself: a loop that hangs stops sending, and
-    # systemd restarts the service.
-    while True:
-        notifier.watchdog()
-        await asyncio.sleep(interval)
-
-
-def _reopen_files(app: web.Application) -> None:
-    state = app[STATE]
-    if state.audit is not None:
-        try:
-            state.audit.reopen()
-        except OSError as exc:
-            state.audit.healthy = False
-            state.log.error("audit_reopen_failed", path=state.audit.path, error=exc.strerror)
-
-
-async def _reloader(
-    app: web.Application, notifier: Notifier, hup: asyncio.Event, reload: Callable[[], Settings]
-) -> None:
-    log = app[STATE].log
-    while True:
-        await hup.wait()
-        hup.clear()
-        notifier.reloading()
-        # First, whatever the configuration says: logrotate moved the audit
-        # file away, and the chain must go on in a new one.
-        _reopen_files(app)
-        try:
-            changed = apply_reload(app, reload())
-            log.info("config_reloaded", changed=changed)
-        except KMSError as exc:
-            # A broken file keeps the running settings.
-            log.error("config_reload_failed", error=exc.message)
-        except Exception as exc:  # noqa: BLE001 - the reloader must survive anything
-            log.error("config_reload_failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            # Always: systemd waits for READY=1 after RELOADING=1.
-            notifier.ready("serving (reloaded)")

@@ -1,6 +1,7 @@
 """What kmsd does, independent of HTTP: store and read records, wrap and
 unwrap DEKs, issue tokens, manage master keys. It joins the store, the vault
-and the token service; server.py only validates input and renders output."""
+and the token service; the HTTP layer (server.py, http_input.py) only
+validates input and renders output."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ import pymysql.constants
 
 from .config import DatabaseURL
 from .errors import Conflict, KMSError, StoreError
-from .mysql_batch import Coalescer, sending
+from .mysql_batch import Coalescer
 from .mysql_schema import MIGRATIONS, NOPAD_COLLATIONS, apply_step
 from .store import Record
 from .store_sql import MYSQL, SQLStore, Statement, as_text, record_from_row
@@ -236,13 +236,10 @@ class MySQLStore(SQLStore):
                                 if write == "transaction":
                                     await conn.begin()
                                 maybe_committed = write == "statement"
-                                if maybe_committed:
-                                    sending()
                                 async with conn.cursor() as cur:
                                     result = await work(cur)
                                 if write == "transaction":
                                     maybe_committed = True
-                                    sending()
                                     await conn.commit()
                             except BaseException:
                                 # Its state is unknown: never hand it out again.

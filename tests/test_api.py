@@ -1,5 +1,5 @@
 """Every route over the Unix socket and TCP, against the real daemon and its
-real vault, with the request and response shapes of DESIGN.md §1; and bad
+real vault, with the request and response shapes of docs/openapi.yaml; and bad
 input answered with a JSON 4xx that changes nothing."""
 
 from __future__ import annotations

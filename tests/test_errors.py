@@ -48,7 +48,7 @@ def test_store_and_vault_errors_map_to_503() -> None:
 
 
 def test_the_log_line_of_a_5xx_names_its_cause_unless_the_code_hid_it() -> None:
-    from kmsd.server import _failure
+    from kmsd.middleware import failure_of as _failure
     from kmsd.store import StoreError
 
     try:

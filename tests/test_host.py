@@ -1,4 +1,4 @@
-"""Host integration (DESIGN.md §7), on real processes and real sockets:
+"""Host integration (docs/operations.md), on real processes and real sockets:
 the systemd units and install.sh, socket activation and sd_notify, a
 graceful SIGTERM under load, /metrics, the hash-chained audit trail, the
 peer policy with real users and its SIGHUP reload, and check-config."""

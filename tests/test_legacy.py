@@ -2,7 +2,7 @@
 
 The rows come from two places: real rows that system wrote
 (tests/data/original-system-rows.json) and rows built here by an
-independent writer of the byte layout in LEGACY_FORMAT.md (plain
+independent writer of the byte layout in docs/legacy-format.md (plain
 ``cryptography`` CBC), never by kmsd's own code.
 """
 

@@ -32,7 +32,8 @@ from conftest import API, Daemon, open_api, remember
 from kmsd.auth import MAX_USER_ID
 from kmsd.config import load_settings
 from kmsd.errors import ERRORS_BY_CODE
-from kmsd.server import DEK_HEX_LENGTH, create_app
+from kmsd.http_input import DEK_HEX_LENGTH
+from kmsd.server import create_app
 
 DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")

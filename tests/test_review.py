@@ -29,7 +29,8 @@ from conftest import Daemon, open_api, remember
 from kmsd.auth import CACHE_PER_SUBJECT
 from kmsd.config import load_settings
 from kmsd.connections import MAX_TARGET
-from kmsd.server import LOGGED_PATH, create_app
+from kmsd.http_state import LOGGED_PATH
+from kmsd.server import create_app
 
 
 def request_lines(d: Daemon) -> list[dict[str, Any]]:

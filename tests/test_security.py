@@ -1,4 +1,4 @@
-"""The security model (DESIGN.md §4): tokens, cross-user access, admin
+"""The security model (docs/security.md): tokens, cross-user access, admin
 peers, moved ciphertexts. Each test drives the real daemon."""
 
 from __future__ import annotations
