@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, settings_from_args
 from .errors import KMSError
 from .logs import get_logger
 
@@ -77,14 +77,6 @@ def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.Argu
     rr.add_argument("--new-key-file", required=True, help="the new root key (32 bytes, hex or base64)")
     rr.add_argument(
         "--generate", action="store_true", help="create --new-key-file with 32 random bytes (mode 0600) first"
-    )
-
-
-def _settings(args: argparse.Namespace, *, require_root_key: bool) -> Settings:
-    return load_settings(
-        config_file=args.config,
-        overrides={"database_url": args.database, "socket": getattr(args, "socket", None)},
-        require_root_key=require_root_key,
     )
 
 
@@ -172,7 +164,7 @@ async def _direct(settings: Settings) -> AsyncIterator[_Direct]:
 
 def run_mk(args: argparse.Namespace) -> int:
     try:
-        settings = _settings(args, require_root_key=False)
+        settings = settings_from_args(args, require_root_key=False)
     except ConfigError as exc:
         return _fail(exc.message)
     client = _daemon_client(settings)
@@ -287,7 +279,7 @@ async def _follow(ops: _Daemon | _Direct, job_id: int) -> int:
 
 def run_root_key(args: argparse.Namespace) -> int:
     try:
-        settings = _settings(args, require_root_key=True)
+        settings = settings_from_args(args, require_root_key=True)
     except ConfigError as exc:
         return _fail(exc.message)
     import uvloop

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .admin import add_parsers, run_mk, run_root_key
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, settings_from_args
 from .logs import configure_logging, get_logger
 
 __all__ = ["main"]
@@ -73,22 +73,6 @@ def _parser() -> argparse.ArgumentParser:
 def _database_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (env KMSD_CONFIG)")
     parser.add_argument("--database", help="sqlite:///path or mysql://... (env KMSD_DATABASE_URL)")
-
-
-def settings_from_args(
-    args: argparse.Namespace, *, require_root_key: bool = True, read_secrets: bool = True
-) -> Settings:
-    return load_settings(
-        require_root_key=require_root_key,
-        read_secrets=read_secrets,
-        config_file=args.config,
-        overrides={
-            "socket": getattr(args, "socket", None),
-            "listen": getattr(args, "listen", None),
-            "database_url": args.database,
-            "dev": getattr(args, "dev", None),
-        },
-    )
 
 
 def _move_root_key_out_of_environment() -> None:
@@ -196,9 +180,7 @@ def _check_config(args: argparse.Namespace) -> int:
     import json
 
     try:
-        settings = load_settings(
-            config_file=args.config, overrides={"database_url": args.database}, require_root_key=False
-        )
+        settings = settings_from_args(args, require_root_key=False)
     except ConfigError as exc:
         print(f"kmsd: invalid configuration: {exc.message}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 Precedence, lowest first: built-in defaults, the TOML file, ``KMSD_*``
 environment variables, command-line flags. Nothing else in kmsd reads the
-environment or a config file: the settings object is passed in.
+environment or a config file: the settings object is passed in. Each setting
+is declared once, in ``OPTIONS``: its TOML key (and so its variable), its
+converter, its bounds and its flag.
 
 The root key itself is never part of the settings: only *where* it comes from
 (``RootKeySource``). The vault process reads it; the daemon does not keep it.
@@ -13,30 +15,42 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from .errors import KMSError
+from .settings_fields import (
+    ConfigError,
+    Option,
+    as_bool,
+    as_choice,
+    as_float,
+    as_int,
+    as_int_list,
+    as_mode,
+    as_str,
+    as_str_list,
+    parse_duration,
+)
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = [
+    "OPTIONS",
     "ConfigError",
     "DatabaseURL",
+    "Option",
     "RootKeySource",
     "Settings",
     "load_settings",
     "parse_database_url",
+    "parse_duration",
     "parse_listen",
+    "settings_from_args",
 ]
-
-
-class ConfigError(KMSError):
-    """Invalid configuration: reported at startup, never over HTTP."""
-
-    code = "config"
-    default_message = "invalid configuration"
 
 
 @dataclass(frozen=True)
@@ -221,137 +235,81 @@ def parse_database_url(url: str) -> DatabaseURL:
     raise ConfigError(f"unsupported database URL scheme {parts.scheme!r}")
 
 
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{name} must be a boolean")
+def _as_compat(value: Any, name: str) -> str | None:
+    choice = as_choice(value, name, ("original", "none"), empty="none")
+    return None if choice == "none" else choice
 
 
-def _as_choice(value: Any, name: str, choices: tuple[str, ...], *, empty: str | None = None) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}")
-    text = value.strip().lower() or (empty or "")
-    if text not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}")
-    return text
+# A value is refused unless its bound holds, so NaN (every comparison false) is refused.
+_CLIENT_TIMEOUT: tuple[Callable[[float], bool], str] = (lambda t: 0 < t <= 3600, "must be between 0 and 3600 seconds")
+_RATE: tuple[Callable[[float], bool], str] = (
+    lambda r: 0 <= r <= 1_000_000, "must be between 0 (off) and 1000000 a second"
+)
+_BURST: tuple[Callable[[int], bool], str] = (lambda n: 1 <= n <= 1_000_000, "must be between 1 and 1000000")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-
-def _as_int(value: Any, name: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be an integer") from None
-
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: Any, name: str) -> float | None:
-    """Seconds from a number or "90d", "12h", "30m", "45s"; "off", "" and 0: None."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "off", "none", "0"):
-            return None
-        unit = _DURATION_UNITS.get(text[-1])
-        try:
-            seconds = float(text[:-1]) * unit if unit else float(text)
-        except ValueError:
-            raise ConfigError(f"{name} must be a duration like 90d, 12h, 30m or seconds") from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise ConfigError(f"{name} must be a duration like 90d, 12h, 30m or seconds")
-    if seconds < 0:
-        raise ConfigError(f"{name} must not be negative")
-    return seconds or None
-
-
-def _as_int_list(value: Any, name: str) -> tuple[int, ...]:
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, list):
-        raise ConfigError(f"{name} must be a list of integers")
-    return tuple(_as_int(v, name) for v in value)
-
-
-def _as_str_list(value: Any, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"{name} must be a list of strings")
-
-
-# Setting name -> (converter). Every one also reads KMSD_<NAME upper-cased>.
-_CONVERTERS: dict[str, Any] = {
-    "socket": str,
-    "socket_mode": lambda v, n: int(v, 8) if isinstance(v, str) else _as_int(v, n),
-    "listen": lambda v, n: tuple(parse_listen(x) for x in _as_str_list(v, n)),
-    "database_url": lambda v, n: parse_database_url(str(v)),
-    "dev": _as_bool,
-    "root_key_file": str,
-    "issuer": str,
-    "audience": str,
-    "token_lifetime": _as_int,
-    "max_session_age": _as_int,
-    "token_cache_size": _as_int,
-    "admin_uids": _as_int_list,
-    "admin_gids": _as_int_list,
-    "allow_admin_over_tcp": _as_bool,
-    "allowed_hosts": lambda v, n: tuple(_as_str_list(v, n)),
-    "client_uids": _as_int_list,
-    "client_gids": _as_int_list,
-    "allow_tcp_clients": _as_bool,
-    "audit_log": str,
-    "audit_fail_closed": _as_bool,
-    "vault_user": str,
-    "daemon_user": str,
-    "vault_timeout": lambda v, n: float(v),
-    "max_body_size": _as_int,
-    "header_timeout": lambda v, n: float(v),
-    "body_timeout": lambda v, n: float(v),
-    "idle_timeout": lambda v, n: float(v),
-    "max_connections": _as_int,
-    "connection_share": lambda v, n: float(v),
-    "send_timeout": lambda v, n: float(v),
-    "invalid_token_rate": lambda v, n: float(v),
-    "invalid_token_burst": _as_int,
-    "record_creation_rate": lambda v, n: float(v),
-    "record_creation_burst": _as_int,
-    "log_level": str,
-    "database_pool_size": _as_int,
-    "database_timeout": lambda v, n: float(v),
-    "database_password_file": str,
-    "legacy_jwt_secret_file": str,
-    "key_refresh_interval": lambda v, n: float(v),
-    "rotation_lease_ttl": lambda v, n: float(v),
-    "rotation_batch_size": _as_int,
-    "rotation_period": parse_duration,
-    "compat": lambda v, n: _as_choice(v, n, ("original", "none"), empty="none"),
-    "unbound_envelopes": lambda v, n: _as_choice(v, n, ("allow", "refuse")),
-}
-
-# Settings that name a file whose content is the value, so that secrets stay
-# out of the config file, the URL and the environment.
-_SECRET_FILES = ("database_password_file", "legacy_jwt_secret_file")
-
-
-def _convert(name: str, value: Any) -> Any:
-    conv = _CONVERTERS[name]
-    if conv is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string")
-        return value
-    try:
-        return conv(value, name)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError):
-        raise ConfigError(f"invalid value for {name}") from None
+# Every setting, once. The order is the order in which values are read from
+# the environment and range-checked, so it decides which of several bad
+# values is reported.
+OPTIONS: tuple[Option[Any], ...] = (
+    Option("socket", as_str, flag="socket"),
+    Option("socket_mode", as_mode, lambda m: 0 <= m <= 0o777, "must be an octal file mode such as 0660"),
+    Option("listen", lambda v, n: tuple(parse_listen(x) for x in as_str_list(v, n)), flag="listen"),
+    Option("database_url", lambda v, n: parse_database_url(str(v)), attr="database", flag="database"),
+    Option("dev", as_bool, flag="dev"),
+    Option("root_key_file", as_str, attr=None),
+    Option("issuer", as_str),
+    Option("audience", as_str),
+    Option("token_lifetime", as_int, lambda t: t > 0, "must be positive"),
+    Option("max_session_age", as_int),  # at least token_lifetime: see _check_combinations
+    Option("token_cache_size", as_int, lambda n: 0 <= n <= 10_000_000, "must be between 0 and 10000000"),
+    Option("admin_uids", as_int_list),
+    Option("admin_gids", as_int_list),
+    Option("allow_admin_over_tcp", as_bool),
+    Option("allowed_hosts", lambda v, n: tuple(as_str_list(v, n))),
+    Option("client_uids", as_int_list),
+    Option("client_gids", as_int_list),
+    Option("allow_tcp_clients", as_bool),
+    Option("audit_log", as_str),
+    Option("audit_fail_closed", as_bool),
+    Option("vault_user", as_str),
+    Option("daemon_user", as_str),
+    Option("vault_timeout", as_float, lambda t: 0 < t <= 300, "must be between 0 and 300 seconds"),
+    Option("max_body_size", as_int, lambda n: n > 0, "must be positive"),
+    Option("header_timeout", as_float, *_CLIENT_TIMEOUT),
+    Option("body_timeout", as_float, *_CLIENT_TIMEOUT),
+    Option("idle_timeout", as_float, *_CLIENT_TIMEOUT),
+    Option("max_connections", as_int, lambda n: 1 <= n <= 1_000_000, "must be between 1 and 1000000"),
+    Option(
+        "connection_share", as_float, lambda s: 0.05 <= s <= 0.9,
+        "must be between 0.05 and 0.9 (the rest is kept for other peers)",
+    ),
+    Option("send_timeout", as_float, *_CLIENT_TIMEOUT),
+    Option("invalid_token_rate", as_float, *_RATE),
+    Option("invalid_token_burst", as_int, *_BURST),
+    Option("record_creation_rate", as_float, *_RATE),
+    Option("record_creation_burst", as_int, *_BURST),
+    Option(
+        "log_level", as_str, lambda level: level.upper() in _LOG_LEVELS,
+        "must be one of debug, info, warning, error, critical",
+    ),
+    Option("database_pool_size", as_int, lambda n: 1 <= n <= 1000, "must be between 1 and 1000"),
+    Option("database_timeout", as_float, lambda t: 0 < t <= 300, "must be between 0 and 300 seconds"),
+    # Settings that name a file whose content is the value, so that secrets
+    # stay out of the config file, the URL and the environment.
+    Option("database_password_file", as_str, attr=None),
+    Option("legacy_jwt_secret_file", as_str, attr=None),
+    Option("key_refresh_interval", as_float, lambda t: 0.05 <= t <= 3600, "must be between 0.05 and 3600 seconds"),
+    Option("rotation_lease_ttl", as_float, lambda t: 1 <= t <= 3600, "must be between 1 and 3600 seconds"),
+    Option("rotation_batch_size", as_int, lambda n: 1 <= n <= 100_000, "must be between 1 and 100000"),
+    # Written as "not below 60" so that NaN passes, as it always has.
+    Option(
+        "rotation_period", parse_duration, lambda p: p is None or not p < 60, "must be at least 60 seconds (or off)"
+    ),
+    Option("compat", _as_compat),
+    Option("unbound_envelopes", lambda v, n: as_choice(v, n, ("allow", "refuse"))),
+)
+_BY_KEY: dict[str, Option[Any]] = {opt.key: opt for opt in OPTIONS}
 
 
 def _exists(path: Path) -> bool:
@@ -381,95 +339,36 @@ def _read_secret_file(path: str | None, creds: str | None, credential: str) -> s
     return value
 
 
-def load_settings(
-    *,
-    config_file: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-    require_root_key: bool = True,
-    read_secrets: bool = True,
-) -> Settings:
-    """Build the settings from defaults, file, environment and flags.
-    Without ``require_root_key`` a missing root key leaves ``root_key``
-    empty (admin commands that talk to a running daemon need none).
-    Without ``read_secrets`` the secret files (database password, legacy
-    JWT secret) are not read and those settings stay empty: a reload after
-    the privilege drop, which may not read them and never applies them."""
-    env = os.environ if environ is None else environ
+def _read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = set(doc) - set(_BY_KEY)
+    if unknown:
+        raise ConfigError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
+    return doc
+
+
+def _raw_values(config_file: str | None, overrides: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Each setting given anywhere, by key, from its strongest source. The
+    keys keep the order they were first given in: values are converted in
+    it, so it decides which of several unconvertible ones is reported."""
     raw: dict[str, Any] = {}
     config_file = config_file or env.get("KMSD_CONFIG")
     if config_file:
-        try:
-            with open(config_file, "rb") as fh:
-                doc = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
-        unknown = set(doc) - set(_CONVERTERS)
-        if unknown:
-            raise ConfigError(f"unknown settings in {config_file}: {', '.join(sorted(unknown))}")
-        raw.update(doc)
-    for name in _CONVERTERS:
-        env_name = "KMSD_" + name.upper()
-        if env_name in env:
-            raw[name] = env[env_name]
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            raw[name] = value
+        raw.update(_read_config_file(config_file))
+    raw.update((opt.key, env[opt.env]) for opt in OPTIONS if opt.env in env)
+    raw.update((key, value) for key, value in overrides.items() if value is not None)
+    return raw
 
-    values = {name: _convert(name, value) for name, value in raw.items()}
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        if name == "database_url":
-            kwargs["database"] = value
-        elif name == "root_key_file" or name in _SECRET_FILES:
-            continue
-        elif name == "compat":
-            kwargs[name] = None if value == "none" else value
-        else:
-            kwargs[name] = value
-    settings = Settings(**kwargs)
 
-    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError("log_level must be one of debug, info, warning, error, critical")
-    if not 0 < settings.vault_timeout <= 300:
-        raise ConfigError("vault_timeout must be between 0 and 300 seconds")
-    if not 0 <= settings.socket_mode <= 0o777:
-        raise ConfigError("socket_mode must be an octal file mode such as 0660")
-    if not 0 <= settings.token_cache_size <= 10_000_000:
-        raise ConfigError("token_cache_size must be between 0 and 10000000")
-    if settings.token_lifetime <= 0:
-        raise ConfigError("token_lifetime must be positive")
+def _check_combinations(settings: Settings) -> None:
     if settings.max_session_age < settings.token_lifetime:
         raise ConfigError("max_session_age must be at least token_lifetime")
-    if settings.max_body_size <= 0:
-        raise ConfigError("max_body_size must be positive")
-    for name in ("header_timeout", "body_timeout", "idle_timeout", "send_timeout"):
-        if not 0 < getattr(settings, name) <= 3600:
-            raise ConfigError(f"{name} must be between 0 and 3600 seconds")
-    if not 1 <= settings.max_connections <= 1_000_000:
-        raise ConfigError("max_connections must be between 1 and 1000000")
-    if not 0.05 <= settings.connection_share <= 0.9:
-        raise ConfigError("connection_share must be between 0.05 and 0.9 (the rest is kept for other peers)")
-    for name in ("invalid_token_rate", "record_creation_rate"):
-        if not 0 <= getattr(settings, name) <= 1_000_000:
-            raise ConfigError(f"{name} must be between 0 (off) and 1000000 a second")
-    for name in ("invalid_token_burst", "record_creation_burst"):
-        if not 1 <= getattr(settings, name) <= 1_000_000:
-            raise ConfigError(f"{name} must be between 1 and 1000000")
-    if not 1 <= settings.database_pool_size <= 1000:
-        raise ConfigError("database_pool_size must be between 1 and 1000")
-    if not 0 < settings.database_timeout <= 300:
-        raise ConfigError("database_timeout must be between 0 and 300 seconds")
-    if not 0.05 <= settings.key_refresh_interval <= 3600:
-        raise ConfigError("key_refresh_interval must be between 0.05 and 3600 seconds")
-    if not 1 <= settings.rotation_lease_ttl <= 3600:
-        raise ConfigError("rotation_lease_ttl must be between 1 and 3600 seconds")
-    if not 1 <= settings.rotation_batch_size <= 100_000:
-        raise ConfigError("rotation_batch_size must be between 1 and 100000")
-    if settings.rotation_period is not None and settings.rotation_period < 60:
-        raise ConfigError("rotation_period must be at least 60 seconds (or off)")
     if settings.compat_original and settings.unbound_envelopes == "refuse":
         raise ConfigError(
             'compat = "original" and unbound_envelopes = "refuse" contradict each other: the original'
@@ -481,47 +380,85 @@ def load_settings(
             " key-server wrote into kmsd's format, which it cannot read; rotate by hand once it is gone"
         )
 
-    creds = env.get("CREDENTIALS_DIRECTORY")
-    if not read_secrets:
-        pass
-    elif settings.database.scheme == "mysql":
-        password = _read_secret_file(values.get("database_password_file"), creds, "db-password")
+
+def _with_secrets(settings: Settings, files: Mapping[str, Any], creds: str | None) -> Settings:
+    """The database password and the legacy JWT secret, from their files."""
+    if settings.database.scheme == "mysql":
+        password = _read_secret_file(files.get("database_password_file"), creds, "db-password")
         if password is not None and settings.database.password:
             raise ConfigError("the database password is set both in the URL and in a file; keep one")
         if password is not None:
-            settings = dataclasses.replace(
-                settings, database=dataclasses.replace(settings.database, password=password)
-            )
-    elif values.get("database_password_file"):
+            settings = dataclasses.replace(settings, database=dataclasses.replace(settings.database, password=password))
+    elif files.get("database_password_file"):
         raise ConfigError("database_password_file is only for a mysql:// database")
-    legacy_secret = (
-        _read_secret_file(values.get("legacy_jwt_secret_file"), creds, "legacy-jwt-secret") if read_secrets else None
-    )
+    legacy_secret = _read_secret_file(files.get("legacy_jwt_secret_file"), creds, "legacy-jwt-secret")
     if legacy_secret is not None:
         settings = dataclasses.replace(settings, legacy_jwt_secret=legacy_secret)
+    return settings
 
-    # Where the vault gets the root key, most explicit first.
-    key_file = values.get("root_key_file")
+
+def _root_key_source(
+    settings: Settings, key_file: str | None, env: Mapping[str, str], *, require_root_key: bool
+) -> RootKeySource:
+    """Where the vault gets the root key, most explicit first."""
+    creds = env.get("CREDENTIALS_DIRECTORY")
     if key_file:
-        source = RootKeySource(file=key_file)
-    elif env.get("KMSD_ROOT_KEY_FD"):
-        source = RootKeySource(fd=_as_int(env["KMSD_ROOT_KEY_FD"], "KMSD_ROOT_KEY_FD"))
-    elif env.get("ROOT_KEY"):
+        return RootKeySource(file=key_file)
+    if env.get("KMSD_ROOT_KEY_FD"):
+        return RootKeySource(fd=as_int(env["KMSD_ROOT_KEY_FD"], "KMSD_ROOT_KEY_FD"))
+    if env.get("ROOT_KEY"):
         raise ConfigError("ROOT_KEY must be moved out of the environment first (kmsd serve does this)")
-    elif creds and _exists(Path(creds, "root-key")):
-        source = RootKeySource(file=str(Path(creds, "root-key")))
-    elif settings.dev:
-        base = (
-            Path(settings.database.path).parent
-            if settings.database.scheme == "sqlite"
-            else Path(settings.socket).parent
-        )
-        source = RootKeySource(dev_file=str(base / "root-key.dev"))
-    elif not require_root_key:
-        source = RootKeySource()
-    else:
-        raise ConfigError(
-            "no root key configured: set KMSD_ROOT_KEY_FILE, ROOT_KEY or a systemd "
-            "credential 'root-key' (or use --dev to generate a development key)"
-        )
+    if creds and _exists(Path(creds, "root-key")):
+        return RootKeySource(file=str(Path(creds, "root-key")))
+    if settings.dev:
+        base = Path(settings.database.path if settings.database.scheme == "sqlite" else settings.socket).parent
+        return RootKeySource(dev_file=str(base / "root-key.dev"))
+    if not require_root_key:
+        return RootKeySource()
+    raise ConfigError(
+        "no root key configured: set KMSD_ROOT_KEY_FILE, ROOT_KEY or a systemd "
+        "credential 'root-key' (or use --dev to generate a development key)"
+    )
+
+
+def load_settings(
+    *,
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    require_root_key: bool = True,
+    read_secrets: bool = True,
+) -> Settings:
+    """Build the settings from defaults, file, environment and flags.
+    ``overrides`` are by TOML key; None stands for a flag not given.
+    Without ``require_root_key`` a missing root key leaves ``root_key``
+    empty (admin commands that talk to a running daemon need none).
+    Without ``read_secrets`` the secret files (database password, legacy
+    JWT secret) are not read and those settings stay empty: a reload after
+    the privilege drop, which may not read them and never applies them."""
+    env = os.environ if environ is None else environ
+    raw = _raw_values(config_file, overrides or {}, env)
+    # Every value is converted before any is range-checked: an unconvertible
+    # one is reported before an out-of-range one.
+    values = {key: _BY_KEY[key].parse(value) for key, value in raw.items()}
+    settings = Settings(**{opt.target: values[opt.key] for opt in OPTIONS if opt.target and opt.key in values})
+    for opt in OPTIONS:
+        opt.check(settings)
+    _check_combinations(settings)
+    if read_secrets:
+        settings = _with_secrets(settings, values, env.get("CREDENTIALS_DIRECTORY"))
+    source = _root_key_source(settings, values.get("root_key_file"), env, require_root_key=require_root_key)
     return dataclasses.replace(settings, root_key=source)
+
+
+def settings_from_args(
+    args: argparse.Namespace, *, require_root_key: bool = True, read_secrets: bool = True
+) -> Settings:
+    """The settings of a ``kmsd`` command: its ``--config``, and the flags
+    it has (``Option.flag``; one it lacks counts as not given) over the rest."""
+    return load_settings(
+        config_file=args.config,
+        overrides={opt.key: getattr(args, opt.flag, None) for opt in OPTIONS if opt.flag},
+        require_root_key=require_root_key,
+        read_secrets=read_secrets,
+    )

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from kmsd.config import ConfigError, load_settings, parse_database_url, parse_listen
+from kmsd.config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_database_url,
+    parse_listen,
+    settings_from_args,
+)
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -127,3 +139,65 @@ def test_slow_client_and_connection_settings() -> None:
                         ("header_timeout", "nan"), ("max_connections", 0), ("max_connections", "many")]:
         with pytest.raises(ConfigError, match=name):
             load_settings(environ=env, overrides={name: value})
+
+
+# -- the declarations (kmsd.config.OPTIONS) against Settings, the environment and the example file --
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "docs" / "kmsd.toml"
+# Settings fields that no option sets directly: load_settings derives them
+# from root_key_file and legacy_jwt_secret_file (and the credentials).
+DERIVED = {"root_key", "legacy_jwt_secret"}
+
+
+def test_every_settings_field_is_declared_once() -> None:
+    targets = [opt.target for opt in OPTIONS if opt.target is not None]
+    assert len(targets) == len(set(targets)), "a field set by two options"
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert set(targets) <= fields, f"options for no field: {set(targets) - fields}"
+    assert fields - set(targets) == DERIVED, "a Settings field without its option"
+
+
+def test_keys_and_environment_names_are_unique() -> None:
+    keys = [opt.key for opt in OPTIONS]
+    assert len(keys) == len(set(keys))
+    envs = [opt.env for opt in OPTIONS]
+    assert len(envs) == len(set(envs))
+    assert all(env.startswith("KMSD_") and env == "KMSD_" + key.upper() for env, key in zip(envs, keys, strict=True))
+    # Read by load_settings itself, so no setting may be called like them.
+    assert not {"KMSD_CONFIG", "KMSD_ROOT_KEY_FD"} & set(envs)
+
+
+def test_the_defaults_are_within_their_bounds() -> None:
+    defaults = Settings()
+    for opt in OPTIONS:
+        opt.check(defaults)
+        assert (opt.valid is None) == (opt.rule == ""), f"{opt.key}: a bound needs its message, and the reverse"
+
+
+def test_the_example_config_names_every_setting_and_loads() -> None:
+    text = EXAMPLE_CONFIG.read_text()
+    given = set(tomllib.loads(text))
+    commented = set(re.findall(r"^#\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
+    keys = {opt.key for opt in OPTIONS}
+    assert given | commented <= keys, f"undeclared keys in docs/kmsd.toml: {(given | commented) - keys}"
+    # Only the development switch is left out of the production example.
+    assert keys - given - commented == {"dev"}
+    s = load_settings(config_file=str(EXAMPLE_CONFIG), environ={"KMSD_ROOT_KEY_FILE": "/k"}, read_secrets=False)
+    assert s.database.path == "/var/lib/kmsd/kmsd.db" and s.socket_mode == 0o660
+
+
+def test_flags_override_through_their_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kmsd.cli import _parser
+
+    for name in [n for n in os.environ if n.startswith("KMSD_") or n in ("ROOT_KEY", "CREDENTIALS_DIRECTORY")]:
+        monkeypatch.delenv(name)
+    args = _parser().parse_args(["serve", "--socket", "/flag.sock", "--listen", "127.0.0.1:9", "--dev",
+                                 "--database", "sqlite:////flag/k.db"])
+    assert {opt.flag for opt in OPTIONS if opt.flag} <= set(vars(args))
+    s = settings_from_args(args)
+    assert (s.socket, s.listen, s.dev, s.database.path) == ("/flag.sock", (("127.0.0.1", 9),), True, "/flag/k.db")
+    assert s.root_key.dev_file == "/flag/root-key.dev"
+    # A command without some of the flags (mk has no --listen or --dev) leaves those to the rest.
+    args = _parser().parse_args(["mk", "list", "--socket", "/mk.sock"])
+    s = settings_from_args(args, require_root_key=False)
+    assert (s.socket, s.listen, s.dev) == ("/mk.sock", Settings.listen, False)

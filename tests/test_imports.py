@@ -15,7 +15,8 @@ PACKAGES = {"kmsd": ROOT / "kmsd", "kmsd_client": ROOT / "client" / "kmsd_client
 # module -> the modules of kmsd and kmsd_client it may import
 ALLOWED = {
     "kmsd.errors": {"kmsd_client.errors"},
-    "kmsd.config": {"kmsd.errors"},
+    "kmsd.settings_fields": {"kmsd.errors"},
+    "kmsd.config": {"kmsd.errors", "kmsd.settings_fields"},
     "kmsd.envelope": set(),
     "kmsd.logs": set(),
     "kmsd.store": {"kmsd.errors"},
