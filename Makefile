@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: .venv run test bench clean install
+.PHONY: .venv run test lint bench clean install
 
 .venv: $(STAMP)
 
@@ -17,8 +17,13 @@ run: $(STAMP)
 	mkdir -p var
 	$(VENV)/bin/kmsd serve --dev --socket ./var/kmsd.sock --listen 127.0.0.1:8000 --database sqlite:///var/kmsd.db
 
-test: $(STAMP)
+test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# ruff and mypy (strict on kmsd/ and client/), configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kmsd client
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	bench/run

@@ -23,12 +23,16 @@ from .errors import KMSError
 from .logs import get_logger
 
 if TYPE_CHECKING:
+    from .rotation import Rotator
+    from .service import KMS
     from .store import Store
 
 __all__ = ["add_parsers", "run_mk", "run_root_key"]
 
 
-def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     mk = sub.add_parser(
         "mk",
         help="master keys: add, active, retired, list, rotate, destroy",
@@ -38,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.Argu
     mk_sub = mk.add_subparsers(dest="mk_command", required=True)
 
     def mk_command(name: str, **kw: Any) -> argparse.ArgumentParser:
-        p = mk_sub.add_parser(name, **kw)
+        p: argparse.ArgumentParser = mk_sub.add_parser(name, **kw)
         common(p)
         p.add_argument("--socket", help="the daemon's Unix socket (env KMSD_SOCKET)")
         return p
@@ -114,7 +118,7 @@ class _Daemon:
 class _Direct:
     """The same operations on the database, with a vault of our own."""
 
-    def __init__(self, kms: Any, rotator: Any) -> None:
+    def __init__(self, kms: KMS, rotator: Rotator) -> None:
         self.kms = kms
         self.rotator = rotator
         self.where = "database"

@@ -150,7 +150,7 @@ class AuditTrail:
             seq = self._seq + 1
             entry: dict[str, Any] = {
                 "seq": seq,
-                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+                "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
                 "operation": operation,
                 "subject": subject,
                 "caller": caller,

@@ -100,8 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     import uvloop
 
-    from .errors import KMSError
     from .daemon import serve
+    from .errors import KMSError
 
     async def run() -> None:
         stop, hup = asyncio.Event(), asyncio.Event()

@@ -152,9 +152,11 @@ class GuardedServer(Server):
         if not admin:
             mine = self._by_peer.get(peer, {})
             if len(mine) >= self.limits.per_peer and not self._make_room(now, mine):
-                return self._refuse(now)
+                self._refuse(now)
+                return None
             if len(self._open) >= self.limits.max_connections and not self._make_room(now, self._open):
-                return self._refuse(now)
+                self._refuse(now)
+                return None
         self._open[conn] = now
         self._by_peer.setdefault(peer, {})[conn] = None
         return self._held.get(peer, 0.0)
@@ -162,7 +164,6 @@ class GuardedServer(Server):
     def _refuse(self, now: float) -> None:
         self.refused += 1
         self._warn(now)
-        return None
 
     def held(self, peer: Hashable) -> float:
         """Seconds ``peer`` is still held (0.0 if it is not)."""
@@ -244,7 +245,8 @@ def _short_targets_only(handler: Any) -> Any:
                 status=err.status,
                 content_type="application/json",
             )
-        return await handler(request)
+        response: StreamResponse = await handler(request)
+        return response
 
     return handle
 
@@ -254,7 +256,8 @@ class _Connection(RequestHandler):
     one for sending answers, and admission by peer."""
 
     __slots__ = (
-        "_guard", "_head_timer", "_heads", "_held_until", "_pending", "_refused", "_resume_timer", "_send_timer", "peer",
+        "_guard", "_head_timer", "_heads", "_held_until", "_pending", "_refused", "_resume_timer", "_send_timer",
+        "peer",
     )
 
     def __init__(self, guard: GuardedServer, **kwargs: Any) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -98,7 +99,7 @@ def _preload() -> None:
     for name in ("utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-32-be", "utf-32-le", "ascii", "latin-1",
                  "idna", "punycode"):
         codecs.lookup(name)
-    import _strptime  # noqa: F401  (datetime.strptime's, in any library)
+    import _strptime  # type: ignore[import-not-found]  # noqa: F401  (datetime.strptime's, in any library)
 
 
 def _hand_over(settings: Settings, user: str, created_dirs: Sequence[str] = ()) -> None:
@@ -180,29 +181,7 @@ async def serve(
             os.close(root_key_fd)
     runner = await start_listeners(app, settings, passed)
     if drop_to is not None:
-        # Sockets bound, database open, vault started: root is not needed any
-        # more. The files the daemon keeps writing become its own first, so
-        # that it can reopen them (the audit trail after logrotate).
-        _preload()
-        audit = app[STATE].audit
-        _hand_over(settings, drop_to, audit.created_dirs if audit is not None else ())
-        pw = switch_user(drop_to)
-        harden()
-        log.info("privileges_dropped", user=drop_to, uid=pw.pw_uid, launcher_pid=app[STATE].vault.launcher_pid)
-        try:
-            # The pool opens new connections as this user from now on: one
-            # that authenticates as the OS user (unix_socket) fails now,
-            # clearly, and not as 503s later.
-            await app[STATE].store.check_access()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        if settings.audit_log and not os.access(os.path.dirname(os.path.abspath(settings.audit_log)), os.W_OK | os.X_OK):
-            log.warning(
-                "audit_directory_not_writable", path=os.path.dirname(os.path.abspath(settings.audit_log)),
-                warning=f"{drop_to} cannot create the audit file anew after a logrotate: make the directory "
-                f"{drop_to}'s (systemd: LogsDirectory=kmsd) or rotate with copytruncate",
-            )
+        await _drop_privileges(app, runner, settings, drop_to)
     elif os.geteuid() == 0:
         log.warning(
             "running_as_root",
@@ -215,19 +194,7 @@ async def serve(
         addresses = [_describe(p) for p in passed]
     else:
         addresses = [settings.socket] + [f"{h}:{p}" for h, p in settings.listen]
-    if settings.legacy_jwt_secret:
-        log.warning(
-            "legacy_tokens_accepted",
-            warning="HS256 tokens of the original auth service are accepted (migration option)",
-        )
-    if settings.compat_original:
-        log.warning(
-            "compat_original",
-            warning="compat = original: any TCP caller may get a token for ANY user id (POST /issue) "
-            "and read the rotation status (GET /api/rotate-mk), as in the original system; anything "
-            "that reaches the TCP listeners can then read every record. Only while original services "
-            "still run; each such request is counted (kmsd_compat_requests_total) and audited",
-        )
+    _warn_about(settings, log)
     log.info(
         "kmsd_started",
         listen=addresses,
@@ -253,6 +220,51 @@ async def serve(
         await runner.cleanup()
         log.info("kmsd_stopped")
         notifier.close()
+
+
+async def _drop_privileges(app: web.Application, runner: web.AppRunner, settings: Settings, user: str) -> None:
+    """Sockets bound, database open, vault started: root is not needed any
+    more. The files the daemon keeps writing become its own first, so that
+    it can reopen them (the audit trail after logrotate)."""
+    log = app[STATE].log
+    _preload()
+    audit = app[STATE].audit
+    _hand_over(settings, user, audit.created_dirs if audit is not None else ())
+    pw = switch_user(user)
+    harden()
+    log.info("privileges_dropped", user=user, uid=pw.pw_uid, launcher_pid=app[STATE].vault.launcher_pid)
+    try:
+        # The pool opens new connections as this user from now on: one that
+        # authenticates as the OS user (unix_socket) fails now, clearly, and
+        # not as 503s later.
+        await app[STATE].store.check_access()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    directory = os.path.dirname(os.path.abspath(settings.audit_log)) if settings.audit_log else None
+    if directory is not None and not os.access(directory, os.W_OK | os.X_OK):
+        log.warning(
+            "audit_directory_not_writable", path=directory,
+            warning=f"{user} cannot create the audit file anew after a logrotate: make the directory "
+            f"{user}'s (systemd: LogsDirectory=kmsd) or rotate with copytruncate",
+        )
+
+
+def _warn_about(settings: Settings, log: Any) -> None:
+    """The settings an operator must not overlook, at every start."""
+    if settings.legacy_jwt_secret:
+        log.warning(
+            "legacy_tokens_accepted",
+            warning="HS256 tokens of the original auth service are accepted (migration option)",
+        )
+    if settings.compat_original:
+        log.warning(
+            "compat_original",
+            warning="compat = original: any TCP caller may get a token for ANY user id (POST /issue) "
+            "and read the rotation status (GET /api/rotate-mk), as in the original system; anything "
+            "that reaches the TCP listeners can then read every record. Only while original services "
+            "still run; each such request is counted (kmsd_compat_requests_total) and audited",
+        )
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

@@ -29,8 +29,8 @@ from .vault import VaultClient
 
 __all__ = [
     "AUDITED", "AUDIT_DETAIL", "AUDIT_ISSUED", "AUDIT_SUBJECT", "AUDIT_TOKEN", "CLIENT_ROUTES", "COMPAT", "ERROR",
-    "LOGGED_PATH", "PEER", "STATE", "AppState", "Handler", "json_response", "peer_of", "policy_from", "remember_peer", "require_admin",
-    "route_of",
+    "LOGGED_PATH", "PEER", "STATE", "AppState", "Handler", "json_response", "peer_of", "policy_from", "remember_peer",
+    "require_admin", "route_of",
 ]
 
 # A request line logs at most this much of its path (they are at most

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["LAUNCHER_CAPABILITIES", "LaunchedProcess", "Launcher"]
 
@@ -121,7 +122,9 @@ class Launcher:
 
     async def spawn(self, vault_fd: int) -> LaunchedProcess:
         answer = await self._request({"op": "spawn"}, [vault_fd])
-        pid = int(answer["pid"])  # type: ignore[arg-type]
+        pid = answer["pid"]
+        if not isinstance(pid, int):
+            raise OSError("the launcher answered no pid")
         self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
         return LaunchedProcess(self, pid)
 
@@ -193,7 +196,22 @@ def launcher_main(argv: Sequence[str] | None = None) -> None:
     if len(argv) < 3 or argv[0] != "--fd" or argv[2] != "--":
         raise SystemExit("usage: python -m kmsd.launcher --fd N -- VAULT_ARGS...")
     sock = socket.socket(fileno=int(argv[1]))
-    vault_args = argv[3:]
+    _confine()
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    try:
+        _serve(sock, argv[3:], children)
+    finally:
+        for proc in children.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in children.values():
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _confine() -> None:
     from .privileges import VAULT_MEMLOCK, harden, keep_capabilities, restrict_syscalls
 
     # The vaults lock their memory as root; raising the limit needs
@@ -213,59 +231,55 @@ def launcher_main(argv: Sequence[str] | None = None) -> None:
     # the socket. A handler, not SIG_IGN, which the vaults would inherit.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    try:
-        while True:
-            for pid, proc in list(children.items()):
-                if proc.poll() is not None:
-                    del children[pid]
-                    _send(sock, {"exited": pid, "returncode": proc.returncode})
-            readable, _, _ = select.select([sock], [], [], 0.05 if children else 1.0)
-            if not readable:
-                continue
-            try:
-                data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
-            except OSError:
-                return
-            if not data:
-                return  # the daemon is gone
-            try:
-                request = json.loads(data)
-            except ValueError:
-                request = {}
-            op = request.get("op") if isinstance(request, dict) else None
-            if op == "spawn" and len(fds) == 1:
-                fd = fds[0]
-                proc = subprocess.Popen(
-                    [sys.executable, "-I", "-m", "kmsd.vault_process", "--fd", str(fd), *vault_args],
-                    pass_fds=[fd, *_inherited_fds(vault_args)],
-                    env={},
-                    stdin=subprocess.DEVNULL,
-                    close_fds=True,
-                )
-                os.close(fd)
-                children[proc.pid] = proc
-                _send(sock, {"pid": proc.pid})
-            elif op == "signal" and request.get("pid") in children and request.get("signal") in (
-                signal.SIGTERM,
-                signal.SIGKILL,
-            ):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(request["pid"]), int(request["signal"]))
-                _send(sock, {"ok": True})
-            else:
-                for fd in fds:
-                    os.close(fd)
-                _send(sock, {"error": "bad request"})
-    finally:
-        for proc in children.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        for proc in children.values():
-            try:
-                proc.wait(2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+
+
+def _serve(sock: socket.socket, vault_args: list[str], children: dict[int, subprocess.Popen[bytes]]) -> None:
+    """Answer the daemon's requests until it closes the socket, and tell it
+    whenever a vault exits."""
+    while True:
+        for pid, proc in list(children.items()):
+            if proc.poll() is not None:
+                del children[pid]
+                _send(sock, {"exited": pid, "returncode": proc.returncode})
+        readable, _, _ = select.select([sock], [], [], 0.05 if children else 1.0)
+        if not readable:
+            continue
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
+        except OSError:
+            return
+        if not data:
+            return  # the daemon is gone
+        try:
+            request = json.loads(data)
+        except ValueError:
+            request = {}
+        _send(sock, _answer(request if isinstance(request, dict) else {}, fds, vault_args, children))
+
+
+def _answer(
+    request: dict[str, Any], fds: list[int], vault_args: list[str], children: dict[int, subprocess.Popen[bytes]]
+) -> dict[str, object]:
+    op = request.get("op")
+    if op == "spawn" and len(fds) == 1:
+        fd = fds[0]
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "kmsd.vault_process", "--fd", str(fd), *vault_args],
+            pass_fds=[fd, *_inherited_fds(vault_args)],
+            env={},
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        os.close(fd)
+        children[proc.pid] = proc
+        return {"pid": proc.pid}
+    if op == "signal" and request.get("pid") in children and request.get("signal") in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(request["pid"]), int(request["signal"]))
+        return {"ok": True}
+    for fd in fds:
+        os.close(fd)
+    return {"error": "bad request"}
 
 
 def _inherited_fds(vault_args: Sequence[str]) -> list[int]:

@@ -129,8 +129,8 @@ class _TimedStore:
         attr = getattr(self._store, name)
         if not inspect.iscoroutinefunction(attr):
             return attr
-        timed = self._cache.get(name)
-        if timed is None:
+        cached = self._cache.get(name)
+        if cached is None:
             seconds = self._metrics.store_seconds.labels(name)
             errors = self._metrics.store_errors.labels(name)
 
@@ -146,8 +146,8 @@ class _TimedStore:
                 finally:
                     seconds.observe(time.perf_counter() - started)
 
-            self._cache[name] = timed
-        return timed
+            self._cache[name] = cached = timed
+        return cached
 
 
 def instrument_store(store: Any, metrics: Metrics) -> Any:

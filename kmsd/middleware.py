@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -233,7 +233,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except TooManyRequests as exc:
         if state.connections is not None:
             # Until then the peer costs nothing: its connections are not read.
-            state.connections.hold(key, exc.extra["retry_after"])
+            state.connections.hold(key, float(cast(int, exc.extra["retry_after"])))
         raise
 
 

@@ -48,7 +48,7 @@ def _parse_time(text: str | None) -> float | None:
     # fromisoformat, not strptime: strptime imports _strptime on first use,
     # which fails once the daemon has dropped to a user that cannot read
     # the interpreter's files (one under /root): the schedule never ran.
-    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
 
 
 class Rotator:

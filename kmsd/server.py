@@ -299,7 +299,8 @@ async def add_master_key(request: web.Request) -> web.Response:
     require_admin(request)
     body = await read_json(request) if request.can_read_body else {}
     description = body.get("description")
-    if description is not None and (not isinstance(description, str) or len(description) > 255 or not utf8(description)):
+    valid = isinstance(description, str) and len(description) <= 255 and utf8(description)
+    if description is not None and not valid:
         raise BadRequest("description must be a string of at most 255 characters")
     return json_response(await request.app[STATE].rotator.add_key(description))
 
@@ -372,7 +373,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
     runtime = runtime or Runtime(settings, log=log, wrap_store=lambda store: instrument_store(store, metrics))
     runtime.vault.observe = metrics.observe_vault
     policy = policy_from(settings)
-    audit = AuditTrail(settings.audit_log, fail_closed=settings.audit_fail_closed, log=log) if settings.audit_log else None
+    audit = None
+    if settings.audit_log:
+        audit = AuditTrail(settings.audit_log, fail_closed=settings.audit_fail_closed, log=log)
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.max_body_size)
     app[STATE] = AppState(
         settings, runtime.store, runtime.vault, runtime.kms, runtime.rotator, policy, log, metrics, audit,

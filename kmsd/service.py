@@ -242,7 +242,7 @@ class KMS:
             outcomes = await self.vault.rewrap_deks(
                 [(r.user_id, env.Purpose.RECORD, w) for r, w in to_vault]
             )
-            for (record, _), (outcome, new) in zip(to_vault, outcomes):
+            for (record, _), (outcome, new) in zip(to_vault, outcomes, strict=False):
                 if outcome == Rewrap.OK:
                     changes.append((record, env.b64e(new), active))
                 else:
@@ -552,7 +552,7 @@ class KMS:
         store_ok = True
         try:
             await asyncio.wait_for(self.store.ping(), 1.0)
-        except (Unavailable, asyncio.TimeoutError):
+        except (TimeoutError, Unavailable):
             store_ok = False
         checks = {
             "vault": self.vault.is_up,

@@ -33,7 +33,7 @@ __all__ = [
 
 def now_utc() -> str:
     """DATETIME text, as the original stored it (UTC, second precision)."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @dataclass(frozen=True, repr=False)

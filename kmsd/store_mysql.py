@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
@@ -47,7 +47,7 @@ _ACCESS_DENIED = {1045, 1698}
 _ATTEMPTS = 3
 
 
-_Work = Callable[[aiomysql.Cursor], Awaitable[Any]]
+T = TypeVar("T")
 
 def _code(exc: BaseException) -> int:
     args = getattr(exc, "args", ())
@@ -203,12 +203,12 @@ class MySQLStore(SQLStore):
 
     async def _run(
         self,
-        work: _Work,
+        work: Callable[[aiomysql.Cursor], Awaitable[T]],
         *,
         write: str | None = None,
         detail: bool = False,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> T:
         """Run ``work`` on a pooled connection and translate the driver's
         errors. ``write`` is "statement" for one autocommitted statement and
         "transaction" for several in one transaction. ``detail`` keeps the
@@ -259,6 +259,7 @@ class MySQLStore(SQLStore):
                         retry = code in _ROLLED_BACK or (lost and not maybe_committed)
                         if attempt == _ATTEMPTS or not retry:
                             raise
+                raise AssertionError("unreachable: the last attempt returns or raises")
         except (Conflict, StoreError):
             raise
         except (pymysql.MySQLError, OSError) as exc:
@@ -450,6 +451,6 @@ class MySQLStore(SQLStore):
                 return True
             await cur.execute(*self._create_lease(name))
             await cur.execute(*take)
-            return cur.rowcount > 0
+            return bool(cur.rowcount > 0)
 
-        return bool(await self._run(work, write="statement"))
+        return await self._run(work, write="statement")

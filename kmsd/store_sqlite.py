@@ -320,7 +320,7 @@ class SQLiteStore(SQLStore):
                 continue
             finally:
                 self._inflight = []
-            for (_, _, fut), (ok, value) in zip(batch, results):
+            for (_, _, fut), (ok, value) in zip(batch, results, strict=False):
                 if fut.done():
                     continue
                 if ok:
