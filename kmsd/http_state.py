@@ -18,7 +18,7 @@ from .audit import AuditTrail
 from .auth import Peer, PeerPolicy, peer_from_socket
 from .config import Settings
 from .connections import GuardedServer
-from .errors import Forbidden
+from .errors import Forbidden, KMSError
 from .limits import RateLimiter
 from .metrics import Metrics
 from .rotation import Rotator
@@ -58,16 +58,16 @@ class AppState:
 
 
 STATE = web.AppKey("state", AppState)
-PEER = "kmsd.peer"
+PEER = web.RequestKey("kmsd.peer", Peer)
 # The error a request ended with, as the error middleware rendered it.
-ERROR = "kmsd.error"
+ERROR = web.RequestKey("kmsd.error", KMSError)
 # What the audit line of a request names: set by the handler once known.
-AUDIT_SUBJECT = "kmsd.audit.subject"
-AUDIT_TOKEN = "kmsd.audit.token_id"
-AUDIT_ISSUED = "kmsd.audit.issued_token_id"  # the jti of a token the request minted
-AUDIT_DETAIL = "kmsd.audit.detail"  # what else the audit line says (not secret)
+AUDIT_SUBJECT: web.RequestKey[str | None] = web.RequestKey("kmsd.audit.subject")
+AUDIT_TOKEN: web.RequestKey[str | None] = web.RequestKey("kmsd.audit.token_id")
+AUDIT_ISSUED = web.RequestKey("kmsd.audit.issued_token_id", str)  # the jti of a token the request minted
+AUDIT_DETAIL = web.RequestKey("kmsd.audit.detail", dict[str, Any])  # what else the audit line says (not secret)
 # Set by a handler that let a request through only because of compat = "original".
-COMPAT = "kmsd.compat"
+COMPAT = web.RequestKey("kmsd.compat", bool)
 
 # Key operations: one audit line each. (method, route template) -> name.
 AUDITED = {
