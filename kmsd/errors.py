@@ -34,6 +34,7 @@ from kmsd_client.errors import (
 __all__ = [
     "ERRORS_BY_CODE",
     "AuditUnavailable",
+    "ConfigError",
     "BadRequest",
     "Conflict",
     "DecryptionFailed",
@@ -49,7 +50,10 @@ __all__ = [
     "URITooLong",
     "Unauthorized",
     "Unavailable",
+    "UnknownKey",
     "UnsupportedMediaType",
+    "VaultError",
+    "WrongRootKey",
     "error_body",
     "error_for_code",
 ]
@@ -77,3 +81,25 @@ class StoreError(Unavailable):
 
 class AuditUnavailable(Unavailable):
     default_message = "audit trail unavailable"
+
+
+class ConfigError(KMSError):
+    """Invalid configuration: reported at startup, never over HTTP."""
+
+    code = "config"
+    default_message = "invalid configuration"
+
+
+class VaultError(KMSError):
+    """The vault refused a request for a reason the daemon must handle."""
+
+
+class UnknownKey(VaultError):
+    """The ciphertext names a master key the vault does not hold (yet)."""
+
+
+class WrongRootKey(VaultError):
+    # A 503: this daemon must be restarted with the current root key.
+    status = 503
+    code = "unavailable"
+    default_message = "a master key does not unwrap under the configured root key"

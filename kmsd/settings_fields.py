@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import KMSError
+from .errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -23,13 +23,6 @@ __all__ = [
     "as_str_list",
     "parse_duration",
 ]
-
-
-class ConfigError(KMSError):
-    """Invalid configuration: reported at startup, never over HTTP."""
-
-    code = "config"
-    default_message = "invalid configuration"
 
 
 def as_bool(value: Any, name: str) -> bool:

@@ -19,28 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from .config import RootKeySource
-from .errors import DecryptionFailed, InternalError, KMSError, Unavailable
+from .errors import DecryptionFailed, InternalError, Unavailable, UnknownKey, VaultError, WrongRootKey
 from .vault_protocol import LENGTH, MAX_FRAME, Kind, Op, Rewrap, Status, decode_body, encode_frame
 
 if TYPE_CHECKING:
     from .launcher import LaunchedProcess, Launcher
 
 __all__ = ["DEK", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
-
-
-class VaultError(KMSError):
-    """The vault refused a request for a reason the daemon must handle."""
-
-
-class UnknownKey(VaultError):
-    """The ciphertext names a master key the vault does not hold (yet)."""
-
-
-class WrongRootKey(VaultError):
-    # A 503: this daemon must be restarted with the current root key.
-    status = 503
-    code = "unavailable"
-    default_message = "a master key does not unwrap under the configured root key"
 
 
 @dataclass(frozen=True, repr=False)
