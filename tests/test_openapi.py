@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from conftest import API, Daemon, open_api, remember
+from support.ci import skip_or_fail
 from kmsd.auth import MAX_USER_ID
 from kmsd.config import load_settings
 from kmsd.errors import ERRORS_BY_CODE
@@ -63,9 +64,7 @@ def _load_yaml(text: str) -> Any:
         "PyYAML is not installed in the test environment (add 'pyyaml' to the test extras) "
         f"and no other interpreter could convert the document (tried: {', '.join(tried) or 'none'})"
     )
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set: {reason}", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail(reason)
 
 
 @pytest.fixture(scope="module")
