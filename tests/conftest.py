@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from mariadb import MariaDBServer, find_binaries
+from devtools.mariadb_server import MariaDBServer, find_binaries
 from support.ci import skip_or_fail
 
 # Every plaintext, DEK and token a test hands to a daemon or gets back goes

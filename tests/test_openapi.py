@@ -588,3 +588,6 @@ def test_the_document_ships_in_the_wheel(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("kmsd-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("kmsd/openapi.yaml") == DOCUMENT.read_bytes()
+        # The repository's own tools stay out of what an install puts on sys.path.
+        tops = {name.split("/")[0] for name in zf.namelist()}
+        assert not tops & {"devtools", "tests", "bench"}, sorted(tops)
