@@ -262,7 +262,7 @@ class Stoppable(Protocol):
 
 
 class PrivateMariaDB:
-    """The MariaDB leg's own server: tests/mariadb.py's MariaDBServer (its
+    """The MariaDB leg's own server: devtools/mariadb_server.py's MariaDBServer (its
     own datadir, socket and loopback port) under the run's temporary
     directory, so the leg needs no database set up beforehand and touches
     no system MariaDB."""
@@ -281,15 +281,15 @@ class PrivateMariaDB:
 
 
 def mariadb_module() -> tuple[Any | None, str]:
-    """tests/mariadb.py, when the MariaDB server binaries are installed; else
+    """devtools/mariadb_server.py, when the MariaDB server binaries are installed; else
     None and why not. The same discovery as the tests, so the bench and the
     tests agree on whether MariaDB is there."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
-        import tests.mariadb as module  # needs pymysql, a kmsd dependency
+        import devtools.mariadb_server as module  # needs pymysql, a kmsd dependency
     except ImportError as exc:
-        return None, f"cannot import tests/mariadb.py ({exc})"
+        return None, f"cannot import devtools/mariadb_server.py ({exc})"
     mariadbd, install_db = module.find_binaries()
     missing = [name for name, path in (("mariadbd", mariadbd), ("mariadb-install-db", install_db)) if not path]
     if missing:
@@ -342,7 +342,7 @@ def mysql_database(args: argparse.Namespace, tmp: Path, stack: list[Stoppable]) 
         log(f"private MariaDB server did not start: {exc}")
         return None, {"failed": f"private MariaDB server did not start: {exc}"}
     url = tcp_url if args.mysql_tcp else private.server.socket_url(MYSQL_DATABASE)
-    return url, mysql_server_info(url, "private server started by the run (tests/mariadb.py)")
+    return url, mysql_server_info(url, "private server started by the run (devtools/mariadb_server.py)")
 
 
 def wait_ready(server: Managed, sock_path: str, timeout: float = 30.0) -> None:
@@ -1031,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
     # The same kmsd points run a second time against a daemon started with
     # `--database URL` (after the SQLite leg, with the baseline interleaved
     # again). auto (the default): a private mariadbd in the temporary
-    # directory (tests/mariadb.py), reached over its Unix socket (--mysql-tcp:
+    # directory (devtools/mariadb_server.py), reached over its Unix socket (--mysql-tcp:
     # its loopback port), skipped with a reason when the server binaries are
     # missing; none: no leg; a URL: that database, which must exist and be
     # reachable on loopback or a Unix socket; if it already holds master

@@ -21,7 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from mariadb import MariaDBServer, find_binaries
+from devtools.mariadb_server import MariaDBServer, find_binaries
+from support.ci import skip_or_fail
 
 # Every plaintext, DEK and token a test hands to a daemon or gets back goes
 # here (``API.call`` adds what passes through it); at the end of the session
@@ -353,10 +354,7 @@ def mariadb(workdir: Path) -> Iterator[MariaDBServer]:
     mariadbd, install_db = find_binaries()
     if not (mariadbd and install_db):
         missing = ", ".join(n for n, p in (("mariadbd", mariadbd), ("mariadb-install-db", install_db)) if not p)
-        message = f"{_INSTALL_HINT} (missing: {missing})"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set: {message}", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(f"{_INSTALL_HINT} (missing: {missing})")
     server = MariaDBServer(workdir / "my", mariadbd=mariadbd, install_db=install_db)
     server.install()
     server.start()

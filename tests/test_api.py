@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import base64
 import os
-import uuid
 
 import jwt
 import pytest
 
 from conftest import API, remember
-
-
-def uid(prefix: str = "u") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+from support.ids import uid
 
 
 async def test_store_and_fetch(api: API) -> None:
-    user = uid()
+    user = uid("u")
     status, body = await api.call("POST", "/api/keys", {"user_id": user, "data": "4111 1111 1111 1111"})
     assert status == 200, body
     assert body["message"] == "Key stored successfully"
@@ -37,11 +33,11 @@ async def test_unicode_and_large_data_round_trip(api: API) -> None:
 
 
 async def test_existing_user_is_conflict_without_its_token(api: API) -> None:
-    user = uid()
+    user = uid("u")
     token = await api.store(user, "first-value")
     status, body = await api.call("POST", "/api/keys", {"user_id": user, "data": "hijack-value"})
     assert status == 409 and body["code"] == "conflict"
-    other = await api.store(uid(), "other-value")
+    other = await api.store(uid("u"), "other-value")
     status, _ = await api.call("POST", "/api/keys", {"user_id": user, "data": "hijack-value"}, token=other)
     assert status == 409
     assert await api.call("GET", "/api/keys", token=token) == (200, {"data": "first-value"})
@@ -50,7 +46,7 @@ async def test_existing_user_is_conflict_without_its_token(api: API) -> None:
 async def test_replace_with_own_token_uses_a_new_dek(api: API, shared_daemon) -> None:  # noqa: ANN001
     import sqlite3
 
-    user = uid()
+    user = uid("u")
     token = await api.store(user, "old-value")
     db = shared_daemon.database.removeprefix("sqlite:///")
     before = sqlite3.connect(db).execute("SELECT encrypted_dek FROM kms_keys WHERE user_id=?", (user,)).fetchone()
@@ -62,7 +58,7 @@ async def test_replace_with_own_token_uses_a_new_dek(api: API, shared_daemon) ->
 
 
 async def test_delete_shreds_the_record(api: API) -> None:
-    user = uid()
+    user = uid("u")
     token = await api.store(user, "to-be-deleted")
     status, body = await api.call("DELETE", "/api/keys", token=token)
     assert status == 200 and body["message"]
@@ -74,7 +70,7 @@ async def test_delete_shreds_the_record(api: API) -> None:
 
 
 async def test_fetch_without_record_is_404(api: API, unix_api: API) -> None:
-    user = uid()
+    user = uid("u")
     token = await api.store(user, "short-lived")
     assert (await api.call("DELETE", "/api/keys", token=token))[0] == 200
     # The deleted record's tokens died with it; an admin's new one is current.
@@ -84,7 +80,7 @@ async def test_fetch_without_record_is_404(api: API, unix_api: API) -> None:
 
 
 async def test_issue_and_verify(unix_api: API) -> None:
-    user = uid()
+    user = uid("u")
     status, body = await unix_api.call("POST", "/issue", {"id": user})
     assert status == 200, body
     token = body["token"]
@@ -105,21 +101,21 @@ async def test_verify_over_tcp_and_garbage(tcp_api: API) -> None:
 
 
 async def test_issue_over_tcp_is_refused(tcp_api: API) -> None:
-    status, body = await tcp_api.call("POST", "/issue", {"id": uid()})
+    status, body = await tcp_api.call("POST", "/issue", {"id": uid("u")})
     assert status == 403 and body["code"] == "forbidden"
 
 
 async def test_token_holder_may_renew_own_token_over_tcp(tcp_api: API) -> None:
-    user = uid()
+    user = uid("u")
     token = await tcp_api.store(user, "renew-me")
     status, body = await tcp_api.call("POST", "/issue", {"id": user}, token=token)
     assert status == 200
     remember(body["token"])
-    assert (await tcp_api.call("POST", "/issue", {"id": uid()}, token=token))[0] == 403
+    assert (await tcp_api.call("POST", "/issue", {"id": uid("u")}, token=token))[0] == 403
 
 
 async def test_encrypt_and_decrypt_dek(api: API) -> None:
-    user = uid()
+    user = uid("u")
     token = await api.store(user, "envelope-owner")
     dek = os.urandom(32)
     remember(dek, "ZW52ZWxvcGUgcGF5bG9hZA==")
@@ -138,7 +134,7 @@ async def test_encrypt_and_decrypt_dek(api: API) -> None:
 
 
 async def test_encrypt_binds_body_user_id(api: API) -> None:
-    owner, other = uid(), uid()
+    owner, other = uid("u"), uid("u")
     owner_token = await api.store(owner, "owner-x")
     other_token = await api.store(other, "other-x")
     dek = os.urandom(32)
@@ -161,12 +157,12 @@ async def test_encrypt_without_an_owner_is_unbound(api: API) -> None:
     dek = os.urandom(32)
     status, body = await api.call("POST", "/api/encrypt", {"data": "aGVsbG8=", "dek": dek.hex()})
     assert status == 200 and set(body) == {"encrypted_key", "encrypted_dek"}
-    token = await api.store(uid(), "a reader of unbound envelopes")
+    token = await api.store(uid("u"), "a reader of unbound envelopes")
     assert await api.call("POST", "/api/decrypt-dek", body_of(body), token=token) == (200, {"dek": dek.hex()})
 
 
 async def test_rotate_over_unix_as_admin(unix_api: API) -> None:
-    user = uid()
+    user = uid("u")
     token = await unix_api.store(user, "survives-rotation")
     status, before = await unix_api.call("GET", "/api/rotate-mk")
     assert status == 200 and before["active_key_id"]
@@ -179,7 +175,7 @@ async def test_rotate_over_unix_as_admin(unix_api: API) -> None:
     assert list(statuses.values()).count("active") == 1
     # Written before the rotation, still readable; written after, too.
     assert await unix_api.call("GET", "/api/keys", token=token) == (200, {"data": "survives-rotation"})
-    token2 = await unix_api.store(uid(), "after-rotation")
+    token2 = await unix_api.store(uid("u"), "after-rotation")
     assert await unix_api.call("GET", "/api/keys", token=token2) == (200, {"data": "after-rotation"})
 
 
@@ -198,7 +194,7 @@ async def test_health_ready_jwks(api: API) -> None:
 
 
 async def test_jwks_verifies_issued_tokens(api: API) -> None:
-    token = await api.store(uid(), "jwks-check")
+    token = await api.store(uid("u"), "jwks-check")
     _, body = await api.call("GET", "/.well-known/jwks.json")
     jwk = {k["kid"]: k for k in body["keys"]}[jwt.get_unverified_header(token)["kid"]]
     key = jwt.PyJWK(jwk).key
@@ -251,7 +247,7 @@ async def test_bad_input_writes_nothing(unix_api: API, shared_daemon) -> None:  
 
 
 async def test_user_id_of_64_characters_is_fine(api: API) -> None:
-    user = uid() + "x" * (64 - 14)
+    user = uid("u") + "x" * (64 - 14)
     assert len(user) == 64
     await api.store(user, "max-length-id")
 
@@ -283,7 +279,7 @@ async def test_bad_encrypt_bodies_are_400(api: API, body: dict) -> None:  # noqa
 
 
 async def test_tampered_and_truncated_deks_fail(api: API) -> None:
-    user = uid()
+    user = uid("u")
     token = await api.store(user, "tamper-owner")
     dek = os.urandom(32)
     remember(dek)
@@ -309,9 +305,9 @@ async def test_tampered_and_truncated_deks_fail(api: API) -> None:
 async def test_record_dek_is_its_owners_only_via_decrypt_dek(api: API, shared_daemon) -> None:  # noqa: ANN001
     import sqlite3
 
-    user = uid()
+    user = uid("u")
     token = await api.store(user, "record-dek")
-    other = await api.store(uid(), "someone else")
+    other = await api.store(uid("u"), "someone else")
     db = shared_daemon.database.removeprefix("sqlite:///")
     (edek,) = sqlite3.connect(db).execute("SELECT encrypted_dek FROM kms_keys WHERE user_id=?", (user,)).fetchone()
     status, body = await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": edek}, token=other)

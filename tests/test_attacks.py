@@ -33,6 +33,8 @@ from conftest import (
     remember,
     secret_files,
 )
+from support.ids import uid
+from support.wire import connect, http, parse, read_answer, until_closed
 
 from kmsd.connections import EVICT_AFTER
 
@@ -40,10 +42,6 @@ HEADER_TIMEOUT = 0.5
 BODY_TIMEOUT = 0.5
 IDLE_TIMEOUT = 2.0
 MAX_CONNECTIONS = 16
-
-
-def uid(prefix: str = "atk") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(scope="module")
@@ -76,59 +74,7 @@ def capped(workdir: Path) -> Iterator[Daemon]:
     d.stop()
 
 
-# -- raw HTTP over the daemon's sockets --------------------------------------------
-
-
-async def connect(d: Daemon, transport: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if transport == "unix":
-        return await asyncio.open_unix_connection(d.socket)
-    return await asyncio.open_connection("127.0.0.1", d.port)
-
-
-def http(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
-    length = f"Content-Length: {len(body)}\r\n" if body else ""
-    return f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}{length}\r\n".encode() + body
-
-
-async def read_answer(reader: asyncio.StreamReader) -> tuple[int, Any]:
-    """One answer on a kept-alive connection: (status, JSON body)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    body = await asyncio.wait_for(reader.readexactly(length), 5)
-    return int(head.split()[1]), json.loads(body)
-
-
-async def until_closed(reader: asyncio.StreamReader, timeout: float, answered: asyncio.Event | None = None) -> bytes:
-    """Everything the daemon sends until it closes the connection; fails if
-    it is still open after ``timeout``. Sets ``answered`` on the first byte."""
-    data = b""
-
-    async def drain() -> None:
-        nonlocal data
-        while True:
-            try:
-                chunk = await reader.read(65536)
-            except ConnectionError:
-                return
-            if not chunk:
-                return
-            data += chunk
-            if answered is not None:
-                answered.set()
-
-    await asyncio.wait_for(drain(), timeout)
-    return data
-
-
-def parse(raw: bytes) -> tuple[int, Any]:
-    """Status and JSON body of a whole answer."""
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1."), raw[:200]
-    return int(head.split()[1]), json.loads(body)
+# -- raw HTTP over the daemon's sockets (support.wire has the rest) -------------------
 
 
 async def dribble(writer: asyncio.StreamWriter, data: bytes, answered: asyncio.Event, every: float) -> None:

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from conftest import Daemon, _UnixHTTPConnection, free_port, make_daemon, remember, remember_fields
+from support.ci import skip_or_fail
 from test_legacy import (
     ACTIVE_ID,
     BROKEN,
@@ -386,10 +387,7 @@ def compat(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Site]:
 
 def needs_root() -> None:
     if os.geteuid() != 0:
-        message = "needs root: the admin peer is root on the Unix socket"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set: {message}")
-        pytest.skip(message)
+        skip_or_fail("needs root: the admin peer is root on the Unix socket")
 
 
 # -- the independent writer, cross-checked against the original's own rows --------------

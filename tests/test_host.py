@@ -34,6 +34,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LOG_FILES, Daemon, _UnixHTTPConnection, free_port, open_api, remember
+from support.ci import skip_or_fail
+from support.ids import uid
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -46,28 +48,17 @@ ROOT = os.geteuid() == 0
 # -- helpers -----------------------------------------------------------------------
 
 
-def _missing(message: str) -> None:
-    """Skip loudly, except under CI (``CI`` set), where it is a failure."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set: {message}", pytrace=False)
-    pytest.skip(message)
-
-
 def need_root(why: str) -> None:
     if not ROOT:
-        _missing(f"needs root ({why})")
+        skip_or_fail(f"needs root ({why})")
 
 
 def need_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        _missing(f"{name} not found: install Debian's systemd package (`apt-get install systemd`)")
+        skip_or_fail(f"{name} not found: install Debian's systemd package (`apt-get install systemd`)")
     assert path is not None
     return path
-
-
-def uid(prefix: str = "h") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 def clean_env(**extra: str) -> dict[str, str]:

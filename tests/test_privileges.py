@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import Daemon, open_api, remember
+from support.ci import skip_or_fail
 
 from kmsd.launcher import LAUNCHER_CAPABILITIES
 from kmsd.privileges import CAPABILITIES
@@ -24,10 +25,7 @@ from kmsd.privileges import CAPABILITIES
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        message = "needs root (to start the daemon as root and create users)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set: {message}", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail("needs root (to start the daemon as root and create users)")
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ import pytest
 import structlog
 from aiohttp import web
 from conftest import Daemon, open_api, remember
+from support.ci import skip_or_fail
+from support.ids import uid
+from support.wire import closed_within, connect, http, read_answer
 
 from kmsd.auth import CACHE_PER_SUBJECT
 from kmsd.config import load_settings
@@ -209,17 +212,13 @@ def two_daemons(backend: str, database_url: str, daemon_factory: Any, workdir: P
     return first, second
 
 
-def _hijack_id() -> str:
-    return "hijack-" + os.urandom(4).hex()
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "mysql"], indirect=True)
 async def test_a_token_from_before_a_delete_never_opens_the_next_record(two_daemons: tuple[Daemon, Daemon]) -> None:
     """The review's attack: store junk under a predictable id over TCP, keep
     the token, delete the record, renew forever; the application's record
     under that id later was the attacker's to read and overwrite."""
     a, b = two_daemons
-    victim = _hijack_id()
+    victim = uid("hijack")
     sa, a_tcp = open_api(a, "tcp")
     sb, b_tcp = open_api(b, "tcp")
     sbu, b_unix = open_api(b, "unix")
@@ -250,7 +249,7 @@ async def test_a_token_from_before_a_delete_never_opens_the_next_record(two_daem
 @pytest.mark.parametrize("backend", ["sqlite", "mysql"], indirect=True)
 async def test_revoking_one_token_or_a_subject_holds_on_every_daemon(two_daemons: tuple[Daemon, Daemon]) -> None:
     a, b = two_daemons
-    user, other = _hijack_id(), _hijack_id()
+    user, other = uid("hijack"), uid("hijack")
     sa, a_tcp = open_api(a, "tcp")
     sb, b_tcp = open_api(b, "tcp")
     sbu, b_unix = open_api(b, "unix")
@@ -297,7 +296,7 @@ async def test_revoking_one_token_or_a_subject_holds_on_every_daemon(two_daemons
 
 async def test_renewal_never_extends_a_session_past_its_maximum_age(daemon_factory: Any) -> None:
     d: Daemon = daemon_factory(extra_env={"KMSD_TOKEN_LIFETIME": "2", "KMSD_MAX_SESSION_AGE": "3"})
-    user = _hijack_id()
+    user = uid("hijack")
     session, tcp = open_api(d, "tcp")
     async with session:
         token = await tcp.store(user, "session-bound value")
@@ -321,7 +320,7 @@ async def test_renewal_never_extends_a_session_past_its_maximum_age(daemon_facto
 
 
 async def test_one_subject_cannot_fill_the_token_cache(shared_daemon: Daemon) -> None:
-    user = _hijack_id()
+    user = uid("hijack")
     session, tcp = open_api(shared_daemon, "tcp")
     async with session:
         before = await _cache_entries(tcp)
@@ -343,7 +342,7 @@ async def _cache_entries(api: Any) -> float:
 
 # -- 4: the vault's seccomp filter bypassed by another ABI, and io_uring -----------------------
 
-PROBE_SOURCE = Path(__file__).parent / "helpers" / "syscall_probe.c"
+PROBE_SOURCE = Path(__file__).parent / "support" / "syscall_probe.c"
 # Installs the vault's filter as the vault does (no-new-privs first), then
 # becomes the probe: the filter is inherited across exec.
 _HARDENED = (
@@ -358,10 +357,7 @@ _HARDENED = (
 def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        message = "no C compiler (cc/gcc) to build tests/helpers/syscall_probe.c: apt-get install gcc"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set: {message}", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail("no C compiler (cc/gcc) to build tests/support/syscall_probe.c: apt-get install gcc")
     out = tmp_path_factory.mktemp("probe") / "syscall_probe"
     subprocess.run([cc, "-O2", "-o", str(out), str(PROBE_SOURCE)], check=True)
     return out
@@ -406,43 +402,6 @@ def test_io_uring_and_network_sockets_are_refused_in_a_vault_hardened_process(pr
 STARVE_CAP = 16
 
 
-async def _raw(d: Daemon, transport: str, rcvbuf: int | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if transport == "unix":
-        return await asyncio.open_unix_connection(d.socket)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:  # before connect, so that the window stays small
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", d.port))
-    return await asyncio.open_connection(sock=sock)
-
-
-def _request(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
-    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
-    return f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}{length}\r\n".encode() + body
-
-
-async def _answer(reader: asyncio.StreamReader, timeout: float = 5) -> tuple[int, dict[str, str], Any]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), timeout)
-    return int(lines[0].split()[1]), headers, json.loads(body) if body else None
-
-
-async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
-    """True if the daemon closes (or resets) the connection within ``seconds``."""
-    try:
-        async with asyncio.timeout(seconds):
-            while await reader.read(1 << 20):
-                pass
-        return True
-    except ConnectionError:
-        return True
-    except TimeoutError:
-        return False
-
-
 @pytest.fixture
 def starved(daemon_factory: Any) -> Daemon:
     d: Daemon = daemon_factory(extra_env={
@@ -465,32 +424,32 @@ async def test_tcp_callers_that_never_read_or_never_finish_cannot_lock_anyone_ou
     share = STARVE_CAP // 2
     attackers = []
     # Half of TCP's share: pipelines of large answers into a tiny receive window.
-    flood = _request("GET", "/openapi.yaml") * 400
+    flood = http("GET", "/openapi.yaml") * 400
     for _ in range(share // 2):
-        reader, writer = await _raw(starved, "tcp", rcvbuf=4096)
+        reader, writer = await connect(starved, "tcp", rcvbuf=4096)
         writer.write(flood)
         attackers.append((reader, writer, "pipeline"))
     # The other half: a head, and a body that never completes.
     for _ in range(share - share // 2):
-        reader, writer = await _raw(starved, "tcp")
+        reader, writer = await connect(starved, "tcp")
         writer.write(b"POST /api/keys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n{\"user_id\": ")
         attackers.append((reader, writer, "partial"))
     try:
         await asyncio.sleep(0.5)
         # TCP is at its share: a TCP newcomer is refused...
-        reader, writer = await _raw(starved, "tcp")
-        writer.write(_request("GET", "/healthz"))
-        status, headers, body = await _answer(reader)
+        reader, writer = await connect(starved, "tcp")
+        writer.write(http("GET", "/healthz"))
+        status, headers, body = await read_answer(reader)
         writer.close()
         assert (status, body["code"], headers.get("retry-after")) == (503, "unavailable", "1")
         # ...but the Unix socket is served at once, again and again: more
         # connections than the cap (root is an admin peer: always in).
-        unix = [await _raw(starved, "unix") for _ in range(STARVE_CAP)]
+        unix = [await connect(starved, "unix") for _ in range(STARVE_CAP)]
         for reader, writer in unix:
             started = time.monotonic()
-            writer.write(_request("GET", "/healthz"))
-            assert (await _answer(reader))[0] == 200
+            writer.write(http("GET", "/healthz"))
+            assert (await read_answer(reader))[0] == 200
             assert time.monotonic() - started < 1.0
         for _, writer in unix:
             writer.close()
@@ -498,12 +457,12 @@ async def test_tcp_callers_that_never_read_or_never_finish_cannot_lock_anyone_ou
         # nothing meanwhile: reading is what they do not do); the partial
         # bodies keep theirs until body_timeout (TCP's own problem).
         await asyncio.sleep(3.5)
-        closed = await asyncio.gather(*(_closed_within(r, 3) for r, _, kind in attackers if kind == "pipeline"))
+        closed = await asyncio.gather(*(closed_within(r, 3) for r, _, kind in attackers if kind == "pipeline"))
         assert all(closed), closed
         # Their places are free: TCP is served again.
-        reader, writer = await _raw(starved, "tcp")
-        writer.write(_request("GET", "/healthz"))
-        assert (await _answer(reader))[0] == 200
+        reader, writer = await connect(starved, "tcp")
+        writer.write(http("GET", "/healthz"))
+        assert (await read_answer(reader))[0] == 200
         writer.close()
     finally:
         for _, writer, _ in attackers:
@@ -526,12 +485,12 @@ def limited(daemon_factory: Any) -> Daemon:
 
 async def test_a_bogus_token_flood_is_429_and_paused_while_the_socket_is_served(limited: Daemon) -> None:
     bogus = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0." + "A" * 86
-    reader, writer = await _raw(limited, "tcp")
+    reader, writer = await connect(limited, "tcp")
     statuses = []
     try:
         for _ in range(12):
-            writer.write(_request("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
-            status, headers, body = await _answer(reader)
+            writer.write(http("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
+            status, headers, body = await read_answer(reader)
             statuses.append(status)
             if status == 429:
                 break
@@ -540,31 +499,31 @@ async def test_a_bogus_token_flood_is_429_and_paused_while_the_socket_is_served(
         assert body["retry_after"] == int(headers["retry-after"])
         # The connection is paused: its next request waits out the Retry-After...
         started = time.monotonic()
-        writer.write(_request("GET", "/healthz"))
-        unix_reader, unix_writer = await _raw(limited, "unix")
+        writer.write(http("GET", "/healthz"))
+        unix_reader, unix_writer = await connect(limited, "unix")
         # ...while the Unix socket is served at once (another peer).
-        unix_writer.write(_request("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
-        assert (await _answer(unix_reader))[0] == 401
+        unix_writer.write(http("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
+        assert (await read_answer(unix_reader))[0] == 401
         unix_writer.close()
-        assert (await _answer(reader, timeout=10))[0] == 200
+        assert (await read_answer(reader, timeout=10))[0] == 200
         assert time.monotonic() - started >= 0.4
     finally:
         writer.close()
     # Over the limit again: a connection opened meanwhile is paused too (a
     # new connection per request gets nothing more), then served.
     await asyncio.sleep(2.5)
-    reader, writer = await _raw(limited, "tcp")
+    reader, writer = await connect(limited, "tcp")
     try:
         for _ in range(20):
-            writer.write(_request("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
-            if (await _answer(reader))[0] == 429:
+            writer.write(http("GET", "/api/keys", headers=f"Authorization: Bearer {bogus}\r\n"))
+            if (await read_answer(reader))[0] == 429:
                 break
         else:
             raise AssertionError("the limit never answered 429")
-        fresh_reader, fresh_writer = await _raw(limited, "tcp")
+        fresh_reader, fresh_writer = await connect(limited, "tcp")
         started = time.monotonic()
-        fresh_writer.write(_request("GET", "/healthz"))
-        assert (await _answer(fresh_reader, timeout=10))[0] == 200
+        fresh_writer.write(http("GET", "/healthz"))
+        assert (await read_answer(fresh_reader, timeout=10))[0] == 200
         assert time.monotonic() - started >= 0.4
         fresh_writer.close()
     finally:

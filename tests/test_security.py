@@ -11,18 +11,14 @@ import pwd
 import socket
 import sqlite3
 import time
-import uuid
 
 import jwt
 import pytest
 
 from conftest import API, Daemon, open_api, remember
+from support.ids import uid
 
 ROOT = os.geteuid() == 0
-
-
-def uid() -> str:
-    return "s-" + uuid.uuid4().hex[:12]
 
 
 def b64url(raw: bytes) -> str:
@@ -34,7 +30,7 @@ def forge(header: dict, payload: dict, signature: bytes = b"") -> str:
 
 
 async def test_cross_user_read_is_impossible(api: API) -> None:
-    alice, bob = uid(), uid()
+    alice, bob = uid("s"), uid("s")
     a_token = await api.store(alice, "alice-secret-value")
     b_token = await api.store(bob, "bob-secret-value")
     assert await api.call("GET", "/api/keys", token=a_token) == (200, {"data": "alice-secret-value"})
@@ -47,7 +43,7 @@ async def test_cross_user_read_is_impossible(api: API) -> None:
 
 @pytest.mark.parametrize("column", ["encrypted_dek", "encrypted_key", "both"])
 async def test_row_copied_to_another_user_does_not_decrypt(api: API, shared_daemon: Daemon, column: str) -> None:
-    victim, thief = uid(), uid()
+    victim, thief = uid("s"), uid("s")
     await api.store(victim, "victim-secret-" + column)
     thief_token = await api.store(thief, "thief-own-value")
     db = sqlite3.connect(shared_daemon.database.removeprefix("sqlite:///"))
@@ -62,7 +58,7 @@ async def test_row_copied_to_another_user_does_not_decrypt(api: API, shared_daem
 
 
 async def test_envelope_dek_of_another_user_is_refused(api: API) -> None:
-    alice, bob = uid(), uid()
+    alice, bob = uid("s"), uid("s")
     a_token = await api.store(alice, "a-env")
     b_token = await api.store(bob, "b-env")
     dek = os.urandom(32)
@@ -73,7 +69,7 @@ async def test_envelope_dek_of_another_user_is_refused(api: API) -> None:
 
 
 async def _valid_token(api: API) -> str:
-    return await api.store(uid(), "token-source")
+    return await api.store(uid("s"), "token-source")
 
 
 async def test_forged_tokens_are_401(api: API, shared_daemon: Daemon) -> None:

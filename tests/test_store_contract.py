@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from mariadb import MariaDBServer
+from devtools.mariadb_server import MariaDBServer
 
 from kmsd.config import parse_database_url
 from kmsd.errors import Conflict

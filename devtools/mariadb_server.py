@@ -1,6 +1,7 @@
-"""A private MariaDB server for the tests: its own temporary datadir, Unix
-socket and loopback port, made with ``mariadb-install-db`` and run as a child
-process, so that tests may kill it, pause it and start it again.
+"""A private MariaDB server for the tests and bench/run: its own temporary
+datadir, Unix socket and loopback port, made with ``mariadb-install-db`` and
+run as a child process, so that tests may kill it, pause it and start it
+again.
 
 Nothing here touches a system MariaDB service or its files.
 """
