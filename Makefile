@@ -22,7 +22,7 @@ test: lint
 
 # ruff and mypy (strict on kmsd/ and client/), configured in pyproject.toml.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kmsd client
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

@@ -160,7 +160,8 @@ async def _write_phase(
     # Bodies are bytes built from a template: no json.dumps per request. The
     # user id is unique per process (prefix) and per request (counter).
     pad = "x" * max(0, data_size - len(prefix) - 8)
-    template = ('{"data":"d%s-%%d%s","user_id":"%s-%%d"}' % (prefix, pad, prefix)).encode()
+    # %-formatting on purpose: the template is filled by % per request (the fastest way).
+    template = ('{"data":"d%s-%%d%s","user_id":"%s-%%d"}' % (prefix, pad, prefix)).encode()  # noqa: UP031
     data_template = f"d{prefix}-%d{pad}"
     counter = 0
     limit = max_requests if max_requests > 0 else math.inf
@@ -185,7 +186,7 @@ async def _write_phase(
                     async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
                         raw = await resp.read()
                         status = resp.status
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     st.errors[("" if measured else "warmup:") + _conn_error(exc)] += 1
                     st.requests += measured
                     continue
@@ -256,7 +257,7 @@ async def _read_phase(
                     async with session.get(url, headers=headers) as resp:
                         raw = await resp.read()
                         status = resp.status
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     st.errors[("" if measured else "warmup:") + _conn_error(exc)] += 1
                     st.requests += measured
                     continue
@@ -292,7 +293,7 @@ async def _burst_phase(target: Target, n: int, prefix: str, data_size: int, time
     st = Stats()
     url = target.url
     pad = "x" * max(0, data_size - len(prefix) - 8)
-    bodies = [('{"data":"d%s-%d%s","user_id":"%s-%d"}' % (prefix, i, pad, prefix, i)).encode() for i in range(n)]
+    bodies = [('{"data":"d%s-%d%s","user_id":"%s-%d"}' % (prefix, i, pad, prefix, i)).encode() for i in range(n)]  # noqa: UP031
     gate = asyncio.Event()
 
     async with _session(target, 0, timeout, force_close=True) as session:
@@ -305,7 +306,7 @@ async def _burst_phase(target: Target, n: int, prefix: str, data_size: int, time
                 async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
                     await resp.read()
                     status = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 st.errors[_conn_error(exc)] += 1
                 return
             st.lat.append(time.perf_counter() - t)
@@ -514,7 +515,7 @@ def table(results: list[dict[str, Any]]) -> str:
     heads = [h for _, h, _ in COLUMNS]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(heads)]
     line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if COLUMNS[i][2] == "<" else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        c.ljust(w) if COLUMNS[i][2] == "<" else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
     )
     return "\n".join([line(heads), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 

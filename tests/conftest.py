@@ -21,8 +21,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from devtools.mariadb_server import MariaDBServer, find_binaries
 from support.ci import skip_or_fail
+
+from devtools.mariadb_server import MariaDBServer, find_binaries
 
 # Every plaintext, DEK and token a test hands to a daemon or gets back goes
 # here (``API.call`` adds what passes through it); at the end of the session
@@ -460,3 +461,24 @@ async def tcp_api(shared_daemon: Daemon) -> AsyncIterator[API]:
     session, client = open_api(shared_daemon, "tcp")
     async with session:
         yield client
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Any]:
+    """A fresh, empty store on the test's backend (the storage tests)."""
+    from support.store import open_url
+
+    s = await open_url(database_url)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def mysql_server(mariadb: MariaDBServer) -> Any:
+    """The shared server, left running whatever the test did to it."""
+    try:
+        yield mariadb
+    finally:
+        mariadb.ensure_running()

@@ -9,7 +9,6 @@ import os
 
 import jwt
 import pytest
-
 from conftest import API, remember
 from support.ids import uid
 

@@ -7,10 +7,10 @@ import os
 import uuid
 
 import pytest
+from conftest import Daemon, remember
 
 import kmsd_client
-from conftest import Daemon, remember
-from kmsd_client import Conflict, DecryptionFailed, Forbidden, KMSClient, NotFound, Unauthorized, Unavailable
+from kmsd_client import Conflict, DecryptionFailed, Forbidden, KMSClient, Unauthorized, Unavailable
 
 
 @pytest.fixture(params=["unix", "tcp"])

@@ -20,8 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import kmsd_client
 import pytest
+
+import kmsd_client
+from kmsd.errors import InternalError, MethodNotAllowed
 from kmsd_client import (
     BadRequest,
     Conflict,
@@ -34,8 +36,6 @@ from kmsd_client import (
     Unauthorized,
     Unavailable,
 )
-
-from kmsd.errors import InternalError, MethodNotAllowed
 
 SECRET_TOKEN = "c2VjcmV0.dG9rZW4.c2ln"  # shaped like a JWT; must never leak
 DEK = bytes(range(32))

@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Daemon, _UnixHTTPConnection, free_port, make_daemon, remember, remember_fields
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from conftest import Daemon, _UnixHTTPConnection, free_port, make_daemon, remember, remember_fields
 from support.ci import skip_or_fail
 from test_legacy import (
     ACTIVE_ID,

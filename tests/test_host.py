@@ -31,9 +31,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import LOG_FILES, Daemon, _UnixHTTPConnection, free_port, open_api, remember
+from prometheus_client.parser import text_string_to_metric_families
 from support.ci import skip_or_fail
 from support.ids import uid
 
@@ -597,7 +596,7 @@ def test_audit_trail_records_every_key_operation_and_verifies(daemon_factory: An
         ("delete", user, jti(t1), "ok", 200, "unix"),
     ]
     assert len(lines) == len(expected), lines
-    for n, (line, (operation, subject, token_id, outcome, status, transport)) in enumerate(zip(lines, expected), 1):
+    for n, (line, (operation, subject, token_id, outcome, status, transport)) in enumerate(zip(lines, expected, strict=True), 1):
         assert line["seq"] == n
         assert (line["operation"], line["subject"], line["token_id"], line["outcome"], line["status"]) == (
             operation, subject, token_id, outcome, status,

@@ -23,10 +23,9 @@ from urllib.parse import urlsplit
 
 import jwt
 import pytest
+from conftest import API, Daemon, open_api, remember
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-from conftest import API, Daemon, open_api, remember
 
 SAMPLE = json.loads((Path(__file__).parent / "data" / "original-system-rows.json").read_text())
 ROOT_KEY = SAMPLE["root_key_env"]
@@ -381,7 +380,7 @@ async def test_migrate_legacy_upgrades_every_row_and_loses_none(
     assert f"{total} rows checked" in first.stdout
     for row in BROKEN:
         assert f"row {row['user_id']!r}: no master key reads it; left unchanged" in first.stdout
-    assert "/%d rows checked" % total in first.stderr  # progress
+    assert f"/{total} rows checked" in first.stderr  # progress
 
     after = snapshot(mariadb, name)
     assert set(after) == set(before)

@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-
 from conftest import API, Daemon, open_api, remember
 
 

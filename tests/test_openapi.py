@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import API, Daemon, open_api, remember
 from support.ci import skip_or_fail
+
 from kmsd.auth import MAX_USER_ID
 from kmsd.config import load_settings
 from kmsd.errors import ERRORS_BY_CODE

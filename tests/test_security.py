@@ -14,7 +14,6 @@ import time
 
 import jwt
 import pytest
-
 from conftest import API, Daemon, open_api, remember
 from support.ids import uid
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Daemon, open_api, remember
+
 from kmsd import envelope as env
 
 ROOT = os.geteuid() == 0
