@@ -106,9 +106,6 @@ class Runtime:
         try:
             yield self.kms
         finally:
-            # Before the vault: a rotation in progress stops and hands its
-            # lease over while the vault still answers.
-            await self.rotator.close()
             await self.vault.close()
 
     @contextlib.asynccontextmanager
@@ -119,4 +116,9 @@ class Runtime:
             if check is not None:
                 await check(store)
             async with self.vault_started():
-                yield self
+                try:
+                    yield self
+                finally:
+                    # Before the vault: a rotation in progress stops and
+                    # hands its lease over while the vault still answers.
+                    await self.rotator.close()

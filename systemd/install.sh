@@ -16,7 +16,8 @@ if [ -z "$root" ]; then
     # The program, in its own virtualenv (Debian's python3-venv).
     python3 -m venv /opt/kmsd
     /opt/kmsd/bin/pip install --quiet --upgrade pip
-    /opt/kmsd/bin/pip install --quiet "$src"
+    # The client first: the daemon depends on it (kmsd-client, not on PyPI).
+    /opt/kmsd/bin/pip install --quiet "$src/client" "$src"
     ln -sf /opt/kmsd/bin/kmsd /usr/local/bin/kmsd
 fi
 

@@ -53,3 +53,20 @@ def test_installs_alone_and_its_tests_pass_against_the_daemon(tmp_path: Path, sh
     located = subprocess.run([python, "-c", "import kmsd_client; print(kmsd_client.__file__)"], capture_output=True,
                              text=True, check=True, env=env, cwd=tmp_path)
     assert located.stdout.startswith(str(env_dir)), located.stdout
+
+
+def test_every_install_of_the_daemon_from_source_installs_the_client_with_it() -> None:
+    """kmsd depends on kmsd-client, which no index serves: ``pip install .``
+    alone cannot resolve it, so each documented install names ./client too."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("kmsd-client") for dep in project["dependencies"])
+    places = {
+        "Makefile": "-e ./client -e '.[test]'",
+        "systemd/install.sh": '"$src/client" "$src"',
+        "docs/operations.md": "pip install ./client .",
+        "bench/run": "-e ./client -e .",
+    }
+    for path, install in places.items():
+        assert install in (ROOT / path).read_text(), path

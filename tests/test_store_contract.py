@@ -21,14 +21,12 @@ from support.store import (
     active,
     after_rewrap,
     all_records,
-    expected_versions,
     fields,
     keyed,
     mk,
     open_url,
     rec,
     rewrapped,
-    schema_versions,
     sk,
 )
 
@@ -80,41 +78,6 @@ async def test_a_replaced_or_deleted_records_dek_can_be_released_to_its_owner(st
     # Without release, nothing is remembered.
     assert await store.delete_record("carol")
     assert await store.released_owners(b"c" * 32) == []
-
-
-async def test_open_applies_the_migrations_and_is_idempotent(
-    database_url: str, request: pytest.FixtureRequest
-) -> None:
-    first = await open_url(database_url)
-    try:
-        assert schema_versions(database_url, request) == expected_versions(database_url)
-        assert await first.count_records() == 0
-        assert await first.list_master_keys() == []
-        assert await first.list_signing_keys() == []
-        await first.insert_record(rec("kept"))
-        await first.add_master_key(mk("mk-1"))
-        await first.add_signing_key(sk("sk-1"))
-
-        # A second open on the same database (a restart, another daemon)
-        # applies nothing again and loses nothing; both stores work.
-        second = await open_url(database_url)
-        try:
-            assert schema_versions(database_url, request) == expected_versions(database_url)
-            assert await second.get_record("kept") == rec("kept")
-            assert [r.key_id for r in await second.list_master_keys()] == ["mk-1"]
-            assert [r.kid for r in await second.list_signing_keys()] == ["sk-1"]
-            await second.insert_record(rec("from-second"))
-            assert await first.get_record("from-second") == rec("from-second")
-        finally:
-            await second.close()
-        assert await first.count_records() == 2
-    finally:
-        await first.close()
-    third = await open_url(database_url)
-    try:
-        assert await third.count_records() == 2
-    finally:
-        await third.close()
 
 
 async def test_ping(store: Store) -> None:

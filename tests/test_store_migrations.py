@@ -18,6 +18,7 @@ from support.store import (
     rec,
     rewrapped,
     schema_versions,
+    sk,
 )
 
 from devtools.mariadb_server import MariaDBServer
@@ -247,3 +248,38 @@ async def test_mysql_open_migrates_an_original_database(mysql_server: MariaDBSer
         " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'kms_keys' AND COLUMN_NAME = 'user_id'",
         (name,),
     ) == [("utf8mb4_nopad_bin",)]
+
+
+async def test_open_applies_the_migrations_and_is_idempotent(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    first = await open_url(database_url)
+    try:
+        assert schema_versions(database_url, request) == expected_versions(database_url)
+        assert await first.count_records() == 0
+        assert await first.list_master_keys() == []
+        assert await first.list_signing_keys() == []
+        await first.insert_record(rec("kept"))
+        await first.add_master_key(mk("mk-1"))
+        await first.add_signing_key(sk("sk-1"))
+
+        # A second open on the same database (a restart, another daemon)
+        # applies nothing again and loses nothing; both stores work.
+        second = await open_url(database_url)
+        try:
+            assert schema_versions(database_url, request) == expected_versions(database_url)
+            assert await second.get_record("kept") == rec("kept")
+            assert [r.key_id for r in await second.list_master_keys()] == ["mk-1"]
+            assert [r.kid for r in await second.list_signing_keys()] == ["sk-1"]
+            await second.insert_record(rec("from-second"))
+            assert await first.get_record("from-second") == rec("from-second")
+        finally:
+            await second.close()
+        assert await first.count_records() == 2
+    finally:
+        await first.close()
+    third = await open_url(database_url)
+    try:
+        assert await third.count_records() == 2
+    finally:
+        await third.close()
