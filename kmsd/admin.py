@@ -124,7 +124,7 @@ class _Direct:
         self.where = "database"
 
     async def list(self) -> dict[str, Any]:
-        return {"active_key_id": self.kms.keys.active_key_id, "master_keys": await self.kms.list_master_keys()}
+        return {"active_key_id": self.kms.keyring.state.active_key_id, "master_keys": await self.kms.keyring.listing()}
 
     async def add(self, description: str | None) -> dict[str, Any]:
         return await self.rotator.add_key(description)
@@ -136,7 +136,7 @@ class _Direct:
         return await self.rotator.status()
 
     async def destroy(self, key_id: str) -> dict[str, Any]:
-        await self.kms.destroy_master_key(key_id)
+        await self.kms.keyring.destroy(key_id)
         return {"message": "Master key destroyed", "key_id": key_id}
 
 

@@ -40,7 +40,7 @@ async def migrate_legacy(
     progress: Callable[[MigrationReport], None] | None = None,
 ) -> MigrationReport:
     report = MigrationReport()
-    report.master_keys_upgraded = await kms.upgrade_master_keys()
+    report.master_keys_upgraded = await kms.keyring.upgrade_legacy()
     report.total = await kms.store.count_records()
     gate = asyncio.Semaphore(concurrency)
 

@@ -101,8 +101,8 @@ class Rotator:
         while True:
             await asyncio.sleep(self.refresh_interval)
             try:
-                if await self.kms.refresh_keys():
-                    self.log.info("master_keys_reloaded", active_key_id=self.kms.keys.active_key_id)
+                if await self.kms.keyring.refresh():
+                    self.log.info("master_keys_reloaded", active_key_id=self.kms.keyring.state.active_key_id)
                 if not self.running_here:
                     await self._maybe_take_over()
                 self._last_error = None
@@ -130,7 +130,7 @@ class Rotator:
                 await self.rotate(requested_by="schedule")
 
     def _rotation_due(self) -> bool:
-        active = next((r for r in self.kms.keys.master_keys if r.status == "active"), None)
+        active = next((r for r in self.kms.keyring.state.master_keys if r.status == "active"), None)
         created = _parse_time(active.created_at) if active else None
         return created is not None and self.period is not None and time.time() - created >= self.period
 
@@ -153,7 +153,7 @@ class Rotator:
                     await self.store.update_rotation_job(
                         replace(previous_job, state="finished", finished_at=now_utc())
                     )
-                key_id, previous = await self.kms.add_master_key(description="rotation")
+                key_id, previous = await self.kms.keyring.add(description="rotation")
                 job = await self.store.start_rotation_job(key_id, requested_by)
             except BaseException:
                 with contextlib.suppress(KMSError):
@@ -175,7 +175,7 @@ class Rotator:
             if self.running_here or not await self._acquire():
                 raise Conflict("a master key rotation is running", extra={"rotation": await self.status()})
             try:
-                key_id, previous = await self.kms.add_master_key(description=description)
+                key_id, previous = await self.kms.keyring.add(description=description)
             finally:
                 with contextlib.suppress(KMSError):
                     await self.store.release_lease(LEASE, self.holder)
@@ -186,14 +186,14 @@ class Rotator:
         job = await self.store.latest_rotation_job()
         counts = await self.store.count_records_by_key()
         lease = await self.store.get_lease(LEASE)
-        active = self.kms.keys.active_key_id
+        active = self.kms.keyring.state.active_key_id
         remaining = {(k if k is not None else "unattributed"): n for k, n in counts.items() if k != active}
         body: dict[str, Any] = {
             "state": job.state if job else "idle",
             "active_key_id": active,
             "master_keys": [
                 {"key_id": r.key_id, "status": r.status, "created_at": r.created_at, "records": counts.get(r.key_id, 0)}
-                for r in self.kms.keys.master_keys
+                for r in self.kms.keyring.state.master_keys
             ],
             "remaining": remaining,
             "remaining_total": sum(remaining.values()),
@@ -243,7 +243,7 @@ class Rotator:
         settle = 2 * self.refresh_interval + 1.0
         backoff = 0.2
         while True:
-            active = self.kms.keys.active_key_id
+            active = self.kms.keyring.state.active_key_id
             assert active is not None
             after: str | None = None
             progress = unreadable = 0

@@ -291,7 +291,7 @@ async def rotate(request: web.Request) -> web.Response:
 async def list_master_keys(request: web.Request) -> web.Response:
     require_admin(request)
     kms = _kms(request)
-    return json_response({"active_key_id": kms.keys.active_key_id, "master_keys": await kms.list_master_keys()})
+    return json_response({"active_key_id": kms.keyring.state.active_key_id, "master_keys": await kms.keyring.listing()})
 
 
 @routes.post("/api/master-keys")
@@ -313,7 +313,7 @@ async def destroy_master_key(request: web.Request) -> web.Response:
     if not 0 < len(key_id) <= 64 or not utf8(key_id) or has_controls(key_id):
         raise BadRequest("key_id must be 1 to 64 characters without control characters")
     request[AUDIT_SUBJECT] = key_id
-    await _kms(request).destroy_master_key(key_id)
+    await _kms(request).keyring.destroy(key_id)
     return json_response({"message": "Master key destroyed", "key_id": key_id})
 
 

@@ -1,12 +1,12 @@
 """What kmsd does, independent of HTTP: store and read records, wrap and
-unwrap DEKs, issue tokens, manage master keys. It joins the store, the vault
-and the token service; the HTTP layer (server.py, http_input.py) only
-validates input and renders output."""
+unwrap DEKs, issue tokens, move records under the active master key. It
+joins the store, the vault, the key ring (keyring.py: which keys the vault
+holds) and the token service; the HTTP layer (server.py, http_input.py)
+only validates input and renders output."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import secrets
 import time
@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from . import envelope as env
-from .auth import Claims, TokenService, random_kid
+from .auth import Claims, TokenService
 from .errors import Conflict, DecryptionFailed, NotFound, Unauthorized, Unavailable
-from .store import MasterKeyRow, Record, SigningKeyRow, Store, now_utc
+from .keyring import KeyRing
+from .store import Record, Store, now_utc
 from .vault import DEK, UnknownKey, VaultClient
 from .vault_protocol import Kind, Rewrap
 
-__all__ = ["KMS", "KeyState", "RewrapResult"]
+__all__ = ["KMS", "RewrapResult"]
 
 T = TypeVar("T")
 
@@ -29,12 +30,6 @@ T = TypeVar("T")
 # DEK of its own stored record (the original key-server's read flow).
 _ENVELOPE_PURPOSES = (env.Purpose.ENVELOPE, env.Purpose.RECORD)
 _RECORD_PURPOSES = (env.Purpose.RECORD,)
-
-
-@dataclass(frozen=True)
-class KeyState:
-    active_key_id: str | None
-    master_keys: tuple[MasterKeyRow, ...]
 
 
 @dataclass
@@ -59,150 +54,9 @@ class KMS:
         self.tokens = tokens
         self._clock = clock
         self._log = log
-        self.keys = KeyState(None, ())
-        self._key_lock = asyncio.Lock()
-        self._last_load = float("-inf")
-        self._signing_loaded: tuple[SigningKeyRow, ...] = ()
-        self._vault_signing: tuple[int | None, str] | None = None
-        vault.on_start = self.load_keys
+        self.keyring = KeyRing(store, vault, tokens, clock=clock)
 
-    # -- keys ----------------------------------------------------------------
-
-    async def load_keys(self) -> None:
-        """Give the vault every master key and the signing key from the
-        store, creating the first ones on a new database. Runs at every
-        vault (re)start and after a rotation."""
-        async with self._key_lock:
-            rows = await self.store.list_master_keys()
-            if not rows:
-                await self._create_master_key(description="first master key")
-                rows = await self.store.list_master_keys()
-            active = next((r.key_id for r in rows if r.status == "active"), None)
-            await self.vault.load_master_keys(active, [(r.key_id, r.key_material) for r in rows])
-            self.keys = KeyState(active, tuple(rows))
-
-            signing = await self.store.list_signing_keys()
-            if not any(s.status == "active" for s in signing):
-                kid = random_kid()
-                wrapped, public = await self.vault.new_signing_key(kid)
-                await self.store.add_signing_key(
-                    SigningKeyRow(kid, base64.b64encode(public).decode(), wrapped, "active", now_utc())
-                )
-                signing = await self.store.list_signing_keys()
-            current = next(s for s in signing if s.status == "active")
-            # The same key in the same vault process needs no reload (after a
-            # root-key rotation, its new row would not open under the old root).
-            loaded = (self.vault.pid, current.kid)
-            if loaded != self._vault_signing:
-                await self.vault.load_signing_key(current.kid, current.key_material)
-                self._vault_signing = loaded
-            self.tokens.set_public_keys((s.kid, s.public_key) for s in signing)
-            self._signing_loaded = tuple(signing)
-            self._last_load = time.monotonic()
-
-    async def refresh_keys(self) -> bool:
-        """Reload the key rows if another process changed them (a rotation,
-        an added or destroyed key). Every daemon calls this periodically:
-        that period bounds how long it may keep wrapping under a key that
-        another daemon retired. True if something changed."""
-        rows = tuple(await self.store.list_master_keys())
-        signing = tuple(await self.store.list_signing_keys())
-        if rows == self.keys.master_keys and signing == self._signing_loaded:
-            return False
-        await self.load_keys()
-        return True
-
-    async def _reload_if_stale(self) -> bool:
-        """Reload key rows when something names a key this daemon has not
-        loaded; at most once a second, so garbage input cannot turn into a
-        database query per request."""
-        if time.monotonic() - self._last_load < 1.0:
-            return False
-        await self.load_keys()
-        return True
-
-    async def _create_master_key(self, description: str | None) -> str:
-        # key-<unix ms> as the original named them; a clash within one
-        # millisecond takes the next one.
-        ms = int(self._clock() * 1000)
-        for attempt in range(5):
-            key_id = f"key-{ms + attempt}"
-            wrapped = await self.vault.new_master_key(key_id)
-            try:
-                await self.store.add_master_key(
-                    MasterKeyRow(key_id, wrapped, "active", now_utc(), description)
-                )
-                return key_id
-            except Conflict:
-                continue
-        raise Conflict("could not allocate a master key id")
-
-    async def add_master_key(self, description: str | None = None) -> tuple[str, str | None]:
-        """The original's ``addMasterKey``: a new active master key, every
-        other one retired (and still loaded, so everything wrapped before
-        still decrypts). (new key id, previous active key id)."""
-        # Start from the rows as they are now: a root key that no longer
-        # unwraps them (rotated elsewhere) fails here, before a key is added
-        # that other daemons could not read.
-        await self.load_keys()
-        previous = self.keys.active_key_id
-        async with self._key_lock:
-            key_id = await self._create_master_key(description=description)
-        await self.load_keys()
-        return key_id, previous
-
-    async def active_master_key(self) -> MasterKeyRow | None:
-        """The original's ``getActiveMasterKey`` (the row, never the key)."""
-        return next((r for r in await self.store.list_master_keys() if r.status == "active"), None)
-
-    async def retired_master_keys(self) -> list[MasterKeyRow]:
-        """The original's ``getRetiredMasterKeys``."""
-        return [r for r in await self.store.list_master_keys() if r.status == "retired"]
-
-    async def list_master_keys(self) -> list[dict[str, Any]]:
-        """The original's ``listMasterKeys``, with how many records each key
-        still wraps."""
-        counts = await self.store.count_records_by_key()
-        return [
-            {
-                "key_id": r.key_id,
-                "status": r.status,
-                "created_at": r.created_at,
-                "description": r.description,
-                "records": counts.get(r.key_id, 0),
-            }
-            for r in await self.store.list_master_keys()
-        ]
-
-    async def destroy_master_key(self, key_id: str) -> None:
-        """Delete a retired master key that no stored record uses. Anything
-        still wrapped under it (a DEK a caller keeps from /api/encrypt) can
-        never be decrypted again."""
-        row = next((r for r in await self.store.list_master_keys() if r.key_id == key_id), None)
-        if row is None:
-            raise NotFound("no such master key")
-        counts = await self.store.count_records_by_key()
-        in_use = counts.get(key_id, 0)
-        if row.status == "active":
-            raise Conflict(
-                f"master key {key_id} is the active key ({in_use} records); rotate first",
-                extra={"records": in_use},
-            )
-        if in_use:
-            raise Conflict(
-                f"master key {key_id} still wraps {in_use} records; rotate and let the rewrap finish first",
-                extra={"records": in_use},
-            )
-        unclassified = counts.get(None, 0)
-        if unclassified:
-            raise Conflict(
-                f"{unclassified} records are not yet attributed to a master key (written by the original"
-                " system or before kmsd tracked keys); a rotation (`kmsd mk rotate`) attributes them",
-                extra={"records": unclassified},
-            )
-        if not await self.store.delete_master_key(key_id):
-            raise Conflict(f"master key {key_id} came into use meanwhile; try again")
-        await self.load_keys()
+    # -- master keys ---------------------------------------------------------
 
     async def rewrap_records(self, records: Sequence[Record], *, concurrency: int = 16) -> RewrapResult:
         """Move ``records`` under the active master key. v1 rows are rewrapped
@@ -210,7 +64,7 @@ class KMS:
         written with one compare-and-set per row, in one transaction; rows of
         the original system are upgraded one by one (their data is CBC, so it
         is re-encrypted, as ``migrate-legacy`` does)."""
-        active = self.keys.active_key_id
+        active = self.keyring.state.active_key_id
         result = RewrapResult()
         if active is None:
             raise Unavailable("no active master key")
@@ -309,7 +163,7 @@ class KMS:
             if not self.tokens.has_key(token):
                 # Signed with a key this daemon has not loaded (another daemon
                 # may have added one): reload, then judge.
-                await self._reload_if_stale()
+                await self.keyring.reload_if_stale()
             claims = self.tokens.verify(token)
         try:
             await self._check_current(claims)
@@ -445,21 +299,6 @@ class KMS:
         replaced = await self.store.replace_record(record, upgraded, release=_release(record))
         return "upgraded" if replaced else "changed"
 
-    async def upgrade_master_keys(self) -> list[str]:
-        """Rewrap master-key rows of the original system (CBC, no MAC) in the
-        v1 format (AES-GCM, key id bound). The key itself does not change,
-        so every DEK wrapped under it still unwraps. The ids upgraded."""
-        upgraded = []
-        for row in self.keys.master_keys:
-            if not env.is_legacy_master_key(row.key_material):
-                continue
-            wrapped = await self.vault.rewrap_master_key(row.key_id)
-            if await self.store.replace_master_key_material(row.key_id, row.key_material, wrapped):
-                upgraded.append(row.key_id)
-        if upgraded:
-            await self.load_keys()
-        return upgraded
-
     async def delete_record(self, owner: Claims) -> None:
         """Delete the owner's record. Its tokens die with it (a new
         generation in the same transaction): one kept from before cannot
@@ -491,7 +330,7 @@ class KMS:
             return await call()
         except UnknownKey:
             pass
-        if not await self._reload_if_stale():
+        if not await self.keyring.reload_if_stale():
             raise DecryptionFailed()
         try:
             return await call()
@@ -557,7 +396,7 @@ class KMS:
         checks = {
             "vault": self.vault.is_up,
             "store": store_ok,
-            "active_master_key": self.keys.active_key_id is not None,
+            "active_master_key": self.keyring.state.active_key_id is not None,
         }
         launcher = self.vault.launcher_up
         if launcher is not None:

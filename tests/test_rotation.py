@@ -365,14 +365,14 @@ async def test_the_original_master_key_functions_as_a_library(workdir: Path) -> 
     )
     async with Runtime(settings, log=get_logger(process="test")).running() as runtime:
         kms = runtime.kms
-        first = await kms.active_master_key()
-        assert first is not None and await kms.retired_master_keys() == []
-        new_id, previous = await kms.add_master_key("by the library")
+        first = await kms.keyring.active()
+        assert first is not None and await kms.keyring.retired() == []
+        new_id, previous = await kms.keyring.add("by the library")
         assert previous == first.key_id
-        active = await kms.active_master_key()
+        active = await kms.keyring.active()
         assert active is not None and active.key_id == new_id and active.description == "by the library"
-        assert [r.key_id for r in await kms.retired_master_keys()] == [first.key_id]
-        listing = await kms.list_master_keys()
+        assert [r.key_id for r in await kms.keyring.retired()] == [first.key_id]
+        listing = await kms.keyring.listing()
         assert [(k["key_id"], k["status"], k["records"]) for k in listing] == [
             (first.key_id, "retired", 0), (new_id, "active", 0),
         ]
