@@ -124,7 +124,7 @@ class _Direct:
         self.where = "database"
 
     async def list(self) -> dict[str, Any]:
-        return {"active_key_id": self.kms.keyring.state.active_key_id, "master_keys": await self.kms.keyring.listing()}
+        return await self.kms.keyring.overview()
 
     async def add(self, description: str | None) -> dict[str, Any]:
         return await self.rotator.add_key(description)

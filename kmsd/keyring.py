@@ -150,6 +150,10 @@ class KeyRing:
             for r in await self.store.list_master_keys()
         ]
 
+    async def overview(self) -> dict[str, Any]:
+        """The answer of ``GET /api/master-keys`` and ``kmsd mk list``."""
+        return {"active_key_id": self.state.active_key_id, "master_keys": await self.listing()}
+
     async def destroy(self, key_id: str) -> None:
         """Delete a retired master key that no stored record uses. Anything
         still wrapped under it (a DEK a caller keeps from /api/encrypt) can

@@ -79,7 +79,7 @@ class Runtime:
             legacy_secret=settings.legacy_jwt_secret,
             cache_size=settings.token_cache_size,
         )
-        self.kms = KMS(self.store, self.vault, tokens, log=log)
+        self.kms = KMS(self.store, self.vault, tokens)
         # Rotations run only where ``start`` is called (the daemon); the
         # direct commands use it to rotate once and report.
         self.rotator = Rotator(

@@ -290,8 +290,7 @@ async def rotate(request: web.Request) -> web.Response:
 @routes.get("/api/master-keys")
 async def list_master_keys(request: web.Request) -> web.Response:
     require_admin(request)
-    kms = _kms(request)
-    return json_response({"active_key_id": kms.keyring.state.active_key_id, "master_keys": await kms.keyring.listing()})
+    return json_response(await _kms(request).keyring.overview())
 
 
 @routes.post("/api/master-keys")

@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from . import envelope as env
 from .auth import Claims, TokenService
@@ -47,13 +47,11 @@ class KMS:
         tokens: TokenService,
         *,
         clock: Callable[[], float] = time.time,
-        log: Any = None,
     ) -> None:
         self.store = store
         self.vault = vault
         self.tokens = tokens
         self._clock = clock
-        self._log = log
         self.keyring = KeyRing(store, vault, tokens, clock=clock)
 
     # -- master keys ---------------------------------------------------------
