@@ -48,6 +48,8 @@ __all__ = [
     "load_settings",
     "parse_database_url",
     "parse_duration",
+    "format_server",
+    "format_servers",
     "parse_listen",
     "settings_from_args",
 ]
@@ -63,13 +65,32 @@ class DatabaseURL:
     password: str = dataclasses.field(default="", repr=False)
     database: str = "kms"
     unix_socket: str | None = None
+    # Every server of a cluster, in the order they are tried (the first is
+    # preferred); one entry, (host, port), for a single server.
+    hosts: tuple[tuple[str, int], ...] = ()
+    # wsrep_sync_wait on Galera sessions: 1 makes every read wait until the
+    # node has applied what the cluster committed before it (read-your-writes
+    # across nodes); 0 gives that up for speed.
+    sync_wait: int = 1
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        return self.hosts or ((self.host, self.port),)
 
     def masked(self) -> str:
         if self.scheme == "sqlite":
             return f"sqlite:///{self.path}"
         auth = f"{self.user}:***@" if self.user else ""
         tail = f"?unix_socket={self.unix_socket}" if self.unix_socket else ""
-        return f"mysql://{auth}{self.host}:{self.port}/{self.database}{tail}"
+        return f"mysql://{auth}{format_servers(self.servers)}/{self.database}{tail}"
+
+
+def format_server(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_servers(servers: tuple[tuple[str, int], ...]) -> str:
+    return ",".join(format_server(h, p) for h, p in servers)
 
 
 @dataclass(frozen=True)
@@ -208,9 +229,26 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port_num
 
 
+def _parse_server(text: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = text.partition(":")
+    if not host:
+        raise ConfigError("database URL names an empty host")
+    if not port:
+        return host, 3306
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError("database port must be a number between 1 and 65535")
+    return host, int(port)
+
+
 def parse_database_url(url: str) -> DatabaseURL:
-    """``sqlite:///relative.db``, ``sqlite:////absolute.db``, or
-    ``mysql://user:pass@host:port/db[?unix_socket=/path]``."""
+    """``sqlite:///relative.db``, ``sqlite:////absolute.db``,
+    ``mysql://user:pass@host:port/db[?unix_socket=/path]``, or a cluster:
+    ``mysql://user:pass@h1:3306,h2:3306,h3:3306/db`` (tried in order)."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
@@ -219,18 +257,27 @@ def parse_database_url(url: str) -> DatabaseURL:
         return DatabaseURL("sqlite", path=path)
     if parts.scheme in ("mysql", "mariadb"):
         query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-        try:
-            port = parts.port or 3306
-        except ValueError:
-            raise ConfigError("database port must be a number") from None
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        servers = tuple(_parse_server(h) for h in hostlist.split(",")) if hostlist else (("127.0.0.1", 3306),)
+        if len(set(servers)) != len(servers):
+            raise ConfigError("database URL names the same server twice")
+        unix_socket = unquote(query["unix_socket"]) if "unix_socket" in query else None
+        if unix_socket and len(servers) > 1:
+            raise ConfigError("a database URL with unix_socket names one server only")
+        sync_wait = query.get("wsrep_sync_wait", "1")
+        if not sync_wait.isdigit() or int(sync_wait) > 15:
+            raise ConfigError("wsrep_sync_wait must be a number between 0 and 15")
         return DatabaseURL(
             "mysql",
-            host=parts.hostname or "127.0.0.1",
-            port=port,
-            user=unquote(parts.username or ""),
-            password=unquote(parts.password or ""),
+            host=servers[0][0],
+            port=servers[0][1],
+            user=unquote(user),
+            password=unquote(password),
             database=parts.path.lstrip("/") or "kms",
-            unix_socket=unquote(query["unix_socket"]) if "unix_socket" in query else None,
+            unix_socket=unix_socket,
+            hosts=servers,
+            sync_wait=int(sync_wait),
         )
     raise ConfigError(f"unsupported database URL scheme {parts.scheme!r}")
 

@@ -47,6 +47,14 @@ class Metrics:
         )
         self.store_errors = Counter("kmsd_store_call_errors", "Storage operations that failed", ["op"], registry=r)
         self.open_connections = Gauge("kmsd_open_connections", "Open client connections", registry=r)
+        self.database_server = Gauge(
+            "kmsd_database_server", "1 for the database server in use (a cluster node, or the SQLite file)",
+            ["server"], registry=r,
+        )
+        self.database_failovers = Gauge(
+            "kmsd_database_failovers", "Moves from one database server of a cluster to another", registry=r
+        )
+        self._servers: set[str] = set()
         self.vault_up = Gauge("kmsd_vault_up", "1 while the vault process answers", registry=r)
         self.vault_restarts = Gauge("kmsd_vault_restarts", "Vault restarts since the daemon started", registry=r)
         self.master_keys = Gauge("kmsd_master_keys", "Master keys by status", ["status"], registry=r)
@@ -111,6 +119,14 @@ class Metrics:
             counts[key["status"]] = counts.get(key["status"], 0) + 1
         for name, n in counts.items():
             self.master_keys.labels(name).set(n)
+
+    def set_database(self, server: str, failovers: int) -> None:
+        """The server in use is 1, every other one this daemon used is 0."""
+        for name in self._servers - {server}:
+            self.database_server.labels(name).set(0)
+        self._servers.add(server)
+        self.database_server.labels(server).set(1)
+        self.database_failovers.set(failovers)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,11 +10,21 @@ import aiomysql
 
 from .store_sql import DEK_PREFIX
 
-__all__ = ["MIGRATIONS", "NOPAD_COLLATIONS", "apply_step"]
+__all__ = ["LEASES_TABLE", "MIGRATIONS", "NOPAD_COLLATIONS", "apply_step", "galera_checks"]
 
 # Exact comparison needs a binary collation that does not pad: MariaDB's
 # utf8mb4_bin and MySQL's utf8mb4_bin ignore trailing spaces.
 NOPAD_COLLATIONS = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin")
+
+# Leases (rows taken by compare-and-set) are kmsd's only lock between
+# daemons: GET_LOCK is local to one Galera node. The schema migrations run
+# under one, so the table is made before them too (IF NOT EXISTS: the same
+# definition as in migration 3, whichever comes first).
+LEASES_TABLE = """CREATE TABLE IF NOT EXISTS kmsd_leases (
+            name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            holder VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL,
+            expires_at DOUBLE NOT NULL
+        ) ENGINE=InnoDB"""
 
 MIGRATIONS: Sequence[Sequence[str]] = (
     # 1: the original schema, byte for byte where it exists already (IF NOT
@@ -53,11 +63,7 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "index kms_keys kms_keys_master_key_id (master_key_id)",
         "column master_keys kmsd_one_active TINYINT AS (IF(status = 'active', 1, NULL)) STORED",
         "index master_keys kmsd_master_keys_one_active UNIQUE (kmsd_one_active)",
-        """CREATE TABLE IF NOT EXISTS kmsd_leases (
-            name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
-            holder VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL,
-            expires_at DOUBLE NOT NULL
-        ) ENGINE=InnoDB""",
+        LEASES_TABLE,
         """CREATE TABLE IF NOT EXISTS kmsd_rotation_jobs (
             id INT AUTO_INCREMENT PRIMARY KEY,
             state ENUM('running','finished') NOT NULL,
@@ -122,3 +128,55 @@ async def apply_step(cur: aiomysql.Cursor, statement: str) -> None:
     else:
         unique = "UNIQUE " if ddl.startswith("UNIQUE ") else ""
         await cur.execute(f"ALTER TABLE {table} ADD {unique}INDEX {name} {ddl.removeprefix('UNIQUE ')}")
+
+
+async def galera_checks(cur: aiomysql.Cursor, sync_wait: int, *, clustered: bool) -> list[str]:
+    """What kmsd needs of a Galera cluster, one line per problem found: row
+    replication, InnoDB tables with primary keys (Galera replicates only
+    InnoDB, and a table without a primary key replicates unreliably), the
+    session's wsrep_sync_wait, and a cluster that can keep quorum."""
+    problems: list[str] = []
+
+    async def value(sql: str) -> str:
+        await cur.execute(sql)
+        row = await cur.fetchone()
+        return "" if row is None else str(row[-1])
+
+    binlog = await value("SELECT @@binlog_format")
+    if binlog.upper() != "ROW":
+        problems.append(f"galera: binlog_format={binlog}; Galera needs ROW (set binlog_format=ROW on every node)")
+    await cur.execute(
+        "SELECT TABLE_NAME, ENGINE FROM information_schema.TABLES"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE' AND ENGINE <> 'InnoDB'"
+    )
+    for table, engine in await cur.fetchall():
+        problems.append(f"galera: table {table} uses {engine}; Galera replicates InnoDB tables only")
+    await cur.execute(
+        "SELECT t.TABLE_NAME FROM information_schema.TABLES t WHERE t.TABLE_SCHEMA = DATABASE()"
+        " AND t.TABLE_TYPE = 'BASE TABLE' AND NOT EXISTS (SELECT 1 FROM information_schema.TABLE_CONSTRAINTS c"
+        " WHERE c.TABLE_SCHEMA = t.TABLE_SCHEMA AND c.TABLE_NAME = t.TABLE_NAME AND c.CONSTRAINT_TYPE = 'PRIMARY KEY')"
+    )
+    for (table,) in await cur.fetchall():
+        problems.append(f"galera: table {table} has no primary key; Galera needs one on every table")
+    session_wait = await value("SELECT @@SESSION.wsrep_sync_wait")
+    if session_wait != str(sync_wait):
+        problems.append(
+            f"galera: wsrep_sync_wait is {session_wait} on kmsd's sessions, not {sync_wait}:"
+            " reads on one node may miss writes made on another"
+        )
+    elif sync_wait == 0:
+        problems.append("galera: wsrep_sync_wait=0 in the database URL: reads may miss writes made on another node")
+    size = await value("SHOW GLOBAL STATUS LIKE 'wsrep_cluster_size'")
+    if size.isdigit() and int(size) < 3:
+        problems.append(
+            f"galera: the cluster has {size} node(s); with fewer than 3 (or 2 and garbd) losing one loses quorum"
+        )
+    autoinc = await value("SELECT @@innodb_autoinc_lock_mode")
+    if autoinc != "2":
+        problems.append(f"galera: innodb_autoinc_lock_mode={autoinc}; Galera needs 2 (interleaved)")
+    if not clustered:
+        problems.append(
+            "galera: the database URL names one node: list every node (mysql://user@h1,h2,h3/db)"
+            " so that kmsd can move when that one fails"
+        )
+    return problems

@@ -250,7 +250,8 @@ class Rotator:
             while True:
                 batch_started = time.monotonic()
                 try:
-                    batch = await self.store.scan_records_to_rewrap(active, after, self.batch_size)
+                    size = min(self.batch_size, self.store.max_write_batch or self.batch_size)
+                    batch = await self.store.scan_records_to_rewrap(active, after, size)
                     if not batch:
                         break
                     result = await self.kms.rewrap_records(batch)

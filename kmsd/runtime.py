@@ -22,7 +22,7 @@ from .vault import VaultClient
 __all__ = ["Runtime", "open_store"]
 
 
-def open_store(database: DatabaseURL, *, pool_size: int = 10, timeout: float = 3.0) -> Store:
+def open_store(database: DatabaseURL, *, pool_size: int = 10, timeout: float = 3.0, log: Any = None) -> Store:
     """The store for a parsed database URL (not yet opened)."""
     if database.scheme == "sqlite":
         from .store_sqlite import SQLiteStore
@@ -31,7 +31,7 @@ def open_store(database: DatabaseURL, *, pool_size: int = 10, timeout: float = 3
     # Imported here so that an SQLite deployment never loads the MySQL driver.
     from .store_mysql import MySQLStore
 
-    return MySQLStore(database, pool_size=pool_size, timeout=timeout)
+    return MySQLStore(database, pool_size=pool_size, timeout=timeout, log=log)
 
 
 def _vault_logger(log: Any) -> Callable[..., None]:
@@ -62,6 +62,7 @@ class Runtime:
                 settings.database,
                 pool_size=pool_size or settings.database_pool_size,
                 timeout=settings.database_timeout,
+                log=log,
             )
         self.store: Store = wrap_store(store) if wrap_store else store
         self.vault = VaultClient(

@@ -340,9 +340,12 @@ async def openapi(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     checks = await _kms(request).readiness()
+    # Which database server this daemon uses: on a cluster, the node it
+    # moved to last.
+    database = request.app[STATE].runtime.store.server
     if not all(checks.values()):
-        raise Unavailable("not ready", extra={"ready": False, "checks": checks})
-    return json_response({"ready": True, "checks": checks})
+        raise Unavailable("not ready", extra={"ready": False, "checks": checks, "database": database})
+    return json_response({"ready": True, "checks": checks, "database": database})
 
 
 @routes.get("/metrics")
@@ -351,6 +354,7 @@ async def metrics(request: web.Request) -> web.Response:
     state.metrics.vault_up.set(1 if state.vault.is_up else 0)
     state.metrics.vault_restarts.set(state.vault.restarts)
     state.metrics.token_cache_entries.set(state.kms.tokens.cache_entries)
+    state.metrics.set_database(state.runtime.store.server, state.runtime.store.failovers)
     try:
         state.metrics.set_rotation(await state.rotator.status())
     except KMSError:

@@ -108,6 +108,20 @@ class Store(Protocol):
     # What the operator should know after ``open`` (a server set up so that
     # commits are not durable, say); the daemon logs them.
     warnings: list[str]
+    @property
+    def server(self) -> str:
+        """The database in use, for /readyz and /metrics: the MySQL server
+        (host:port; on a cluster the node in use, which may change at
+        runtime), or the SQLite file."""
+
+    @property
+    def failovers(self) -> int:
+        """How often the store moved to another server of a cluster."""
+
+    @property
+    def max_write_batch(self) -> int | None:
+        """The most rows one write transaction should change (rotation's
+        rewrap batches); None: no limit beyond the caller's own."""
 
     async def open(self) -> None:
         """Connect and apply pending migrations."""

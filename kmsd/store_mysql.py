@@ -1,4 +1,5 @@
-"""The production store: MySQL/MariaDB through an aiomysql connection pool.
+"""The production store: MySQL/MariaDB through an aiomysql connection pool,
+on one server or on the nodes of a Galera cluster.
 
 Works on a database the original system wrote: its tables and columns stay
 as they are, kmsd only adds tables and switches ``kms_keys.user_id`` to a
@@ -7,19 +8,35 @@ binary, no-pad collation so that user ids compare exactly (the original's
 
 Durability: every write is an explicit transaction and returns after COMMIT;
 with InnoDB's default ``innodb_flush_log_at_trx_commit=1`` that is on disk
-(``open`` reports a server configured otherwise in ``warnings``).
+(``open`` reports a server configured otherwise in ``warnings``). On Galera
+a COMMIT returns once the cluster has certified the write set, which every
+node then applies.
 
 Failures: every call has one time budget (``timeout``); an unreachable or
 hung server is ``StoreError`` (HTTP 503) within it, never a hang. A call is
-retried on a fresh connection only when nothing can have been committed: a
-connection lost before the write could commit (a pooled connection the
-server closed when it restarted), a deadlock or a lock-wait timeout.
+retried only when nothing can have been committed: a connection lost before
+the write could commit (a pooled connection the server closed when it
+restarted), a node that is not part of the primary component (1047), a
+deadlock, a lock-wait timeout, or a Galera certification failure (1213 at
+COMMIT: the whole transaction was rolled back, and runs again from its first
+statement, so a compare-and-set is decided again on the new state).
+
+Clusters (``mysql_nodes``): a URL may name several servers. The store talks
+to one at a time and moves to the next usable one when it fails; every
+session on a Galera node sets ``wsrep_sync_wait`` so that a read sees every
+write committed anywhere in the cluster before it (read-your-writes across
+daemons on different nodes). Coordination uses rows and compare-and-set
+only (leases, certification): ``GET_LOCK`` is local to one Galera node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
+import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,7 +47,8 @@ import pymysql.constants
 from .config import DatabaseURL
 from .errors import Conflict, KMSError, StoreError
 from .mysql_batch import Coalescer
-from .mysql_schema import MIGRATIONS, NOPAD_COLLATIONS, apply_step
+from .mysql_nodes import Health, Nodes, galera_health
+from .mysql_schema import LEASES_TABLE, MIGRATIONS, NOPAD_COLLATIONS, apply_step, galera_checks
 from .store import Record
 from .store_sql import MYSQL, SQLStore, Statement, as_text, record_from_row
 
@@ -39,12 +57,30 @@ __all__ = ["MySQLStore"]
 # Client-side "connection is gone" codes (CR_*) and server-side ones
 # (shutdown in progress, connection killed).
 _CONNECTION_LOST = {2002, 2003, 2006, 2013, 2055, 1053, 1927, 4031}
-# The server rolled the transaction back: running it again is safe.
+# A Galera node outside the primary component ("WSREP has not yet prepared
+# node for application use"): it refused the statement, nothing was applied.
+_NODE_NOT_READY = {1047}
+# The server rolled the transaction back: running it again is safe. 1213 is
+# also Galera's certification failure at COMMIT.
 _ROLLED_BACK = {1205, 1213}
 _DUPLICATE_KEY = 1062
 # Access denied (with and without a password: unix_socket says the latter).
 _ACCESS_DENIED = {1045, 1698}
-_ATTEMPTS = 3
+# Attempts of one call, within its time budget: enough for a few
+# certification conflicts in a row and a failover across three nodes.
+_ATTEMPTS = 8
+# Jittered exponential backoff after a rolled-back attempt, so that two
+# daemons that conflicted do not collide again in lockstep.
+_BACKOFF_FIRST = 0.005
+_BACKOFF_MAX = 0.25
+# Where every node failed a moment ago, calls fail at once for this long
+# instead of each probing every node again.
+_ALL_DOWN_GRACE = 0.5
+# Rewrap batches on Galera: one batch is one write set, and large write sets
+# stall the cluster and conflict more.
+GALERA_WRITE_BATCH = 100
+_SCHEMA_LEASE = "schema-migrations"
+_SCHEMA_LEASE_TTL = 60.0
 
 
 T = TypeVar("T")
@@ -64,14 +100,32 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _backoff(attempt: int) -> float:
+    return random.uniform(0, min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**attempt))  # noqa: S311 - jitter, not a secret
+
+
 class MySQLStore(SQLStore):
     dialect = MYSQL
 
-    def __init__(self, url: DatabaseURL, *, pool_size: int = 10, timeout: float = 3.0) -> None:
+    def __init__(
+        self, url: DatabaseURL, *, pool_size: int = 10, timeout: float = 3.0, log: Any = None
+    ) -> None:
         self.url = url
         self._pool_size = pool_size
         self._timeout = timeout
+        self._log = log
+        self.nodes = Nodes(url.servers, retry_after=max(5.0, timeout))
         self._pool: aiomysql.Pool | None = None
+        self._pool_node = 0
+        self._switch = asyncio.Lock()
+        self._all_down_at = -1e9
+        self._all_down_reason = ""
+        self._background: set[asyncio.Task[None]] = set()
+        self._checking = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
+        # Whether the servers are Galera nodes (decided by the first probe).
+        self.galera = False
         # aiomysql hands a released connection to whoever asks next, not to
         # the longest waiter: under load some requests starve (p99 of seconds
         # at 256 concurrent reads). A FIFO gate in front of it keeps order.
@@ -88,7 +142,25 @@ class MySQLStore(SQLStore):
             size=lambda item: len(item[0].encrypted_key or "") + len(item[0].encrypted_dek or ""),
         )
 
-    def _connect_args(self) -> dict[str, Any]:
+    # -- which server --------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        """The server in use (host:port, or the Unix socket)."""
+        return self.url.unix_socket or self.nodes.name()
+
+    @property
+    def failovers(self) -> int:
+        return self.nodes.failovers
+
+    @property
+    def max_write_batch(self) -> int | None:
+        return GALERA_WRITE_BATCH if self.galera else None
+
+    def _connect_args(self, index: int | None = None, *, galera: bool = False) -> dict[str, Any]:
+        session = "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'"
+        if galera:
+            session += f", SESSION wsrep_sync_wait = {int(self.url.sync_wait)}"
         args: dict[str, Any] = {
             "user": self.url.user or None,
             "password": self.url.password,
@@ -101,28 +173,162 @@ class MySQLStore(SQLStore):
             "client_flag": pymysql.constants.CLIENT.FOUND_ROWS,
             "connect_timeout": self._timeout,
             # Strict: a value that does not fit is an error, never truncated.
-            "init_command": "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
+            "init_command": session,
         }
         if self.url.unix_socket:
             args["unix_socket"] = self.url.unix_socket
         else:
-            args.update(host=self.url.host, port=self.url.port)
+            host, port = self.url.servers[self.nodes.current if index is None else index]
+            args.update(host=host, port=port)
         return args
+
+    async def _probe(self, index: int, budget: float) -> Health:
+        """Connect to one server and ask whether it can serve: any server
+        that answers can, a Galera node only while Synced in the primary
+        component."""
+        conn = None
+        try:
+            async with asyncio.timeout(budget):
+                conn = await aiomysql.connect(**{**self._connect_args(index), "connect_timeout": budget})
+                async with conn.cursor() as cur:
+                    await cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+                    row = await cur.fetchone()
+                    if not row or str(row[1]).upper() != "ON":
+                        return Health(galera=False)
+                    await cur.execute(
+                        "SHOW GLOBAL STATUS WHERE Variable_name IN"
+                        " ('wsrep_cluster_status', 'wsrep_ready', 'wsrep_local_state_comment')"
+                    )
+                    return galera_health({str(k): str(v) for k, v in await cur.fetchall()})
+        except (pymysql.MySQLError, OSError, RuntimeError) as exc:
+            # RuntimeError: aiomysql when the server goes away mid-connect.
+            if _code(exc) in _ACCESS_DENIED:
+                raise StoreError(f"cannot connect to {self.url.masked()}: {describe_error(exc)}") from None
+            return Health(galera=self.galera, reason=describe_error(exc))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def _use_node(self, avoid: int | None = None, *, only: list[int] | None = None) -> None:
+        """Open a pool on the first usable server (of ``only``, else of
+        every server in ``Nodes.candidates`` order) and make it current.
+        ``avoid``: the node that just failed; nothing happens if another
+        call moved away from it meanwhile. Raises StoreError when none is
+        usable (``only`` given: returns quietly)."""
+        async with self._switch:
+            if avoid is not None:
+                if self._pool is not None and self._pool_node != avoid:
+                    return
+                self.nodes.leave(avoid)
+            if only is None and time.monotonic() - self._all_down_at < _ALL_DOWN_GRACE:
+                raise StoreError()
+            reasons = []
+            budget = max(0.2, min(1.0, self._timeout / 3)) if self.nodes.clustered else self._timeout
+            for index in only if only is not None else self.nodes.candidates():
+                health = await self._probe(index, budget)
+                if not health.usable:
+                    reasons.append(f"{self.nodes.name(index)}: {health.reason}")
+                    self.nodes.leave(index)
+                    continue
+                try:
+                    async with asyncio.timeout(budget * 2):
+                        pool = await aiomysql.create_pool(
+                            minsize=1, maxsize=self._pool_size, **self._connect_args(index, galera=health.galera)
+                        )
+                except (pymysql.MySQLError, OSError, RuntimeError) as exc:
+                    reasons.append(f"{self.nodes.name(index)}: {describe_error(exc)}")
+                    self.nodes.leave(index)
+                    continue
+                self.galera = health.galera
+                old, was = self._pool, self.nodes.name(self._pool_node)
+                self._pool, self._pool_node = pool, index
+                if self.nodes.use(index) and self._log is not None:
+                    self._log.warning(
+                        "database_server_changed", server=self.nodes.name(index), previous=was,
+                        reason="; ".join(reasons) or "preferred server usable again",
+                    )
+                if old is not None:
+                    self._spawn(self._drain(old))
+                return
+            if only is not None:
+                return
+            if self._log is not None and time.monotonic() - self._all_down_at > self.nodes.retry_after:
+                self._log.warning("database_unavailable", reason="; ".join(reasons))
+            self._all_down_at = time.monotonic()
+            self._all_down_reason = "; ".join(reasons)
+            # The reasons name servers and their errors: for the log and the
+            # operator at startup, never for a client.
+            raise StoreError()
+
+    async def _drain(self, pool: aiomysql.Pool) -> None:
+        """Close a pool that is no longer used: its idle connections now,
+        the busy ones as their calls finish."""
+        pool.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.wait_closed(), self._timeout * 4)
+        pool.terminate()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _leave_quietly(self, index: int) -> None:
+        with contextlib.suppress(StoreError):
+            await self._use_node(avoid=index)
+
+    def _suspect(self, index: int) -> None:
+        """A call on ``index`` ran out of time: a hung node answers nothing,
+        not even an error. Probe it in the background and leave it if it
+        does not answer, so that the next calls go elsewhere."""
+        if not self.nodes.clustered or self._checking:
+            return
+        self._checking = True
+
+        async def check() -> None:
+            try:
+                budget = max(0.2, min(1.0, self._timeout / 3))
+                if not (await self._probe(index, budget)).usable:
+                    await self._leave_quietly(index)
+            finally:
+                self._checking = False
+
+        self._spawn(check())
+
+    async def _watch(self) -> None:
+        """Every few seconds: move back to a preferred server that is
+        usable again, and leave the current one if it stopped being usable
+        while no call noticed (a node that fell out of the primary component)."""
+        while True:
+            await asyncio.sleep(self.nodes.retry_after)
+            with contextlib.suppress(StoreError):
+                better = self.nodes.better_than_current()
+                if better:
+                    await self._use_node(only=better)
+                current = self._pool_node
+                if self.galera:
+                    budget = max(0.2, min(1.0, self._timeout / 3))
+                    if not (await self._probe(current, budget)).usable:
+                        await self._use_node(avoid=current)
 
     async def open(self) -> None:
         where = self.url.masked()
         try:
-            async with asyncio.timeout(self._timeout * 2):
-                self._pool = await aiomysql.create_pool(
-                    minsize=1, maxsize=self._pool_size, **self._connect_args()
-                )
-        except (pymysql.MySQLError, OSError) as exc:
-            raise StoreError(f"cannot connect to {where}: {describe_error(exc)}") from None
+            await self._use_node()
+        except StoreError as exc:
+            if exc.message.startswith("cannot connect"):  # access denied: says so already
+                raise
+            raise StoreError(f"cannot connect to {where}: {self._all_down_reason}") from None
         try:
             await self._prepare()
         except KMSError as exc:
             await self.close()
             raise StoreError(f"cannot prepare database {where}: {exc.message}") from None
+        if self.nodes.clustered:
+            self._watcher = asyncio.create_task(self._watch(), name="database-watch")
 
     async def _prepare(self) -> None:
         async def inspect(cur: aiomysql.Cursor) -> tuple[list[str], Any]:
@@ -141,65 +347,141 @@ class MySQLStore(SQLStore):
                 "the server has no binary no-pad utf8mb4 collation (MariaDB >= 10.2 or MySQL >= 8.0 needed)"
             )
         self.collation = usable[0]
-        if str(flush) != "1":
+        # On Galera a commit is durable once certified (every node applies
+        # it); a node's own log flush matters less there.
+        if str(flush) != "1" and not self.galera:
             self.warnings.append(
                 f"innodb_flush_log_at_trx_commit={flush}: a committed write can be lost in a crash; set it to 1"
             )
         await self._migrate()
+        if self.galera:
+            self.warnings += await self._run(
+                lambda cur: galera_checks(cur, self.url.sync_wait, clustered=self.nodes.clustered), detail=True
+            )
 
     async def _migrate(self) -> None:
-        """Apply pending migrations under a named lock, so that several
-        daemons starting on one database do not race. DDL commits
-        implicitly in MySQL, so every step is written to be re-runnable."""
-
-        async def migrate(cur: aiomysql.Cursor) -> None:
-            await cur.execute("SELECT GET_LOCK('kmsd_schema_migrations', %s)", (self._timeout * 10,))
-            if (await cur.fetchone())[0] != 1:
-                raise StoreError("another process holds the schema migration lock")
-            # "Table already exists" notes are expected on an original database.
-            await cur.execute("SET SESSION sql_notes = 0")
+        """Apply pending migrations under a lease row, so that several
+        daemons starting on one database (on one server or on several
+        nodes of a cluster) do not race. DDL commits implicitly in MySQL,
+        so every step is written to be re-runnable."""
+        async def leases(cur: aiomysql.Cursor) -> None:
+            await cur.execute("SET SESSION sql_notes = 0")  # "already exists" is expected
             try:
+                await cur.execute(LEASES_TABLE.format(bin=self.collation))
+            finally:
+                await cur.execute("SET SESSION sql_notes = 1")
+
+        await self._run(leases, write="statement", detail=True)
+        holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}:schema"
+        deadline = time.monotonic() + self._timeout * 20
+        while not await self.acquire_lease(_SCHEMA_LEASE, holder, _SCHEMA_LEASE_TTL):
+            if time.monotonic() > deadline:
+                lease = await self.get_lease(_SCHEMA_LEASE)
+                raise StoreError(
+                    f"another process ({lease[0] if lease else 'unknown'}) has been migrating the schema"
+                    f" for {self._timeout * 20:.0f}s"
+                )
+            await asyncio.sleep(0.1 + random.random() * 0.1)  # noqa: S311 - jitter
+        try:
+            async def versions(cur: aiomysql.Cursor) -> set[int]:
+                # "Table already exists" notes are expected on an original database.
+                await cur.execute("SET SESSION sql_notes = 0")
                 await cur.execute(
                     "CREATE TABLE IF NOT EXISTS kmsd_schema_migrations ("
                     " version INT PRIMARY KEY, applied_at DATETIME NOT NULL) ENGINE=InnoDB"
                 )
-                await cur.execute("SELECT version FROM kmsd_schema_migrations")
-                done = {r[0] for r in await cur.fetchall()}
-                for version, statements in enumerate(MIGRATIONS, start=1):
-                    if version in done:
-                        continue
-                    if version == 3:
-                        await cur.execute("SELECT COUNT(*) FROM master_keys WHERE status = 'active'")
-                        actives = (await cur.fetchone())[0]
-                        if actives > 1:
-                            raise StoreError(
-                                f"master_keys has {actives} active keys; exactly one may be: set all but the"
-                                " newest to 'retired' (UPDATE master_keys SET status = 'retired' WHERE ...)"
-                                " and start again"
-                            )
-                    for statement in statements:
-                        await apply_step(cur, statement.format(bin=self.collation))
-                    await cur.execute(
-                        "INSERT INTO kmsd_schema_migrations (version, applied_at) VALUES (%s, UTC_TIMESTAMP())",
-                        (version,),
-                    )
-            finally:
                 await cur.execute("SET SESSION sql_notes = 1")
-                await cur.execute("DO RELEASE_LOCK('kmsd_schema_migrations')")
+                await cur.execute("SELECT version FROM kmsd_schema_migrations")
+                return {r[0] for r in await cur.fetchall()}
 
-        # DDL waits for metadata locks; give it more than one request's budget.
-        await self._run(migrate, detail=True, timeout=self._timeout * 20)
+            done = await self._run(versions, detail=True)
+            for version, statements in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                # Renewed before each step: a long ALTER on a large table
+                # must not let another daemon start the same steps.
+                if not await self.acquire_lease(_SCHEMA_LEASE, holder, _SCHEMA_LEASE_TTL):
+                    raise StoreError("lost the schema migration lease to another process")
+                await self._run(
+                    lambda cur, v=version, st=statements: self._apply(cur, v, st),  # type: ignore[misc]
+                    detail=True, timeout=self._timeout * 20,
+                )
+        finally:
+            with contextlib.suppress(StoreError):
+                await self.release_lease(_SCHEMA_LEASE, holder)
+
+    async def _apply(self, cur: aiomysql.Cursor, version: int, statements: Sequence[str]) -> None:
+        """One migration, then its row in kmsd_schema_migrations."""
+        if version == 3:
+            await cur.execute("SELECT COUNT(*) FROM master_keys WHERE status = 'active'")
+            actives = (await cur.fetchone())[0]
+            if actives > 1:
+                raise StoreError(
+                    f"master_keys has {actives} active keys; exactly one may be: set all but the"
+                    " newest to 'retired' (UPDATE master_keys SET status = 'retired' WHERE ...)"
+                    " and start again"
+                )
+        await cur.execute("SET SESSION sql_notes = 0")
+        try:
+            for statement in statements:
+                await apply_step(cur, statement.format(bin=self.collation))
+        finally:
+            await cur.execute("SET SESSION sql_notes = 1")
+        await cur.execute(
+            "INSERT INTO kmsd_schema_migrations (version, applied_at) VALUES (%s, UTC_TIMESTAMP())"
+            " ON DUPLICATE KEY UPDATE version = version",
+            (version,),
+        )
 
     async def close(self) -> None:
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         await self._reads.close()
         await self._states.close()
         await self._inserts.close()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._pool is not None:
             self._pool.close()
             await self._pool.wait_closed()
             self._pool = None
 
     # -- the one place that talks to the driver ------------------------------------
+
+    async def _current(self) -> tuple[aiomysql.Pool, int]:
+        if self._closed:
+            raise StoreError()
+        if self._pool is None or self._pool.closed:
+            await self._use_node()
+        assert self._pool is not None
+        return self._pool, self._pool_node
+
+    async def _recover(self, exc: BaseException, node: int, maybe_committed: bool, attempt: int) -> bool:
+        """After a failed attempt on ``node``: whether the call may run
+        again, once this returns (after a failover or a backoff)."""
+        code = _code(exc)
+        lost = code in _CONNECTION_LOST or isinstance(exc, pymysql.InterfaceError)
+        if lost and maybe_committed:
+            # Outcome unknown: never run it again. Later calls go to the
+            # next usable node.
+            self._spawn(self._leave_quietly(node))
+            return False
+        if lost or code in _NODE_NOT_READY:
+            # This node failed and nothing was applied: the next attempt
+            # (and every later call) goes to the next usable one.
+            await self._use_node(avoid=node)
+            return True
+        if code in _ROLLED_BACK:
+            # A deadlock, a lock-wait timeout or a certification failure
+            # rolled the whole transaction back.
+            await asyncio.sleep(_backoff(attempt))
+            return True
+        return False
 
     async def _run(
         self,
@@ -213,10 +495,8 @@ class MySQLStore(SQLStore):
         errors. ``write`` is "statement" for one autocommitted statement and
         "transaction" for several in one transaction. ``detail`` keeps the
         server's reason in the message (startup only: never sent to a client)."""
-        pool = self._pool
-        if pool is None:
-            raise StoreError()
         maybe_committed = False
+        node = self._pool_node
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 for attempt in range(1, _ATTEMPTS + 1):
@@ -224,6 +504,7 @@ class MySQLStore(SQLStore):
                     # leaves its outcome unknown: never run it again then.
                     maybe_committed = False
                     try:
+                        pool, node = await self._current()
                         async with self._gate:
                             try:
                                 conn = await pool.acquire()
@@ -252,17 +533,15 @@ class MySQLStore(SQLStore):
                         if _code(exc) == _DUPLICATE_KEY:
                             raise Conflict() from None
                         raise
-                    except (pymysql.OperationalError, pymysql.InterfaceError) as exc:
-                        code = _code(exc)
-                        lost = code in _CONNECTION_LOST or isinstance(exc, pymysql.InterfaceError)
-                        # A deadlock or lock-wait timeout rolled it back: always safe.
-                        retry = code in _ROLLED_BACK or (lost and not maybe_committed)
-                        if attempt == _ATTEMPTS or not retry:
+                    except (pymysql.OperationalError, pymysql.InterfaceError, pymysql.InternalError) as exc:
+                        if attempt == _ATTEMPTS or not await self._recover(exc, node, maybe_committed, attempt):
                             raise
                 raise AssertionError("unreachable: the last attempt returns or raises")
         except (Conflict, StoreError):
             raise
         except (pymysql.MySQLError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                self._suspect(node)
             # TimeoutError is an OSError: the budget ran out. An error the
             # server answered undid the statement; no answer leaves it open.
             if maybe_committed and (

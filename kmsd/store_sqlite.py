@@ -133,6 +133,9 @@ class SQLiteStore(SQLStore):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight: list[tuple[_WriteOp, bool, asyncio.Future[Any]]] = []
         self.warnings: list[str] = []
+        self.server = path
+        self.failovers = 0
+        self.max_write_batch: int | None = None
 
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))

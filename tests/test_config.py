@@ -52,6 +52,25 @@ def test_database_urls() -> None:
             parse_database_url(bad)
 
 
+def test_cluster_database_urls() -> None:
+    c = parse_database_url("mysql://kms:p%40ss@db1:3306,db2:3307,[fd00::3]/kms")
+    assert c.servers == (("db1", 3306), ("db2", 3307), ("fd00::3", 3306))
+    assert (c.host, c.port, c.user, c.password, c.database, c.sync_wait) == ("db1", 3306, "kms", "p@ss", "kms", 1)
+    assert c.masked() == "mysql://kms:***@db1:3306,db2:3307,[fd00::3]:3306/kms"
+    assert parse_database_url("mysql://u@h1,h2/db?wsrep_sync_wait=0").sync_wait == 0
+    assert parse_database_url("mysql://u@h/db").servers == (("h", 3306),)
+    for bad, why in [
+        ("mysql://u@h1,h1:3306/db", "same server twice"),
+        ("mysql://u@h1,h2/db?unix_socket=/run/s.sock", "one server only"),
+        ("mysql://u@h1,/db", "empty host"),
+        ("mysql://u@h1:0/db", "between 1 and 65535"),
+        ("mysql://u@h1:99999,h2/db", "between 1 and 65535"),
+        ("mysql://u@h1/db?wsrep_sync_wait=x", "wsrep_sync_wait"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            parse_database_url(bad)
+
+
 def test_root_key_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no root key configured"):
         load_settings(environ={})
