@@ -275,7 +275,7 @@ def test_a_dead_launcher_is_said_loudly_and_in_readyz(users: Any, daemon_factory
     d = daemon_factory(extra_env={"KMSD_DAEMON_USER": daemon_user.pw_name, "KMSD_VAULT_USER": vault_user.pw_name})
     launcher, vault = processes(d)
     assert d.get("/readyz") == (200, {"ready": True, "checks": {
-        "vault": True, "store": True, "active_master_key": True, "launcher": True}})
+        "vault": True, "store": True, "active_master_key": True, "launcher": True}, "database": "sqlite"})
     os.kill(launcher, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while d.get("/readyz")[0] != 503 and time.monotonic() < deadline:
