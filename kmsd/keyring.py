@@ -49,7 +49,7 @@ class KeyRing:
         async with self._lock:
             rows = await self.store.list_master_keys()
             if not rows:
-                await self._create(description="first master key")
+                await self._create(description="first master key", first=True)
                 rows = await self.store.list_master_keys()
             active = next((r.key_id for r in rows if r.status == "active"), None)
             await self.vault.load_master_keys(active, [(r.key_id, r.key_material) for r in rows])
@@ -62,7 +62,8 @@ class KeyRing:
         if not any(s.status == "active" for s in signing):
             kid = random_kid()
             wrapped, public = await self.vault.new_signing_key(kid)
-            await self.store.add_signing_key(
+            # Only if still none: another daemon may be starting too.
+            await self.store.add_first_signing_key(
                 SigningKeyRow(kid, base64.b64encode(public).decode(), wrapped, "active", now_utc())
             )
             signing = await self.store.list_signing_keys()
@@ -97,17 +98,20 @@ class KeyRing:
         await self.load()
         return True
 
-    async def _create(self, description: str | None) -> str:
+    async def _create(self, description: str | None, *, first: bool = False) -> str | None:
+        """A new active master key; ``first``: only if there is none yet
+        (another daemon starting at the same time may win: None)."""
         # key-<unix ms> as the original named them; a clash within one
         # millisecond takes the next one.
         ms = int(self._clock() * 1000)
         for attempt in range(5):
             key_id = f"key-{ms + attempt}"
             wrapped = await self.vault.new_master_key(key_id)
+            row = MasterKeyRow(key_id, wrapped, "active", now_utc(), description)
             try:
-                await self.store.add_master_key(
-                    MasterKeyRow(key_id, wrapped, "active", now_utc(), description)
-                )
+                if first:
+                    return key_id if await self.store.add_first_master_key(row) else None
+                await self.store.add_master_key(row)
                 return key_id
             except Conflict:
                 continue
@@ -124,6 +128,7 @@ class KeyRing:
         previous = self.state.active_key_id
         async with self._lock:
             key_id = await self._create(description=description)
+        assert key_id is not None  # only a first key can lose to another daemon
         await self.load()
         return key_id, previous
 

@@ -217,6 +217,11 @@ class Store(Protocol):
         """Insert ``row`` as the active key and retire every other one, in
         one transaction. ``Conflict`` if the key id exists."""
 
+    async def add_first_master_key(self, row: MasterKeyRow) -> bool:
+        """Insert ``row`` as the active key only if there is no master key
+        at all; False (nothing written) if there is one. Several daemons
+        starting on a new database at once end up with one key."""
+
     async def replace_master_key_material(self, key_id: str, old: str, new: str) -> bool:
         """Compare-and-set of one master key's wrapped material."""
 
@@ -251,3 +256,7 @@ class Store(Protocol):
 
     async def add_signing_key(self, row: SigningKeyRow) -> None:
         """Insert as the active signing key, retiring the others."""
+
+    async def add_first_signing_key(self, row: SigningKeyRow) -> bool:
+        """Insert as the active signing key only if there is no active one;
+        False (nothing written) if there is."""

@@ -298,6 +298,18 @@ class SQLStore:
             ),
         )
 
+    async def add_first_master_key(self, row: MasterKeyRow) -> bool:
+        # On Galera the unique one-active index makes two nodes' first keys
+        # conflict at certification; the retry then finds one and inserts none.
+        return await self._write(
+            (
+                "INSERT INTO master_keys (key_id, key_material, created_at, status, description)"
+                f" SELECT {self._marks(3)}, 'active', {self.dialect.mark} FROM (SELECT 1 AS one) AS first_key"
+                " WHERE NOT EXISTS (SELECT 1 FROM master_keys)",
+                (row.key_id, row.key_material, row.created_at, row.description),
+            )
+        ) > 0
+
     def _replace_material(self, table: str, column: str, key: str, old: str, new: str) -> Statement:
         d = self.dialect
         return (
@@ -342,6 +354,16 @@ class SQLStore:
                 (row.kid, row.public_key, row.key_material, row.created_at),
             ),
         )
+
+    async def add_first_signing_key(self, row: SigningKeyRow) -> bool:
+        return await self._write(
+            (
+                "INSERT INTO kmsd_signing_keys (kid, public_key, key_material, status, created_at)"
+                f" SELECT {self._marks(3)}, 'active', {self.dialect.mark} FROM (SELECT 1 AS one) AS first_key"
+                " WHERE NOT EXISTS (SELECT 1 FROM kmsd_signing_keys WHERE status = 'active')",
+                (row.kid, row.public_key, row.key_material, row.created_at),
+            )
+        ) > 0
 
     # -- leases and rotation jobs ------------------------------------------------------------
 

@@ -482,3 +482,32 @@ def mysql_server(mariadb: MariaDBServer) -> Any:
         yield mariadb
     finally:
         mariadb.ensure_running()
+
+
+# -- a Galera cluster: three MariaDB nodes on loopback ------------------------------
+
+GALERA_PROVIDER = Path("/usr/lib/galera/libgalera_smm.so")
+
+
+@pytest.fixture(scope="session")
+def galera(workdir: Path) -> Iterator[Any]:
+    """One private 3-node MariaDB Galera cluster for the session, started on
+    first use (about 15 s) and shared by the tests that need one; each test
+    leaves it as it found it (``ensure_healthy``). Skipped loudly where
+    galera-4 or the server is missing, except under CI."""
+    from devtools.galera_cluster import GaleraCluster
+
+    mariadbd, install_db = find_binaries()
+    if not (mariadbd and install_db and GALERA_PROVIDER.exists()):
+        skip_or_fail(
+            "a Galera cluster needs mariadb-server, galera-4 and rsync: `sudo apt-get install mariadb-server"
+            f" galera-4 rsync` (missing: {'server' if not mariadbd else GALERA_PROVIDER})"
+        )
+    # Short: each node's Unix socket lives under it.
+    cluster = GaleraCluster(Path(tempfile.mkdtemp(prefix="kg-", dir="/tmp")))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.base, ignore_errors=True)

@@ -416,6 +416,22 @@ async def test_add_master_key_with_an_existing_id_is_a_conflict_and_changes_noth
     assert active(await store.list_master_keys()) == ["key-3"]
 
 
+async def test_first_keys_are_added_only_once_even_by_concurrent_callers(store: Store) -> None:
+    """Daemons starting on a new database at once each try to add the first
+    master and signing key: one of each is written."""
+    results = await asyncio.gather(*(store.add_first_master_key(mk(f"key-{i}")) for i in range(6)))
+    assert sorted(results) == [False] * 5 + [True]
+    rows = await store.list_master_keys()
+    assert [r.key_id for r in rows] == [f"key-{results.index(True)}"] and active(rows) == [rows[0].key_id]
+    assert await store.add_first_master_key(mk("key-9")) is False
+    results = await asyncio.gather(*(store.add_first_signing_key(sk(f"kid-{i}")) for i in range(6)))
+    assert sorted(results) == [False] * 5 + [True]
+    assert [r.kid for r in await store.list_signing_keys()] == [f"kid-{results.index(True)}"]
+    # After a signing-key rotation there is still an active key: no first key.
+    await store.add_signing_key(sk("kid-new"))
+    assert await store.add_first_signing_key(sk("kid-x")) is False
+
+
 async def test_replace_master_key_material_is_compare_and_set(store: Store) -> None:
     await store.add_master_key(mk("key-1"))
     await store.add_master_key(mk("key-2"))
