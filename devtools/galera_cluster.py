@@ -306,32 +306,24 @@ class GaleraCluster:
     def status(self, i: int, name: str) -> str | None:
         """``SHOW GLOBAL STATUS LIKE name`` on node i; None when the node
         does not answer (down, starting, hung)."""
-        try:
-            conn = self._root(i, connect_timeout=2, read_timeout=5)
-        except (pymysql.MySQLError, OSError):
-            return None
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
-                row = cur.fetchone()
-        except (pymysql.MySQLError, OSError):
-            return None
-        finally:
-            conn.close()
-        return None if row is None else str(row[1])
+        found = self._status(i, name)
+        return None if found is None else found.get(name)
 
     def _wsrep_state(self, i: int) -> dict[str, str] | None:
         """Every ``wsrep_%`` status of node i in one round trip; None when it
         does not answer."""
         if not self.is_running(i):
             return None
+        return self._status(i, "wsrep\\_%")
+
+    def _status(self, i: int, pattern: str) -> dict[str, str] | None:
         try:
             conn = self._root(i, connect_timeout=2, read_timeout=5)
         except (pymysql.MySQLError, OSError):
             return None
         try:
             with conn.cursor() as cur:
-                cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep\\_%'")
+                cur.execute("SHOW GLOBAL STATUS LIKE %s", (pattern,))
                 return {str(name): str(value) for name, value in cur.fetchall()}
         except (pymysql.MySQLError, OSError):
             return None

@@ -298,17 +298,27 @@ class SQLStore:
             ),
         )
 
+    async def _insert_first(
+        self, table: str, columns: str, before: Sequence[Any], after: Sequence[Any], where: str = ""
+    ) -> bool:
+        """INSERT one active row (``before``, 'active', ``after``, in the
+        order of ``columns``) unless ``SELECT 1 FROM table where`` finds one:
+        decided by the database in one statement."""
+        return await self._write(
+            (
+                f"INSERT INTO {table} ({columns})"
+                f" SELECT {self._marks(len(before))}, 'active', {self._marks(len(after))} FROM (SELECT 1 AS one) AS first_row WHERE NOT EXISTS (SELECT 1 FROM {table}{where})",
+                (*before, *after),
+            )
+        ) > 0
+
     async def add_first_master_key(self, row: MasterKeyRow) -> bool:
         # On Galera the unique one-active index makes two nodes' first keys
         # conflict at certification; the retry then finds one and inserts none.
-        return await self._write(
-            (
-                "INSERT INTO master_keys (key_id, key_material, created_at, status, description)"
-                f" SELECT {self._marks(3)}, 'active', {self.dialect.mark} FROM (SELECT 1 AS one) AS first_key"
-                " WHERE NOT EXISTS (SELECT 1 FROM master_keys)",
-                (row.key_id, row.key_material, row.created_at, row.description),
-            )
-        ) > 0
+        return await self._insert_first(
+            "master_keys", "key_id, key_material, created_at, status, description",
+            (row.key_id, row.key_material, row.created_at), (row.description,),
+        )
 
     def _replace_material(self, table: str, column: str, key: str, old: str, new: str) -> Statement:
         d = self.dialect
@@ -356,14 +366,10 @@ class SQLStore:
         )
 
     async def add_first_signing_key(self, row: SigningKeyRow) -> bool:
-        return await self._write(
-            (
-                "INSERT INTO kmsd_signing_keys (kid, public_key, key_material, status, created_at)"
-                f" SELECT {self._marks(3)}, 'active', {self.dialect.mark} FROM (SELECT 1 AS one) AS first_key"
-                " WHERE NOT EXISTS (SELECT 1 FROM kmsd_signing_keys WHERE status = 'active')",
-                (row.kid, row.public_key, row.key_material, row.created_at),
-            )
-        ) > 0
+        return await self._insert_first(
+            "kmsd_signing_keys", "kid, public_key, key_material, status, created_at",
+            (row.kid, row.public_key, row.key_material), (row.created_at,), " WHERE status = 'active'",
+        )
 
     # -- leases and rotation jobs ------------------------------------------------------------
 
