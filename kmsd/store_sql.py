@@ -307,7 +307,8 @@ class SQLStore:
         return await self._write(
             (
                 f"INSERT INTO {table} ({columns})"
-                f" SELECT {self._marks(len(before))}, 'active', {self._marks(len(after))} FROM (SELECT 1 AS one) AS first_row WHERE NOT EXISTS (SELECT 1 FROM {table}{where})",
+                f" SELECT {self._marks(len(before))}, 'active', {self._marks(len(after))}"
+                f" FROM (SELECT 1 AS one) AS first_row WHERE NOT EXISTS (SELECT 1 FROM {table}{where})",
                 (*before, *after),
             )
         ) > 0
