@@ -101,6 +101,17 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             KEY kmsd_revoked_tokens_expires_at (expires_at)
         ) ENGINE=InnoDB""",
     ),
+    # 7: at most one active signing key, as for master keys: on Galera two
+    # daemons starting at once on two nodes could each add one (a check
+    # before the insert is not certified; a unique key is). A database that
+    # has two already keeps the newest active (the others still verify).
+    (
+        "UPDATE kmsd_signing_keys s JOIN (SELECT kid FROM kmsd_signing_keys WHERE status = 'active'"
+        " ORDER BY created_at DESC, kid DESC LIMIT 1) newest ON s.kid <> newest.kid"
+        " SET s.status = 'retired' WHERE s.status = 'active'",
+        "column kmsd_signing_keys kmsd_one_active TINYINT AS (IF(status = 'active', 1, NULL)) STORED",
+        "index kmsd_signing_keys kmsd_signing_keys_one_active UNIQUE (kmsd_one_active)",
+    ),
 )
 
 

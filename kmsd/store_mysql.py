@@ -63,6 +63,11 @@ _NODE_NOT_READY = {1047}
 # The server rolled the transaction back: running it again is safe. 1213 is
 # also Galera's certification failure at COMMIT.
 _ROLLED_BACK = {1205, 1213}
+# Answers that say the write was not applied, even at COMMIT.
+_NOT_APPLIED = _ROLLED_BACK | _NODE_NOT_READY
+# "Got error N during COMMIT": the node failed while committing (Galera,
+# leaving the primary component); the write set may have reached the others.
+_COMMIT_FAILED = {1180}
 _DUPLICATE_KEY = 1062
 # Access denied (with and without a password: unix_socket says the latter).
 _ACCESS_DENIED = {1045, 1698}
@@ -81,6 +86,8 @@ _ALL_DOWN_GRACE = 0.5
 GALERA_WRITE_BATCH = 100
 _SCHEMA_LEASE = "schema-migrations"
 _SCHEMA_LEASE_TTL = 60.0
+# How long a starting daemon waits for another one's migration.
+_SCHEMA_WAIT = 600.0
 
 
 T = TypeVar("T")
@@ -98,6 +105,20 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"
+
+
+class _Attempt:
+    """What one attempt of a call got to: past this point a lost
+    connection leaves the write's outcome unknown."""
+
+    __slots__ = ("maybe_committed",)
+
+    def __init__(self) -> None:
+        self.maybe_committed = False
+
+
+class _Replaced:
+    """An attempt found its pool replaced by a failover: nothing was sent."""
 
 
 def _backoff(attempt: int) -> float:
@@ -202,24 +223,27 @@ class MySQLStore(SQLStore):
                     return galera_health({str(k): str(v) for k, v in await cur.fetchall()})
         except (pymysql.MySQLError, OSError, RuntimeError) as exc:
             # RuntimeError: aiomysql when the server goes away mid-connect.
-            if _code(exc) in _ACCESS_DENIED:
-                raise StoreError(f"cannot connect to {self.url.masked()}: {describe_error(exc)}") from None
+            # Access denied on one node is a reason like any other: the
+            # next node may let us in (and open() reports every reason).
             return Health(galera=self.galera, reason=describe_error(exc))
         finally:
             if conn is not None:
                 conn.close()
 
-    async def _use_node(self, avoid: int | None = None, *, only: list[int] | None = None) -> None:
+    async def _use_node(self, avoid: aiomysql.Pool | None = None, *, only: list[int] | None = None) -> None:
         """Open a pool on the first usable server (of ``only``, else of
         every server in ``Nodes.candidates`` order) and make it current.
-        ``avoid``: the node that just failed; nothing happens if another
-        call moved away from it meanwhile. Raises StoreError when none is
-        usable (``only`` given: returns quietly)."""
+        ``avoid``: the pool whose node just failed; nothing happens if
+        another call replaced it meanwhile (many calls fail at once on a
+        dead node: one failover, not one each). Raises StoreError when no
+        server is usable (with ``only``: returns quietly)."""
         async with self._switch:
+            if self._closed:
+                raise StoreError()
             if avoid is not None:
-                if self._pool is not None and self._pool_node != avoid:
+                if self._pool is not avoid:
                     return
-                self.nodes.leave(avoid)
+                self.nodes.leave(self._pool_node)
             if only is None and time.monotonic() - self._all_down_at < _ALL_DOWN_GRACE:
                 raise StoreError()
             reasons = []
@@ -264,9 +288,11 @@ class MySQLStore(SQLStore):
         """Close a pool that is no longer used: its idle connections now,
         the busy ones as their calls finish."""
         pool.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(pool.wait_closed(), self._timeout * 4)
-        pool.terminate()
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.wait_closed(), self._timeout * 4)
+        finally:
+            pool.terminate()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -276,11 +302,11 @@ class MySQLStore(SQLStore):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _leave_quietly(self, index: int) -> None:
+    async def _leave_quietly(self, pool: aiomysql.Pool) -> None:
         with contextlib.suppress(StoreError):
-            await self._use_node(avoid=index)
+            await self._use_node(avoid=pool)
 
-    def _suspect(self, index: int) -> None:
+    def _suspect(self, pool: aiomysql.Pool | None, index: int) -> None:
         """A call on ``index`` ran out of time: a hung node answers nothing,
         not even an error. Probe it in the background and leave it if it
         does not answer, so that the next calls go elsewhere."""
@@ -291,8 +317,8 @@ class MySQLStore(SQLStore):
         async def check() -> None:
             try:
                 budget = max(0.2, min(1.0, self._timeout / 3))
-                if not (await self._probe(index, budget)).usable:
-                    await self._leave_quietly(index)
+                if pool is not None and not (await self._probe(index, budget)).usable:
+                    await self._leave_quietly(pool)
             finally:
                 self._checking = False
 
@@ -308,19 +334,17 @@ class MySQLStore(SQLStore):
                 better = self.nodes.better_than_current()
                 if better:
                     await self._use_node(only=better)
-                current = self._pool_node
-                if self.galera:
+                pool, current = self._pool, self._pool_node
+                if self.galera and pool is not None:
                     budget = max(0.2, min(1.0, self._timeout / 3))
                     if not (await self._probe(current, budget)).usable:
-                        await self._use_node(avoid=current)
+                        await self._use_node(avoid=pool)
 
     async def open(self) -> None:
         where = self.url.masked()
         try:
             await self._use_node()
-        except StoreError as exc:
-            if exc.message.startswith("cannot connect"):  # access denied: says so already
-                raise
+        except StoreError:
             raise StoreError(f"cannot connect to {where}: {self._all_down_reason}") from None
         try:
             await self._prepare()
@@ -373,15 +397,13 @@ class MySQLStore(SQLStore):
 
         await self._run(leases, write="statement", detail=True)
         holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}:schema"
-        deadline = time.monotonic() + self._timeout * 20
-        while not await self.acquire_lease(_SCHEMA_LEASE, holder, _SCHEMA_LEASE_TTL):
-            if time.monotonic() > deadline:
-                lease = await self.get_lease(_SCHEMA_LEASE)
-                raise StoreError(
-                    f"another process ({lease[0] if lease else 'unknown'}) has been migrating the schema"
-                    f" for {self._timeout * 20:.0f}s"
-                )
-            await asyncio.sleep(0.1 + random.random() * 0.1)  # noqa: S311 - jitter
+        await self._take_schema_lease(holder)
+        # Renewed in the background while any step runs: a long ALTER on a
+        # large table must not let another daemon start the same steps.
+        renewal = asyncio.create_task(self._renew_schema_lease(holder))
+        # A step the server did not answer in time may still be running
+        # there: then the lease is left to run out instead of released.
+        unanswered = False
         try:
             async def versions(cur: aiomysql.Cursor) -> set[int]:
                 # "Table already exists" notes are expected on an original database.
@@ -398,17 +420,46 @@ class MySQLStore(SQLStore):
             for version, statements in enumerate(MIGRATIONS, start=1):
                 if version in done:
                     continue
-                # Renewed before each step: a long ALTER on a large table
-                # must not let another daemon start the same steps.
-                if not await self.acquire_lease(_SCHEMA_LEASE, holder, _SCHEMA_LEASE_TTL):
+                if renewal.done():
                     raise StoreError("lost the schema migration lease to another process")
                 await self._run(
                     lambda cur, v=version, st=statements: self._apply(cur, v, st),  # type: ignore[misc]
                     detail=True, timeout=self._timeout * 20,
                 )
+        except StoreError as exc:
+            unanswered = isinstance(exc.__cause__, (OSError, pymysql.InterfaceError))
+            raise
         finally:
-            with contextlib.suppress(StoreError):
-                await self.release_lease(_SCHEMA_LEASE, holder)
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            if not unanswered:
+                with contextlib.suppress(StoreError):
+                    await self.release_lease(_SCHEMA_LEASE, holder)
+
+    async def _take_schema_lease(self, holder: str) -> None:
+        """Wait while another process migrates (its lease stays live while
+        it works), at most ``_SCHEMA_WAIT``; take the lease when it is free
+        or has run out (its holder died)."""
+        started = time.monotonic()
+        while not await self.acquire_lease(_SCHEMA_LEASE, holder, _SCHEMA_LEASE_TTL):
+            if time.monotonic() - started > _SCHEMA_WAIT:
+                lease = await self.get_lease(_SCHEMA_LEASE)
+                raise StoreError(
+                    f"another process ({lease[0] if lease else 'unknown'}) has been migrating the schema"
+                    f" for over {_SCHEMA_WAIT:.0f}s"
+                )
+            await asyncio.sleep(0.1 + random.random() * 0.1)  # noqa: S311 - jitter
+
+    async def _renew_schema_lease(self, holder: str) -> None:
+        """Until cancelled; returns if another process took the lease."""
+        while True:
+            await asyncio.sleep(_SCHEMA_LEASE_TTL / 4)
+            try:
+                if not await self.acquire_lease(_SCHEMA_LEASE, holder, _SCHEMA_LEASE_TTL):
+                    return
+            except StoreError:
+                continue  # the next try is well within the lease's lifetime
 
     async def _apply(self, cur: aiomysql.Cursor, version: int, statements: Sequence[str]) -> None:
         """One migration, then its row in kmsd_schema_migrations."""
@@ -446,10 +497,13 @@ class MySQLStore(SQLStore):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self._pool is not None:
-            self._pool.close()
-            await self._pool.wait_closed()
-            self._pool = None
+        # Under the switch lock: a failover in progress either finished
+        # (its pool is closed here) or sees _closed and opens none.
+        async with self._switch:
+            if self._pool is not None:
+                self._pool.close()
+                await self._pool.wait_closed()
+                self._pool = None
 
     # -- the one place that talks to the driver ------------------------------------
 
@@ -461,20 +515,22 @@ class MySQLStore(SQLStore):
         assert self._pool is not None
         return self._pool, self._pool_node
 
-    async def _recover(self, exc: BaseException, node: int, maybe_committed: bool, attempt: int) -> bool:
-        """After a failed attempt on ``node``: whether the call may run
-        again, once this returns (after a failover or a backoff)."""
+    async def _recover(self, exc: BaseException, pool: aiomysql.Pool, maybe_committed: bool, attempt: int) -> bool:
+        """After a failed attempt on ``pool``'s node: whether the call may
+        run again, once this returns (after a failover or a backoff)."""
         code = _code(exc)
         lost = code in _CONNECTION_LOST or isinstance(exc, pymysql.InterfaceError)
-        if lost and maybe_committed:
-            # Outcome unknown: never run it again. Later calls go to the
-            # next usable node.
-            self._spawn(self._leave_quietly(node))
+        if maybe_committed and code not in _NOT_APPLIED:
+            # The write may have reached the cluster (a lost connection, or
+            # 1180 when a Galera node leaves the primary component during
+            # COMMIT): never run it again. Later calls go elsewhere.
+            if lost or code in _COMMIT_FAILED:
+                self._spawn(self._leave_quietly(pool))
             return False
         if lost or code in _NODE_NOT_READY:
             # This node failed and nothing was applied: the next attempt
             # (and every later call) goes to the next usable one.
-            await self._use_node(avoid=node)
+            await self._use_node(avoid=pool)
             return True
         if code in _ROLLED_BACK:
             # A deadlock, a lock-wait timeout or a certification failure
@@ -482,6 +538,43 @@ class MySQLStore(SQLStore):
             await asyncio.sleep(_backoff(attempt))
             return True
         return False
+
+    def _replaced(self, pool: aiomysql.Pool) -> bool:
+        return pool is not self._pool
+
+    async def _once(
+        self, pool: aiomysql.Pool, work: Callable[[aiomysql.Cursor], Awaitable[T]], write: str | None, state: _Attempt
+    ) -> T | _Replaced:
+        """One attempt of ``_run`` on ``pool``; ``_Replaced`` when a failover
+        replaced that pool before anything was sent."""
+        async with self._gate:
+            if self._replaced(pool):
+                return _Replaced()
+            try:
+                conn = await pool.acquire()
+            except RuntimeError as exc:
+                if self._replaced(pool):
+                    return _Replaced()  # closed by a failover while we waited
+                # aiomysql, when the server goes away while it connects:
+                # "Transport does not expose socket instance". A lost
+                # connection, nothing sent.
+                raise pymysql.OperationalError(2013, "lost connection while connecting") from exc
+            try:
+                if write == "transaction":
+                    await conn.begin()
+                state.maybe_committed = write == "statement"
+                async with conn.cursor() as cur:
+                    result = await work(cur)
+                if write == "transaction":
+                    state.maybe_committed = True
+                    await conn.commit()
+            except BaseException:
+                # Its state is unknown: never hand it out again.
+                conn.close()
+                raise
+            finally:
+                pool.release(conn)
+            return result
 
     async def _run(
         self,
@@ -495,57 +588,40 @@ class MySQLStore(SQLStore):
         errors. ``write`` is "statement" for one autocommitted statement and
         "transaction" for several in one transaction. ``detail`` keeps the
         server's reason in the message (startup only: never sent to a client)."""
-        maybe_committed = False
+        state = _Attempt()
+        pool: aiomysql.Pool | None = None
         node = self._pool_node
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 for attempt in range(1, _ATTEMPTS + 1):
                     # Once a write may have reached COMMIT, a lost connection
                     # leaves its outcome unknown: never run it again then.
-                    maybe_committed = False
+                    state.maybe_committed = False
                     try:
                         pool, node = await self._current()
-                        async with self._gate:
-                            try:
-                                conn = await pool.acquire()
-                            except RuntimeError as exc:
-                                # aiomysql, when the server goes away while it
-                                # connects: "Transport does not expose socket
-                                # instance". A lost connection, nothing sent.
-                                raise pymysql.OperationalError(2013, "lost connection while connecting") from exc
-                            try:
-                                if write == "transaction":
-                                    await conn.begin()
-                                maybe_committed = write == "statement"
-                                async with conn.cursor() as cur:
-                                    result = await work(cur)
-                                if write == "transaction":
-                                    maybe_committed = True
-                                    await conn.commit()
-                            except BaseException:
-                                # Its state is unknown: never hand it out again.
-                                conn.close()
-                                raise
-                            finally:
-                                pool.release(conn)
+                        result = await self._once(pool, work, write, state)
+                        if not isinstance(result, _Replaced):
                             return result
                     except pymysql.IntegrityError as exc:
                         if _code(exc) == _DUPLICATE_KEY:
                             raise Conflict() from None
                         raise
                     except (pymysql.OperationalError, pymysql.InterfaceError, pymysql.InternalError) as exc:
-                        if attempt == _ATTEMPTS or not await self._recover(exc, node, maybe_committed, attempt):
+                        assert pool is not None
+                        if attempt == _ATTEMPTS or not await self._recover(exc, pool, state.maybe_committed, attempt):
                             raise
-                raise AssertionError("unreachable: the last attempt returns or raises")
+                raise StoreError()  # every attempt found its pool replaced: failovers in a row
         except (Conflict, StoreError):
             raise
         except (pymysql.MySQLError, OSError) as exc:
             if isinstance(exc, TimeoutError):
-                self._suspect(node)
+                self._suspect(pool, node)
             # TimeoutError is an OSError: the budget ran out. An error the
-            # server answered undid the statement; no answer leaves it open.
-            if maybe_committed and (
-                isinstance(exc, (OSError, pymysql.InterfaceError)) or _code(exc) in _CONNECTION_LOST
+            # server answered before COMMIT undid the statement; no answer,
+            # or an unexpected one at COMMIT, leaves it open.
+            if state.maybe_committed and (
+                isinstance(exc, (OSError, pymysql.InterfaceError))
+                or (isinstance(exc, pymysql.OperationalError) and _code(exc) not in _NOT_APPLIED)
             ):
                 raise StoreError.outcome_unknown() from exc
             raise StoreError(describe_error(exc) if detail else None) from exc

@@ -103,6 +103,14 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX IF NOT EXISTS kmsd_revoked_tokens_expires_at ON kmsd_revoked_tokens (expires_at);
     """,
+    # 6: at most one active signing key, as for master keys (a database
+    # that has two keeps the newest active; the others still verify).
+    """
+    UPDATE kmsd_signing_keys SET status = 'retired' WHERE status = 'active' AND kid <> (
+        SELECT kid FROM kmsd_signing_keys WHERE status = 'active' ORDER BY created_at DESC, kid DESC LIMIT 1);
+    CREATE UNIQUE INDEX IF NOT EXISTS kmsd_signing_keys_one_active
+        ON kmsd_signing_keys (status) WHERE status = 'active';
+    """,
 )
 
 _WriteOp = Callable[[sqlite3.Connection], Any]

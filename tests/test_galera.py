@@ -176,7 +176,7 @@ async def test_daemons_starting_at_once_on_an_empty_database_migrate_it_once(
         for d in daemons:
             d.wait_ready(60)
         versions = rows(healthy, db, "SELECT version, COUNT(*) FROM kmsd_schema_migrations GROUP BY version", node=1)
-        assert versions == [(v, 1) for v in range(1, 7)], versions
+        assert versions == [(v, 1) for v in range(1, 8)], versions
         assert rows(healthy, db, "SELECT COUNT(*) FROM master_keys", node=2) == [(1,)]
         assert rows(healthy, db, "SELECT COUNT(*) FROM kmsd_signing_keys WHERE status = 'active'") == [(1,)]
         # Nobody holds the migration lease once they are up.

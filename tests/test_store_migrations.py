@@ -164,7 +164,11 @@ async def test_mysql_open_migrates_an_original_database_to_the_lifecycle_schema(
         " WHERE TABLE_SCHEMA = %s AND COLUMN_NAME IN ('master_key_id', 'kmsd_one_active') ORDER BY TABLE_NAME",
         (name,),
     )
-    assert columns == [("kms_keys", "master_key_id", "YES", "utf8mb4_nopad_bin"), ("master_keys", "kmsd_one_active", "YES", None)]
+    assert columns == [
+        ("kmsd_signing_keys", "kmsd_one_active", "YES", None),
+        ("kms_keys", "master_key_id", "YES", "utf8mb4_nopad_bin"),
+        ("master_keys", "kmsd_one_active", "YES", None),
+    ]
     tables = {r[0] for r in mysql_server.admin(
         "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (name,)
     )}
@@ -283,3 +287,57 @@ async def test_open_applies_the_migrations_and_is_idempotent(
         assert await third.count_records() == 2
     finally:
         await third.close()
+
+
+async def test_two_active_signing_keys_keep_the_newest_and_then_stay_one(
+    backend: str, database_url: str, request: pytest.FixtureRequest
+) -> None:
+    """Before the one-active-signing-key migration, two daemons starting at
+    once on two Galera nodes could each add one: the migration keeps the
+    newest active, and from then on the database refuses a second."""
+    import sqlite3
+
+    from kmsd.config import parse_database_url
+    from kmsd.errors import Conflict
+
+    store = await open_url(database_url)
+    await store.close()
+    parsed = parse_database_url(database_url)
+    rows = [
+        ("kid-old", "pub:kid-old", "material:kid-old", "active", "2024-05-01 00:00:00"),
+        ("kid-new", "pub:kid-new", "material:kid-new", "active", "2024-05-02 00:00:00"),
+        ("kid-gone", "pub:kid-gone", "material:kid-gone", "retired", "2024-04-01 00:00:00"),
+    ]
+    insert = "INSERT INTO kmsd_signing_keys (kid, public_key, key_material, status, created_at) VALUES (%s, %s, %s, %s, %s)"
+    if backend == "sqlite":
+        version = 6
+        conn = sqlite3.connect(parsed.path)
+        conn.execute("DROP INDEX kmsd_signing_keys_one_active")
+        conn.execute("DELETE FROM kmsd_schema_migrations WHERE version = ?", (version,))
+        conn.executemany(insert.replace("%s", "?"), rows)
+        conn.commit()
+        conn.close()
+    else:
+        version = 7
+        server: MariaDBServer = request.getfixturevalue("mariadb")
+        name = parsed.database
+        server.admin("ALTER TABLE kmsd_signing_keys DROP INDEX kmsd_signing_keys_one_active", db=name)
+        server.admin("ALTER TABLE kmsd_signing_keys DROP COLUMN kmsd_one_active", db=name)
+        server.admin("DELETE FROM kmsd_schema_migrations WHERE version = %s", (version,), db=name)
+        for row in rows:
+            server.admin(insert, row, db=name)
+    store = await open_url(database_url)
+    try:
+        keys = await store.list_signing_keys()
+        assert {k.kid: k.status for k in keys} == {"kid-old": "retired", "kid-new": "active", "kid-gone": "retired"}
+        assert await store.add_first_signing_key(sk("kid-first")) is False
+        await store.add_signing_key(sk("kid-next"))
+        assert active(await store.list_signing_keys()) == ["kid-next"]
+        # The database itself refuses a second active key.
+        with pytest.raises(Conflict):
+            await store._write(  # type: ignore[attr-defined]
+                ("UPDATE kmsd_signing_keys SET status = 'active' WHERE kid = 'kid-old'", ())
+            )
+    finally:
+        await store.close()
+    assert version in schema_versions(database_url, request)
