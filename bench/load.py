@@ -474,6 +474,7 @@ def merge(kind: str, target: Target, procs: int, kw: dict[str, Any], wires: list
         result["burst"] = kw["n"]
         result["failed"] = requests - ok + (kw["n"] - requests)
     result["_tokens"] = tokens
+    result["_lat"] = lat
     return result
 
 
@@ -554,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", action="store_true", help="do not check plaintexts (for bench/baseline.py)")
     p.add_argument("--prefix", default=None, help="user id prefix (default: random per run)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--save-latencies", metavar="FILE",
+                   help="write the last phase's latency samples (seconds, native float64) to FILE, "
+                        "so that several runs can be merged into one set of percentiles")
     p.add_argument("--label", default="", help="free text stored in the JSON")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
     args = p.parse_args(argv)
@@ -606,8 +610,13 @@ def main(argv: list[str] | None = None) -> int:
                 for t in tokens:
                     fh.write(json.dumps(t) + "\n")
 
+    if args.save_latencies:
+        with open(args.save_latencies, "wb") as fh:
+            if results:
+                results[-1]["_lat"].tofile(fh)
     for r in results:
         r.pop("_tokens", None)
+        r.pop("_lat", None)
         r["label"] = args.label
     if not args.quiet:
         print(table(results))

@@ -7,21 +7,25 @@ point with bench/load.py (kmsd and baseline interleaved, point by point, so
 that each ratio compares two measurements taken at the same moment), soaks
 the SQLite daemon with reads while sampling its memory, then runs the same
 points against MariaDB (a private server it starts, when the binaries are
-there, or --mysql URL), and writes Markdown, JSON and a PNG chart to
-bench/results/. Everything it starts is stopped on exit, on Ctrl-C, on
-SIGTERM/SIGHUP and on failure.
+there, or --mysql URL), then measures three daemons on a private 3-node
+Galera cluster at once (with and without wsrep_sync_wait; --galera), and
+writes Markdown, JSON and a PNG chart to bench/results/. Everything it
+starts is stopped on exit, on Ctrl-C, on SIGTERM/SIGHUP and on failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import ctypes
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import platform
+import pwd
 import shutil
 import signal
 import socket
@@ -58,6 +62,13 @@ COLD_MAX_TOKENS = 20_000
 SOAK_CONC = 64
 SOAK_EVERY = 10.0
 MYSQL_DATABASE = "kmsd_bench"
+# The Galera leg: a private cluster of this many nodes, one daemon per node,
+# GALERA_CONC connections in total split over the daemons (22 + 21 + 21),
+# once with kmsd's default wsrep_sync_wait=1 (read-your-writes across
+# nodes), once with ?wsrep_sync_wait=0 (without).
+GALERA_NODES = 3
+GALERA_CONC = 64
+GALERA_SYNC_WAITS = (1, 0)
 
 
 # -- small helpers ----------------------------------------------------------------------
@@ -724,6 +735,356 @@ def soak_line(soak: dict[str, Any]) -> str:
             + (f"; {soak['failed']}" if "failed" in soak else ""))
 
 
+# -- the Galera leg --------------------------------------------------------------------------------
+
+
+class PrivateGalera:
+    """The Galera leg's cluster: devtools/galera_cluster.py's GaleraCluster
+    (GALERA_NODES mariadbd nodes on loopback, run as the mysql user) in a
+    short directory of its own under /tmp: the run's temporary directory is
+    0700 (the mysql user could not traverse it), and the nodes' Unix socket
+    paths must fit in 108 bytes."""
+
+    name = "galera"
+
+    def __init__(self, module: Any, base: Path) -> None:
+        self.base = base
+        self.cluster = module.GaleraCluster(base, size=GALERA_NODES)
+        self.started = False
+
+    def start(self) -> None:
+        self.cluster.start()
+        self.started = True
+
+    def stop(self) -> None:
+        """A clean shutdown, node after node (well under a second), once the
+        cluster was up. Interrupted while starting, SIGKILL instead: a
+        node still joining ignores SIGTERM (the clean stop would wait 30 s
+        for it), and the cluster is thrown away anyway. A no-op once done."""
+        if self.started:
+            self.cluster.stop()
+        else:
+            for i in range(len(self.cluster.nodes)):
+                self.cluster.kill(i)
+
+
+def galera_module() -> tuple[Any | None, str]:
+    """devtools/galera_cluster.py when a cluster can run here (the MariaDB
+    server binaries, the Galera 4 provider, rsync for the joiners' state
+    transfer, a mysql user when we are root); else None and why not."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        import devtools.galera_cluster as module  # needs pymysql, a kmsd dependency
+    except ImportError as exc:
+        return None, f"cannot import devtools/galera_cluster.py ({exc})"
+    missing = [name for name, path in zip(("mariadbd", "mariadb-install-db"), module.find_binaries(), strict=True)
+               if not path]
+    if module.find_provider() is None:
+        missing.append("the Galera 4 provider libgalera_smm.so (sudo apt-get install galera-4)")
+    if shutil.which("rsync") is None:
+        missing.append("rsync (the joining nodes' state transfer)")
+    if missing:
+        return None, f"{', '.join(missing)} not found (sudo apt-get install mariadb-server galera-4 rsync)"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("mysql")
+        except KeyError:
+            return None, "no mysql system user to run the nodes as (we are root; rsync SST refuses a root server)"
+    return module, ""
+
+
+def readyz_body(sock_path: str) -> dict[str, Any]:
+    """GET /readyz over a Unix socket, its JSON body ({} when unreadable)."""
+    try:
+        conn = UnixHTTPConnection(sock_path, timeout=5)
+        try:
+            conn.request("GET", "/readyz")
+            body = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def split(total: int, parts: int) -> list[int]:
+    """total as parts nearly equal integers (64 over 3: 22, 21, 21)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def percentile(sorted_vals: Any, q: float) -> float:
+    """The same nearest-rank percentile as load.py's."""
+    k = max(0, min(len(sorted_vals) - 1, math.ceil(q / 100.0 * len(sorted_vals)) - 1))
+    return sorted_vals[k]
+
+
+def run_galera(args: argparse.Namespace, tmp: Path, env: dict[str, str], stack: list[Stoppable],
+               galera: dict[str, Any]) -> None:
+    """The Galera leg (see bench/README.md): a private cluster, then for each
+    wsrep_sync_wait in GALERA_SYNC_WAITS a fresh database, one daemon per
+    node, a write point and a read point through all of them at once.
+    Fills ``galera`` as it goes, so that an interrupted run reports what was
+    measured; everything it starts is on ``stack``."""
+    module, why = galera_module()
+    if module is None:
+        log(f"Galera leg skipped: {why}")
+        galera["skipped"] = why
+        return
+    t0 = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix="kg-", dir="/tmp"))
+    galera["base"] = str(base)
+    try:
+        private = PrivateGalera(module, base)
+    except Exception as exc:  # noqa: BLE001 - e.g. no port: the leg fails, the rest of the run stands
+        galera["failed"] = f"cannot set up the Galera cluster: {type(exc).__name__}: {exc}"
+        log(galera["failed"])
+        return
+    stack.append(private)  # before it starts: stopped whatever happens from here on
+    cluster = private.cluster
+    log(f"starting a private {GALERA_NODES}-node Galera cluster in {base}")
+    try:
+        private.start()
+    except Exception as exc:  # noqa: BLE001 - the leg fails, the rest of the run stands
+        galera["failed"] = f"the Galera cluster did not start: {exc}"
+        log(galera["failed"])
+        return
+    galera["cluster_start_s"] = round(time.monotonic() - t0, 1)
+    galera["nodes"] = [{"node": n.index, "port": n.port} for n in cluster.nodes]
+    try:
+        version = str(cluster.admin(0, "SELECT VERSION()")[0][0])
+    except Exception as exc:  # noqa: BLE001 - best effort
+        version = f"version unknown ({type(exc).__name__})"
+    galera["server"] = {"version": version, "provider": cluster.status(0, "wsrep_provider_version") or "?",
+                        "size": cluster.status(0, "wsrep_cluster_size") or "?"}
+    log(f"Galera cluster up in {galera['cluster_start_s']} s: {version}, provider "
+        f"{galera['server']['provider']}, nodes on ports {[n.port for n in cluster.nodes]}")
+    # One root key for all the daemons (the master keys in the shared
+    # database are wrapped under it): no --dev, which makes one per daemon.
+    key = tmp / "galera-root.key"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(os.urandom(32).hex() + "\n")
+    denv = dict(env, KMSD_ROOT_KEY_FILE=str(key))
+    galera["passes"] = []
+    for sync_wait in GALERA_SYNC_WAITS:
+        pinfo: dict[str, Any] = {"sync_wait": sync_wait}
+        galera["passes"].append(pinfo)
+        galera_pass(cluster, sync_wait, pinfo, args, tmp, denv, stack)
+    log("stopping the Galera cluster")
+    t = time.monotonic()
+    private.stop()
+    galera["cluster_stop_s"] = round(time.monotonic() - t, 1)
+    galera["leg_s"] = round(time.monotonic() - t0, 1)
+    log(f"Galera leg done in {galera['leg_s']} s")
+
+
+def galera_pass(cluster: Any, sync_wait: int, pinfo: dict[str, Any], args: argparse.Namespace, tmp: Path,
+                env: dict[str, str], stack: list[Stoppable]) -> None:
+    """One database, one daemon per node (daemon i's URL names node i
+    first), a write point and a warm read point through all of them at once;
+    the daemons are stopped before it returns."""
+    name = f"kmsd_galera_sw{sync_wait}"
+    pinfo["database"] = name
+    try:
+        cluster.new_database(name)
+    except Exception as exc:  # noqa: BLE001 - this pass fails, the next may not
+        pinfo["failed"] = f"CREATE DATABASE {name} failed: {exc}"
+        log(f"Galera sync_wait={sync_wait}: {pinfo['failed']}")
+        return
+    daemons: list[tuple[Managed, str]] = []
+    pinfo["daemons"] = []
+    t = time.monotonic()
+    for i in range(len(cluster.nodes)):
+        url = cluster.node_url(i, name) + ("" if sync_wait == 1 else f"?wsrep_sync_wait={sync_wait}")
+        sock, port = str(tmp / f"galera{sync_wait}-{i}.sock"), free_port()
+        argv = [str(Path(PY).parent / "kmsd"), "serve", "--socket", sock,
+                "--listen", f"127.0.0.1:{port}", "--database", url]
+        log(f"starting kmsd (galera sync_wait={sync_wait}, daemon {i}): {' '.join(argv[1:-1] + [mask_url(url)])}")
+        daemon = Managed(f"kmsd-galera-sw{sync_wait}-{i}", argv, tmp / f"kmsd-galera-sw{sync_wait}-{i}.log", env, tmp)
+        stack.append(daemon)
+        daemons.append((daemon, sock))
+        pinfo["daemons"].append({"daemon": i, "database": mask_url(url), "socket": sock})
+    node_of = {f"127.0.0.1:{n.port}": n.index for n in cluster.nodes}
+    try:
+        for (daemon, sock), dinfo in zip(daemons, pinfo["daemons"], strict=True):
+            try:
+                wait_ready(daemon, sock, timeout=60)
+            except RuntimeError as exc:
+                pinfo["failed"] = f"{daemon.name} did not start: {exc}"
+                log(f"Galera sync_wait={sync_wait}: {pinfo['failed']}")
+                return
+            dinfo["server"] = readyz_body(sock).get("database")
+            dinfo["node"] = node_of.get(str(dinfo["server"]))
+            daemon.remember_children()  # the vault, for the CPU figures
+        pinfo["startup_s"] = round(time.monotonic() - t, 2)
+        log(f"Galera sync_wait={sync_wait}: daemons ready in {pinfo['startup_s']} s; "
+            + ", ".join(f"daemon {d['daemon']} on node {d['node']} ({d['server']})" for d in pinfo["daemons"]))
+        tokens = [tmp / f"tokens-galera{sync_wait}-{i}.jsonl" for i in range(len(daemons))]
+        kmsd_pids = [p for d, _ in daemons for p in (d.pid, *d.children)]
+        node_pids = [n.proc.pid for n in cluster.nodes if n.proc is not None]
+        for mode in ("write", "read"):
+            r = galera_point(mode, [s for _, s in daemons], tokens, args, tmp, kmsd_pids, node_pids)
+            pinfo[mode] = r
+            log(f"Galera sync_wait={sync_wait}: {galera_line(r)}")
+            dead = [d.name for d, _ in daemons if not d.alive()]
+            if dead:
+                pinfo["died"] = f"{', '.join(dead)} exited during the {mode} point"
+                log(f"Galera sync_wait={sync_wait}: {pinfo['died']}:\n"
+                    + "\n".join(tail(d.logfile) for d, _ in daemons if not d.alive()))
+                return
+    finally:  # also on failure and Ctrl-C (then the stack stops them again: a no-op)
+        log(f"stopping the Galera daemons (sync_wait={sync_wait})")
+        for (daemon, _), dinfo in zip(daemons, pinfo["daemons"], strict=True):
+            daemon.stop()
+            dinfo["exit_code"] = daemon.exit_code
+            dinfo["stop_seconds"] = daemon.stop_seconds
+            lg = scan_log(daemon.logfile)
+            dinfo["log"] = {"levels": lg["levels"], "events": lg["events"]}
+
+
+def galera_point(mode: str, socks: list[str], tokens: list[Path], args: argparse.Namespace, tmp: Path,
+                 kmsd_pids: list[int], node_pids: list[int]) -> dict[str, Any]:
+    """One point through every daemon at once: one load.py per daemon, in
+    parallel, GALERA_CONC connections in total (one client process each);
+    req/s summed, percentiles over the merged latency samples, and the
+    worst daemon's."""
+    concs = split(GALERA_CONC, len(socks))
+    limit = args.duration + args.warmup + 180
+    stamp = time.monotonic_ns()
+    runs: list[tuple[subprocess.Popen[bytes], Path, Path, Path]] = []
+    cpu0 = {p: cpu_seconds(p) for p in kmsd_pids + node_pids}
+    t0 = time.monotonic()
+    try:
+        for i, (sock, conc) in enumerate(zip(socks, concs, strict=True)):
+            out, lat, logf = (tmp / f"galera-{stamp}-{i}.{ext}" for ext in ("json", "lat", "log"))
+            argv = [PY, LOAD, "--unix", sock, "--mode", mode, "--concurrency", str(conc),
+                    "--duration", str(args.duration), "--warmup", str(args.warmup), "--procs", "1",
+                    "--timeout", str(args.request_timeout), "--json", str(out), "--save-latencies", str(lat),
+                    "--quiet", "--label", f"galera-{mode}-{i}"]
+            if mode == "write":
+                argv += ["--save-tokens", str(tokens[i])]
+            elif tokens[i].exists() and tokens[i].stat().st_size:
+                # warm reads, as the main read points: the daemon's own first --read-users tokens
+                argv += ["--tokens", str(tokens[i]), "--max-tokens", str(args.read_users)]
+            else:
+                argv += ["--seed", "1000"]
+            with open(logf, "wb") as fh:
+                proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                        preexec_fn=_pdeathsig)  # noqa: PLW1509 - only prctl
+            runs.append((proc, out, lat, logf))
+        deadline = time.monotonic() + limit
+        for proc, *_ in runs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:  # also on Ctrl-C/SIGTERM: the load must not outlive the run
+        for proc, *_ in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wall = time.monotonic() - t0
+    cpu1 = {p: cpu_seconds(p) for p in kmsd_pids + node_pids}
+
+    def cpu(pids: list[int]) -> float | None:
+        used = [cpu1[p] - cpu0[p] for p in pids if cpu0.get(p) is not None and cpu1.get(p) is not None]
+        return round(sum(used) / wall, 2) if used else None
+
+    agg: dict[str, Any] = {"mode": mode, "concurrency": sum(concs), "daemons": len(socks),
+                           "wall_s": round(wall, 2), "cpu_kmsd_per_s": cpu(kmsd_pids),
+                           "cpu_nodes_per_s": cpu(node_pids)}
+    per: list[dict[str, Any]] = []
+    samples = array.array("d")
+    for i, ((proc, out, lat, logf), conc) in enumerate(zip(runs, concs, strict=True)):
+        if not out.exists():
+            code = proc.returncode if proc.returncode is not None else "killed"
+            per.append({"daemon": i, "concurrency": conc, "failed_to_run": f"load.py exit {code}: {tail(logf, 5)}"})
+            continue
+        doc = json.loads(out.read_text())
+        r = next((x for x in doc["results"] if x["mode"] == mode), None)
+        if r is None:
+            per.append({"daemon": i, "concurrency": conc, "failed_to_run": f"no {mode} phase: {tail(logf, 5)}"})
+            continue
+        r = {k: r[k] for k in ("concurrency", "elapsed_s", "requests", "ok", "rps", "p50_ms", "p90_ms", "p99_ms",
+                                "max_ms", "errors", "error_count", "mismatches")}
+        r["daemon"] = i
+        if proc.returncode not in (0, 3):
+            r["load_exit"] = proc.returncode
+        per.append(r)
+        if lat.exists():
+            a = array.array("d")
+            a.frombytes(lat.read_bytes())
+            samples.extend(a)
+    agg["per_daemon"] = per
+    ok = [r for r in per if "rps" in r]
+    if len(ok) < len(per):
+        agg["failed_to_run"] = "; ".join(f"daemon {r['daemon']}: {r['failed_to_run']}" for r in per if "rps" not in r)
+    if ok:
+        errors: dict[str, int] = {}
+        for r in ok:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        agg.update({
+            "rps": round(sum(r["rps"] for r in ok), 1),
+            "requests": sum(r["requests"] for r in ok),
+            "ok": sum(r["ok"] for r in ok),
+            "errors": dict(sorted(errors.items())),
+            "mismatches": sum(r["mismatches"] for r in ok),
+            "worst_p50_ms": max(r["p50_ms"] for r in ok),
+            "worst_p99_ms": max(r["p99_ms"] for r in ok),
+            "max_ms": max(r["max_ms"] for r in ok),
+        })
+        if len(ok) < len(per):
+            agg["rps_partial"] = True  # a daemon's figures are missing from the sum
+        vals = sorted(samples)
+        if vals:  # the percentiles of every request of the point, whichever daemon answered it
+            agg.update({f"p{q}_ms": round(percentile(vals, q) * 1000.0, 3) for q in (50, 90, 99)})
+    return agg
+
+
+def galera_line(r: dict[str, Any]) -> str:
+    if "rps" not in r:
+        return f"{r['mode']} c={r['concurrency']} total FAILED: {r.get('failed_to_run')}"
+    errs = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "-"
+    per = " + ".join(f"{x['rps']:.0f}" if "rps" in x else "FAILED" for x in r["per_daemon"])
+    return (f"{r['mode']:<5} c={r['concurrency']} total over {r['daemons']} daemons: {r['rps']:.1f} req/s ({per}); "
+            f"p50 {r.get('p50_ms', float('nan')):.2f} p99 {r.get('p99_ms', float('nan')):.2f} ms merged, "
+            f"worst daemon p99 {r['worst_p99_ms']:.2f} ms; ok {r['ok']}/{r['requests']}; errors {errs}; "
+            f"mismatches {r['mismatches']}; CPU kmsd {r['cpu_kmsd_per_s']} nodes {r['cpu_nodes_per_s']}"
+            + (f"; {r['failed_to_run']}" if "failed_to_run" in r else ""))
+
+
+def galera_comparison(results: list[dict[str, Any]], legs: list[dict[str, Any]],
+                      galera: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the Galera table: the single-server MariaDB leg's c=64
+    write and warm read over the Unix socket, then each Galera pass."""
+
+    def single(mode: str) -> dict[str, Any] | None:
+        return next((r for r in results if r.get("leg") == "mysql" and r.get("target") == "kmsd-mysql"
+                     and r.get("listener") == "unix" and r.get("mode") == mode
+                     and r.get("concurrency") == GALERA_CONC and "rps" in r), None)
+
+    rows: list[dict[str, Any]] = []
+    w, rd = single("write"), single("read")
+    server = next((leg.get("server") for leg in legs if leg.get("leg") == "mysql"), None) or {}
+    row: dict[str, Any] = {"setup": f"single MariaDB server, 1 daemon, c={GALERA_CONC}",
+                           "transport": server.get("transport")}
+    for mode, r in (("write", w), ("read", rd)):
+        if r:
+            row[mode] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "mismatches")}
+    rows.append(row)
+    for p in galera.get("passes", []):
+        row = {"setup": f"Galera {GALERA_NODES} nodes, {GALERA_NODES} daemons, c={GALERA_CONC} total, "
+                        f"sync_wait={p['sync_wait']}", "sync_wait": p["sync_wait"]}
+        for mode in ("write", "read"):
+            r = p.get(mode) or {}
+            if "rps" in r:
+                row[mode] = {k: r.get(k) for k in ("rps", "p50_ms", "p99_ms", "worst_p50_ms", "worst_p99_ms",
+                                                   "errors", "mismatches")}
+        rows.append(row)
+    return rows
+
+
+
 # -- reports -------------------------------------------------------------------------------------
 
 
@@ -755,6 +1116,116 @@ def mysql_header(meta: dict[str, Any], legs: list[dict[str, Any]]) -> str:
     if not server:
         return f"- MariaDB leg: **failed**: {str(leg.get('failed', '?')).splitlines()[0][:200]}"
     return f"- MariaDB leg (kmsd-mysql): {server['version']} over {server['transport']}; {server['origin']}"
+
+
+def galera_header(meta: dict[str, Any], galera: dict[str, Any]) -> str:
+    """The Galera leg in one line of the header: what ran, or why not."""
+    if meta.get("galera") == "none":
+        return "- Galera leg: not run (--galera none)"
+    if galera.get("skipped"):
+        return f"- Galera leg: **skipped**, {galera['skipped']}"
+    if galera.get("failed"):
+        return f"- Galera leg: **failed**: {str(galera['failed']).splitlines()[0][:200]}"
+    server = galera.get("server")
+    if not server:
+        return "- Galera leg: not reached"
+    return (f"- Galera leg: {GALERA_NODES} private nodes (devtools/galera_cluster.py), {server['version']}, "
+            f"Galera provider {server['provider']}; 3 daemons without `--dev`, sharing one root key")
+
+
+def galera_markdown(galera: dict[str, Any], procs: int) -> list[str]:
+    """The Galera section: the comparison table, the cost of read-your-writes,
+    then which node each daemon used and the per-daemon figures."""
+    if not galera.get("passes") and not galera.get("failed"):
+        return []
+    conc = " + ".join(str(c) for c in split(GALERA_CONC, GALERA_NODES))
+    lines = [
+        "",
+        f"## Galera: {GALERA_NODES} nodes, {GALERA_NODES} daemons",
+        "",
+    ]
+    if galera.get("failed"):
+        return lines + ["**failed**:", "", "```", str(galera["failed"]), "```"]
+    lines += [
+        (f"A private {GALERA_NODES}-node cluster; daemon i runs with `--database` naming node i first (then the "
+         f"others), all on one database and one root key. Each point runs one bench/load.py per daemon at once, "
+         f"over its Unix socket, c = {conc} = {GALERA_CONC} in total (one client process each; the single-server "
+         f"row used {procs}): req/s is the sum of the three; p50/p99 are over the merged samples of every request, "
+         "with the worst daemon's p99 in brackets. Reads are warm: each daemon's client cycles through the "
+         "first tokens its own write point saved. **sync_wait=1** is kmsd's default on Galera: every read first "
+         "waits until its node has applied every write committed anywhere in the cluster (read-your-writes "
+         "across nodes); **sync_wait=0** (`?wsrep_sync_wait=0` in the URL) gives that up."),
+        "",
+        "| setup | write req/s | write p50 ms | write p99 ms | read req/s | read p50 ms | read p99 ms | errors | mismatches |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+
+    def cells(r: dict[str, Any] | None) -> list[str]:
+        if not r:
+            return ["-", "-", "-"]
+        p99 = f"{r['p99_ms']:.2f}" if r.get("p99_ms") is not None else "-"
+        if r.get("worst_p99_ms") is not None:
+            p99 += f" ({r['worst_p99_ms']:.2f})"
+        p50 = f"{r['p50_ms']:.2f}" if r.get("p50_ms") is not None else "-"
+        return [f"{r['rps']:.0f}", p50, p99]
+
+    rows = galera.get("comparison", [])
+    for row in rows:
+        w, r = row.get("write"), row.get("read")
+        setup = row["setup"]
+        if "sync_wait" not in row:  # the daemon reached the server over its Unix socket, or TCP (--mysql-tcp)
+            via = str(row.get("transport") or "")
+            setup += (" (MariaDB leg not run)" if not (w or r) else
+                      " (to the server over its Unix socket)" if via.startswith("Unix") else
+                      " (to the server over TCP)" if via else "")
+        else:
+            setup += " (to the nodes over TCP)"
+        errors: dict[str, int] = {}
+        for x in (w, r):
+            for k, v in ((x or {}).get("errors") or {}).items():
+                errors[k] = errors.get(k, 0) + v
+        errs = ", ".join(f"{k}: {v}" for k, v in errors.items()) or "-"
+        mism = sum((x or {}).get("mismatches", 0) for x in (w, r)) if (w or r) else "-"
+        lines.append(f"| {setup} | " + " | ".join(cells(w) + cells(r)) + f" | {errs} | {mism} |")
+    by_wait = {row.get("sync_wait"): row for row in rows if "sync_wait" in row}
+    on, off = by_wait.get(1, {}), by_wait.get(0, {})
+    costs = []
+    for mode in ("read", "write"):
+        a, b = on.get(mode), off.get(mode)
+        if a and b and b["rps"]:
+            costs.append(f"{mode}s {a['rps']:.0f} vs {b['rps']:.0f} req/s ({(a['rps'] / b['rps'] - 1) * 100:+.0f}%), "
+                         f"p99 {a['p99_ms']:.2f} vs {b['p99_ms']:.2f} ms")
+    lines.append("")
+    if costs:
+        lines.append("- read-your-writes (sync_wait=1 vs 0): " + "; ".join(costs))
+    lines.append(f"- cluster ready in {galera.get('cluster_start_s', '-')} s, stopped in "
+                 f"{galera.get('cluster_stop_s', '-')} s; the whole leg took {galera.get('leg_s', '-')} s")
+    lines += ["", "| sync_wait | daemon | node | ready | write req/s | write p99 ms | read req/s | read p99 ms | "
+              "exit code | log levels |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for p in galera.get("passes", []):
+        if p.get("failed"):
+            lines.append(f"| {p['sync_wait']} | | **failed**: {str(p['failed']).splitlines()[0][:200]} | | | | | | | |")
+        if p.get("died"):
+            lines.append(f"| {p['sync_wait']} | | **died**: {p['died']} | | | | | | | |")
+        for d in p.get("daemons", []):
+            def one(mode: str, d: dict[str, Any] = d, p: dict[str, Any] = p) -> list[str]:
+                r = next((x for x in (p.get(mode) or {}).get("per_daemon", []) if x["daemon"] == d["daemon"]), None)
+                if not r:
+                    return ["-", "-"]
+                if "rps" not in r:
+                    return ["FAILED", "-"]
+                return [f"{r['rps']:.0f}", f"{r['p99_ms']:.2f}"]
+            node = f"{d['node']} ({d['server']})" if d.get("node") is not None else str(d.get("server") or "-")
+            ready = f"{p['startup_s']} s" if "startup_s" in p else "-"
+            lines.append(f"| {p['sync_wait']} | {d['daemon']} | {node} | {ready} | " + " | ".join(one("write") + one("read"))
+                         + f" | {d.get('exit_code', '-')} | {(d.get('log') or {}).get('levels', '-')} |")
+    cpus = [f"sync_wait={p['sync_wait']} {mode}: kmsd {p[mode].get('cpu_kmsd_per_s')}, nodes "
+            f"{p[mode].get('cpu_nodes_per_s')}" for p in galera.get("passes", []) for mode in ("write", "read")
+            if p.get(mode)]
+    if cpus:
+        lines += ["", "- CPU per second of the point (the 3 daemons with their vaults / the 3 mariadbd nodes): "
+                  + "; ".join(cpus)]
+    return lines
 
 
 def soak_markdown(soak: dict[str, Any], max_rows: int = 16) -> list[str]:
@@ -801,7 +1272,8 @@ def soak_markdown(soak: dict[str, Any], max_rows: int = 16) -> list[str]:
     return lines
 
 
-def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dict[str, Any]]) -> str:
+def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dict[str, Any]],
+             galera: dict[str, Any]) -> str:
     m = meta["machine"]
     lines = [
         f"# kmsd benchmark — {meta['date']} — commit {m['commit']}{' (dirty tree)' if m['dirty'] else ''}",
@@ -814,23 +1286,27 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
         f"client processes: {meta['procs']} (1 at c=1); bench/load.py (aiohttp client, keep-alive)",
         "- kmsd: `kmsd serve --dev`, logging at its default level (one JSON line per request to a file)",
         mysql_header(meta, legs),
+        galera_header(meta, galera),
         "",
-        "## Throughput and latency",
-        "",
-        "ratio = kmsd req/s ÷ baseline req/s at the same point (the baseline is bench/baseline.py, "
-        "aiohttp answering a fixed body). CPU = seconds of CPU the server (daemon / vault) used during the point, "
-        "per second of the point.",
-        "",
-        (f"Reads: **read** is warm: {meta['read_users']} users reading over and over (the first "
-         f"{meta['read_users']} tokens of that listener's write c={max(WRITE_CONC)} point, cycled), so after its "
-         "first read each token is in kmsd's verified-token cache and no read pays a signature check; "
-         f"**read-cold** (c={COLD_CONC}, no warm-up) is cold: every read presents a token kmsd has never seen "
-         f"(the tokens after those, each used once, at most {COLD_MAX_TOKENS}), so every read pays an Ed25519 "
-         "signature check."),
-        "",
-        "| target | via | mode | conc | req/s | ratio | p50 ms | p90 ms | p99 ms | max ms | ok/reqs | errors | mismatches | CPU daemon/vault |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
+    if results:  # (none when only the Galera leg ran)
+        lines += [
+            "## Throughput and latency",
+            "",
+            "ratio = kmsd req/s ÷ baseline req/s at the same point (the baseline is bench/baseline.py, "
+            "aiohttp answering a fixed body). CPU = seconds of CPU the server (daemon / vault) used during the point, "
+            "per second of the point.",
+            "",
+            (f"Reads: **read** is warm: {meta['read_users']} users reading over and over (the first "
+             f"{meta['read_users']} tokens of that listener's write c={max(WRITE_CONC)} point, cycled), so after its "
+             "first read each token is in kmsd's verified-token cache and no read pays a signature check; "
+             f"**read-cold** (c={COLD_CONC}, no warm-up) is cold: every read presents a token kmsd has never seen "
+             f"(the tokens after those, each used once, at most {COLD_MAX_TOKENS}), so every read pays an Ed25519 "
+             "signature check."),
+            "",
+            "| target | via | mode | conc | req/s | ratio | p50 ms | p90 ms | p99 ms | max ms | ok/reqs | errors | mismatches | CPU daemon/vault |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        ]
     for r in results:
         if r.get("mode") == "burst":
             continue
@@ -889,7 +1365,9 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
             answers = ", ".join(f"{k}: {v}" for k, v in sorted(flood.get("answers", {}).items())) or "-"
             lines.append(f"| {r.get('leg')} | {r['concurrency']} | {r['rps']:.0f} | "
                          f"{alone['rps'] if alone else 0:.0f} | {kept} | {flood.get('answers_per_s', '-')} | {answers} |")
-    lines += ["", "## Daemon", ""]
+    lines += galera_markdown(galera, meta["procs"])
+    if legs:
+        lines += ["", "## Daemon", ""]
     for leg in legs:
         server = leg.get("server")
         if server:  # the MariaDB leg: which server, and how kmsd reached it
@@ -1042,7 +1520,16 @@ def main(argv: list[str] | None = None) -> int:
                         "mysql://user:pass@127.0.0.1:3306/db")
     p.add_argument("--mysql-tcp", action="store_true",
                    help="--mysql auto: reach the private server over loopback TCP instead of its Unix socket")
-    p.add_argument("--skip-sqlite", action="store_true", help="run only the MariaDB/MySQL leg")
+    p.add_argument("--skip-sqlite", action="store_true", help="run only the MariaDB/MySQL (and Galera) legs")
+    # ---- Galera leg ---------------------------------------------------------------------------
+    # After the MariaDB leg: a private 3-node Galera cluster
+    # (devtools/galera_cluster.py), one daemon per node sharing one root key,
+    # a write and a read point at c=64 in total through the three at once,
+    # with wsrep_sync_wait=1 (kmsd's default) and =0. auto (the default): when
+    # the Galera provider, the server binaries and rsync are there, else
+    # skipped with a reason; none: no leg.
+    p.add_argument("--galera", choices=("auto", "none"), default="auto",
+                   help="Galera leg: auto (a private 3-node cluster when galera-4 is installed, default) or none")
     p.add_argument("--root-key-file", help="root key for the daemon (KMSD_ROOT_KEY_FILE); default: --dev key")
     p.add_argument("--log-level", help="KMSD_LOG_LEVEL for the daemon (default: kmsd's own default)")
     p.add_argument("--out", default=str(BENCH / "results"), help="results directory (default bench/results)")
@@ -1061,8 +1548,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--read-users must be >= 1 and --soak >= 0")
     if args.mysql_tcp and args.mysql != "auto":
         p.error("--mysql-tcp applies to the private server of --mysql auto only")
-    if args.skip_sqlite and args.mysql == "none":
-        p.error("--skip-sqlite with --mysql none leaves nothing to run")
+    if args.skip_sqlite and args.mysql == "none" and args.galera == "none":
+        p.error("--skip-sqlite with --mysql none and --galera none leaves nothing to run")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -1073,6 +1560,7 @@ def main(argv: list[str] | None = None) -> int:
     stack: list[Stoppable] = []
     results: list[dict[str, Any]] = []
     legs: list[dict[str, Any]] = []
+    galera: dict[str, Any] = {}  # the Galera leg, filled as it runs
     status = 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMSD_") and k != "ROOT_KEY"}
     if args.root_key_file:
@@ -1107,6 +1595,8 @@ def main(argv: list[str] | None = None) -> int:
                 legs.append({"leg": "mysql", "database": "private MariaDB server", **server_info})
             else:
                 mysql_skipped = server_info["skipped"]
+        if args.galera != "none":  # Galera leg (see --galera above)
+            run_galera(args, tmp, env, stack, galera)
     except (KeyboardInterrupt, Stop) as exc:
         log(f"interrupted ({str(exc) or 'Ctrl-C'}): stopping everything")
         status = 130
@@ -1121,10 +1611,15 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    if any(leg.get("failed") for leg in legs):
+    if any(leg.get("failed") for leg in legs) or galera.get("failed") or any(
+        p.get("failed") for p in galera.get("passes", [])
+    ):
         status = status or 1
-    if not results:
-        log(f"no results; logs in {tmp}")
+    # The Galera cluster's directory (its own, outside tmp: see PrivateGalera)
+    # is kept with tmp, for inspection.
+    galera_base = Path(galera["base"]) if galera.get("base") else None
+    if not results and not galera.get("passes"):
+        log(f"no results; logs in {tmp}" + (f" and {galera_base}" if galera_base else ""))
         return status or 1
 
     ratios(results)
@@ -1151,29 +1646,35 @@ def main(argv: list[str] | None = None) -> int:
         "mysql": args.mysql if args.mysql in ("auto", "none") else mask_url(args.mysql),
         "mysql_tcp": args.mysql_tcp,
         "mysql_skipped": mysql_skipped,
+        "galera": args.galera,
+        "galera_skipped": galera.get("skipped", ""),
         "interrupted": status != 0,
         "chart": None,
     }
     png = out / f"{stem}.png"
-    if chart(results, png, f"kmsd vs baseline — {machine['commit']} — {machine['cpu_count']} CPUs — {started:%Y-%m-%d}"):
+    if results and chart(results, png, f"kmsd vs baseline — {machine['commit']} — {machine['cpu_count']} CPUs — {started:%Y-%m-%d}"):
         meta["chart"] = png.name
-    md = markdown(meta, legs, results)
+    if galera.get("passes"):
+        galera["comparison"] = galera_comparison(results, legs, galera)
+    md = markdown(meta, legs, results, galera)
     (out / f"{stem}.md").write_text(md + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "legs": legs, "results": results}, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "legs": legs, "results": results, "galera": galera}, indent=1) + "\n")
     print()
     print(md)
     print()
     log(f"wrote {out / stem}.md, .json{', .png' if meta['chart'] else ''}")
     if args.keep_tmp or status:
-        log(f"logs and database kept in {tmp}")
+        log(f"logs and database kept in {tmp}" + (f"; the Galera cluster's in {galera_base}" if galera_base else ""))
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+        if galera_base:
+            shutil.rmtree(galera_base, ignore_errors=True)
     if any(r.get("mismatches") for r in results) or any(
         (leg.get("soak") or {}).get("result", {}).get("mismatches") for leg in legs
-    ):
+    ) or any((p.get(mode) or {}).get("mismatches") for p in galera.get("passes", []) for mode in ("write", "read")):
         log("MISMATCHES: some reads returned another value than was stored")
         status = status or 3
-    if any(leg.get("died") for leg in legs):
+    if any(leg.get("died") for leg in legs) or any(p.get("died") for p in galera.get("passes", [])):
         status = status or 4
     return status
 
