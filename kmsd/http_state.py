@@ -76,6 +76,7 @@ AUDITED = {
     ("GET", "/api/keys"): "fetch",
     ("DELETE", "/api/keys"): "delete",
     ("POST", "/api/encrypt"): "encrypt",
+    ("POST", "/api/datakey"): "datakey",
     ("POST", "/api/decrypt-dek"): "decrypt_dek",
     ("POST", "/api/rewrap"): "rewrap",
     ("POST", "/api/tokens/revoke"): "revoke_tokens",
@@ -86,7 +87,8 @@ AUDITED = {
 }
 # Routes only clients of the policy may use (the admin routes check admins).
 CLIENT_ROUTES = {
-    "/issue", "/verify", "/api/keys", "/api/encrypt", "/api/decrypt-dek", "/api/rewrap", "/api/tokens/revoke",
+    "/issue", "/verify", "/api/keys", "/api/encrypt", "/api/datakey", "/api/decrypt-dek", "/api/rewrap",
+    "/api/tokens/revoke",
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

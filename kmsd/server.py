@@ -205,6 +205,31 @@ async def encrypt(request: web.Request) -> web.Response:
     return json_response({"encrypted_key": encrypted_key, "encrypted_dek": encrypted_dek})
 
 
+@routes.post("/api/datakey")
+async def datakey(request: web.Request) -> web.Response:
+    """A fresh DEK generated in the vault and wrapped under the active master
+    key, bound to its owner as ``/api/encrypt`` binds (``user_id``, else the
+    token's subject). ``"plaintext": false``: the wrapped DEK only (a
+    producer that stores now and lets the owner decrypt later)."""
+    body = await read_json(request)
+    plaintext = body.get("plaintext", True)
+    if not isinstance(plaintext, bool):
+        raise BadRequest("plaintext must be true or false")
+    claims = await caller_claims(request, required=False)
+    if body.get("user_id") is not None:
+        owner = require_user_id(body)
+    elif claims is not None:
+        owner = claims.subject
+    else:
+        # No compatibility to keep here: a data key always has an owner.
+        raise BadRequest("user_id or a bearer token is required: a data key is bound to its owner")
+    request[AUDIT_SUBJECT] = owner
+    dek, encrypted_dek = await _kms(request).datakey(owner)
+    if not plaintext:
+        return json_response({"encrypted_dek": encrypted_dek})
+    return json_response({"dek": dek.hex(), "encrypted_dek": encrypted_dek})
+
+
 UNBOUND_REFUSED = (
     'unbound and original-format envelopes are refused (unbound_envelopes = "refuse"); '
     "an admin peer can rewrap one with an owner (POST /api/rewrap)"

@@ -348,6 +348,12 @@ class KMS:
         wrapped = await self.vault.wrap_dek(owner, env.Purpose.ENVELOPE, dek)
         return env.b64e(env.encrypt_data(dek, data, owner)), env.b64e(wrapped)
 
+    async def datakey(self, owner: str) -> tuple[bytes, str]:
+        """A new DEK from the vault and its wrapped form, an envelope bound
+        to ``owner`` (what ``decrypt_dek`` gives back to that owner only)."""
+        dek = await self.vault.new_dek(owner, env.Purpose.ENVELOPE)
+        return dek.key, env.b64e(dek.wrapped)
+
     async def decrypt_dek(self, encrypted_dek: str, caller: str) -> DEK:
         """The DEK of an envelope bound to ``caller``, of ``caller``'s own
         stored record, or of an envelope with no owner (``DEK.kind`` says

@@ -438,6 +438,10 @@ async def _every_key_operation(api: API, dek: bytes) -> None:
     assert status == 200
     assert await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": enc["encrypted_dek"]}, token=a_token) == (
         200, {"dek": dek.hex()})
+    status, generated = await api.call("POST", "/api/datakey", {}, token=a_token)
+    assert status == 200
+    assert await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": generated["encrypted_dek"]}, token=a_token) == (
+        200, {"dek": generated["dek"]})
     assert (await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": enc["encrypted_dek"]}, token=b_token))[0] == 422
     tampered = a_token[:-6] + ("AAAAAA" if not a_token.endswith("AAAAAA") else "BBBBBB")
     assert (await api.call("GET", "/api/keys", token=tampered))[0] == 401

@@ -45,6 +45,17 @@ def test_client_round_trip(client: KMSClient) -> None:
         remember(other)
         with pytest.raises(DecryptionFailed):
             client.decrypt_dek(bound, token=other)
+        # A data key kmsd generates: for the token's subject, or for a
+        # user id without its plaintext (a producer for that owner).
+        new_dek, wrapped = client.datakey(token=token)
+        assert new_dek is not None and len(new_dek) == 32
+        remember(new_dek, wrapped)
+        assert client.decrypt_dek(wrapped, token=token) == new_dek
+        none, for_other = client.datakey(user_id=user + "-b", plaintext=False)
+        assert none is None
+        remember(client.decrypt_dek(for_other, token=other))
+        with pytest.raises(DecryptionFailed):
+            client.decrypt_dek(for_other, token=token)
         client.revoke(other)
         with pytest.raises(Unauthorized):
             client.fetch(other)

@@ -385,7 +385,7 @@ def test_the_fuzzing_got_past_authentication(fuzz: Fuzz) -> None:
     table = "\n".join(f"{caller:<11} {op:<34} {status} x{n}" for (caller, op, status), n in sorted(fuzz.seen.items()))
     print(f"{fuzz.cases} generated cases, {sum(fuzz.seen.values())} requests:\n{table}")
     operations = {op for _, op, _ in fuzz.seen}
-    assert len(operations) == 19, operations
+    assert len(operations) == 20, operations
     admitted = {(caller, op) for caller, op, status in fuzz.seen if status not in (401, 403)}
     for op in operations:
         assert ("unix+admin", op) in admitted, f"{op}: only 401/403 for the admin peer with a token"
@@ -393,7 +393,7 @@ def test_the_fuzzing_got_past_authentication(fuzz: Fuzz) -> None:
     for op in ("GET /api/rotate-mk", "POST /api/rotate-mk", "GET /api/master-keys", "POST /issue"):
         assert ("unix+admin", op) in reached, f"{op}: no 200 for the admin peer"
     for caller in ("tcp+token", "unix+admin"):
-        for op in ("GET /api/keys", "DELETE /api/keys", "POST /api/encrypt"):
+        for op in ("GET /api/keys", "DELETE /api/keys", "POST /api/encrypt", "POST /api/datakey"):
             assert (caller, op) in reached, f"{op}: no 200 for {caller}"
         # A generated ciphertext never decrypts, but it got past the token.
         for op in ("POST /api/decrypt-dek", "POST /api/rewrap"):

@@ -465,6 +465,14 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], daemon_fac
         _, opened = await c.call(tcp, "POST", "/api/decrypt-dek", {"encrypted_dek": sealed["encrypted_dek"]},
                                  token=alice, expect=200, valid_request=True)
         assert opened["dek"] == DEK
+        _, generated = await c.call(unix, "POST", "/api/datakey", {}, token=alice, expect=200, valid_request=True)
+        remember(generated["dek"])
+        _, wrapped_only = await c.call(tcp, "POST", "/api/datakey", {"user_id": "oa-alice", "plaintext": False},
+                                       expect=200, valid_request=True)
+        assert set(wrapped_only) == {"encrypted_dek"}
+        await c.call(tcp, "POST", "/api/datakey", {}, expect=400, valid_request=True)
+        await c.call(tcp, "POST", "/api/datakey", {"plaintext": "yes"}, token=alice, expect=400, valid_request=False)
+        await c.call(tcp, "POST", "/api/datakey", {"user_id": "oa-x"}, token="garbage", expect=401)
         if admin_on_unix:
             _, bob = await unix.call("POST", "/issue", {"id": "oa-bob"})
             remember(bob["token"])

@@ -42,6 +42,10 @@ class AgainstTheDaemon(unittest.TestCase):
                 other = kms.store(user + "-x", "other-alone")
                 with self.assertRaises(DecryptionFailed):
                     kms.decrypt_dek(encrypted_dek, token=other)
+                new_dek, wrapped = kms.datakey(token=token)
+                self.assertEqual(kms.decrypt_dek(wrapped, token=token), new_dek)
+                with self.assertRaises(DecryptionFailed):
+                    kms.decrypt_dek(wrapped, token=other)
                 kms.delete(token)
                 with self.assertRaises(Unauthorized):
                     kms.fetch(token)
