@@ -65,6 +65,7 @@ ALLOWED = {
     "kmsd_client.errors": set(),
     "kmsd_client.__init__": {"kmsd_client.errors"},
     "kmsd_client.envelope": {"kmsd_client.__init__"},
+    "kmsd_client.__main__": {"kmsd_client.__init__", "kmsd_client.envelope"},
 }
 
 
