@@ -35,7 +35,16 @@ from urllib.parse import quote
 
 import pymysql
 
-from devtools.mariadb_server import _NAME, APP_GRANTS, APP_HOSTS, APP_USER, _die_with, _free_port, find_binaries
+from devtools.mariadb_server import (
+    _NAME,
+    APP_GRANTS,
+    APP_HOSTS,
+    APP_USER,
+    _die_with,
+    _free_port,
+    find_binaries,
+    socket_path,
+)
 
 __all__ = ["GaleraCluster", "GaleraNode", "find_provider"]
 
@@ -86,9 +95,7 @@ class GaleraNode:
         # Its own: a starting server deletes the ``#sql*`` files of its tmpdir,
         # which may belong to another node's running statement.
         self.tmpdir = self.dir / "tmp"
-        self.socket = str(self.dir / "s.sock")
-        if len(self.socket.encode()) >= 108:
-            raise ValueError(f"socket path too long for a Unix socket: {self.socket}")
+        self.socket = socket_path(self.dir)
         self.pid_file = self.dir / "mariadbd.pid"
         self.log_file = self.dir / "error.log"
         self.grastate = self.datadir / "grastate.dat"

@@ -93,6 +93,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def socket_path(directory: Path) -> str:
+    """The server's Unix socket in ``directory``, which must be short: the
+    path must fit in 108 bytes."""
+    path = str(directory / "s.sock")
+    if len(path.encode()) >= 108:
+        raise ValueError(f"socket path too long for a Unix socket: {path}")
+    return path
+
+
 class _PortTaken(RuntimeError):
     """mariadbd could not bind its TCP port: another process has it."""
 
@@ -107,9 +116,7 @@ class MariaDBServer:
         self.install_db = install_db or found[1] or "mariadb-install-db"
         self.base = Path(base)
         self.datadir = self.base / "data"
-        self.socket = str(self.base / "s.sock")
-        if len(self.socket.encode()) >= 108:
-            raise ValueError(f"socket path too long for a Unix socket: {self.socket}")
+        self.socket = socket_path(self.base)
         self.pid_file = self.base / "mariadbd.pid"
         self.log_file = self.base / "error.log"
         self.port = _free_port()

@@ -37,7 +37,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import aiomysql
@@ -203,6 +203,12 @@ class MySQLStore(SQLStore):
             args.update(host=host, port=port)
         return args
 
+    @property
+    def _probe_budget(self) -> float:
+        """One probe of a cluster node: short, so that a failover can try
+        every node within one call's budget."""
+        return max(0.2, min(1.0, self._timeout / 3))
+
     async def _probe(self, index: int, budget: float) -> Health:
         """Connect to one server and ask whether it can serve: any server
         that answers can, a Galera node only while Synced in the primary
@@ -247,7 +253,7 @@ class MySQLStore(SQLStore):
             if only is None and time.monotonic() - self._all_down_at < _ALL_DOWN_GRACE:
                 raise StoreError()
             reasons = []
-            budget = max(0.2, min(1.0, self._timeout / 3)) if self.nodes.clustered else self._timeout
+            budget = self._probe_budget if self.nodes.clustered else self._timeout
             for index in only if only is not None else self.nodes.candidates():
                 health = await self._probe(index, budget)
                 if not health.usable:
@@ -294,11 +300,8 @@ class MySQLStore(SQLStore):
         finally:
             pool.terminate()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        async def run() -> None:
-            await coro
-
-        task = asyncio.create_task(run())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -316,8 +319,7 @@ class MySQLStore(SQLStore):
 
         async def check() -> None:
             try:
-                budget = max(0.2, min(1.0, self._timeout / 3))
-                if pool is not None and not (await self._probe(index, budget)).usable:
+                if pool is not None and not (await self._probe(index, self._probe_budget)).usable:
                     await self._leave_quietly(pool)
             finally:
                 self._checking = False
@@ -336,8 +338,7 @@ class MySQLStore(SQLStore):
                     await self._use_node(only=better)
                 pool, current = self._pool, self._pool_node
                 if self.galera and pool is not None:
-                    budget = max(0.2, min(1.0, self._timeout / 3))
-                    if not (await self._probe(current, budget)).usable:
+                    if not (await self._probe(current, self._probe_budget)).usable:
                         await self._use_node(avoid=pool)
 
     async def open(self) -> None:

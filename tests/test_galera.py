@@ -266,6 +266,13 @@ class Load:
         later = [answered for sent, answered in self.ok_at[daemon] if sent > t]
         return min(later) - t if later else None
 
+    async def every_daemon_writes_after(self, t: float) -> str:
+        """Wait until each daemon got a 200 for a write sent after ``t``; how
+        long each took."""
+        await wait_until(lambda: all(self.first_ok_after(i, t) is not None for i in range(3)), 30,
+                         "every daemon to write again")
+        return ", ".join(f"{self.first_ok_after(i, t):.2f}s" for i in range(3))
+
     def oks_between(self, t0: float, t1: float) -> int:
         return sum(1 for times in self.ok_at for _, answered in times if t0 <= answered <= t1)
 
@@ -291,14 +298,8 @@ async def test_nodes_killed_and_quorum_lost_under_load_lose_nothing(
             # 1. kill -9 of node 1's server: daemon 1 moves to another node.
             killed_at = time.monotonic()
             await asyncio.to_thread(healthy.kill, 1)
-            await wait_until(
-                lambda: all(load.first_ok_after(i, killed_at) is not None for i in range(3)), 30,
-                "every daemon to write again",
-            )
-            report.append(
-                "node 1 killed: daemons 0, 1 (whose node it was), 2 wrote again after "
-                + ", ".join(f"{load.first_ok_after(i, killed_at):.2f}s" for i in range(3))
-            )
+            report.append(f"node 1 killed: daemons 0, 1 (whose node it was), 2 wrote again after "
+                          f"{await load.every_daemon_writes_after(killed_at)}")
             assert trio.daemons[1].get("/readyz")[1]["database"] != f"127.0.0.1:{healthy.nodes[1].port}"
             await asyncio.sleep(2)
             # 2. It comes back (incremental transfer); daemon 1 moves back to it.
@@ -329,14 +330,8 @@ async def test_nodes_killed_and_quorum_lost_under_load_lose_nothing(
             # 4. Back: node 0 bootstrapped, nodes 1 and 2 rejoin it.
             regained_at = time.monotonic()
             await asyncio.to_thread(healthy.bootstrap_survivor, 0)
-            await wait_until(
-                lambda: all(load.first_ok_after(i, regained_at) is not None for i in range(3)), 30,
-                "every daemon to write again",
-            )
-            report.append(
-                f"quorum back ({regained_at - lost_at:.1f}s after the loss): daemons wrote again after "
-                + ", ".join(f"{load.first_ok_after(i, regained_at):.2f}s" for i in range(3))
-            )
+            report.append(f"quorum back ({regained_at - lost_at:.1f}s after the loss): daemons wrote again after "
+                          f"{await load.every_daemon_writes_after(regained_at)}")
             await asyncio.to_thread(healthy.start_node, 1)
             await asyncio.to_thread(healthy.start_node, 2)
             await asyncio.sleep(2)

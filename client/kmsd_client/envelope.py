@@ -24,6 +24,8 @@ kmsd_client does not.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import hmac
 import io
 import json
@@ -103,10 +105,7 @@ def _nonce(index: int, last: bool) -> bytes:
 
 
 def _header_digest(header: bytes) -> bytes:
-    hashes, _, _ = _crypto()
-    h = hashes.Hash(hashes.SHA256())
-    h.update(header)
-    return bytes(h.finalize())
+    return hashlib.sha256(header).digest()
 
 
 def _chunks(read: Callable[[int], bytes], size: int) -> Iterator[tuple[bytes, bool]]:
@@ -251,6 +250,29 @@ def _reader(source: Source) -> tuple[Callable[[int], bytes], Callable[[], None]]
     return source.read, lambda: None
 
 
+@contextlib.contextmanager
+def _writer(out: Sink | None, *, whole_only: bool = False) -> Iterator[tuple[Callable[[bytes], Any], io.BytesIO]]:
+    """(write, buffer): into ``buffer`` when ``out`` is None, else into
+    ``out`` (a file object, or a path opened here). ``whole_only``: a path
+    is written as ``PATH.part`` and renamed only if the block succeeds."""
+    buffer = io.BytesIO()
+    if out is None:
+        yield buffer.write, buffer
+    elif isinstance(out, (str, os.PathLike)):
+        target = Path(out)
+        partial = target.with_name(target.name + ".part") if whole_only else target
+        try:
+            with open(partial, "wb") as fh:
+                yield fh.write, buffer
+            if whole_only:
+                partial.replace(target)
+        finally:
+            if whole_only:
+                partial.unlink(missing_ok=True)
+    else:
+        yield out.write, buffer
+
+
 def encrypt(
     kms: KMSClient,
     source: Source,
@@ -270,21 +292,12 @@ def encrypt(
     assert dek is not None
     read, close = _reader(source)
     try:
-        if out is None:
-            buffer = io.BytesIO()
-            seal_stream(dek, encrypted_dek, read, buffer.write, context=context, segment_size=segment_size,
+        with _writer(out) as (write, buffer):
+            seal_stream(dek, encrypted_dek, read, write, context=context, segment_size=segment_size,
                         progress=progress)
-            return buffer.getvalue()
-        if isinstance(out, (str, os.PathLike)):
-            with open(out, "wb") as fh:
-                seal_stream(dek, encrypted_dek, read, fh.write, context=context, segment_size=segment_size,
-                            progress=progress)
-        else:
-            seal_stream(dek, encrypted_dek, read, out.write, context=context, segment_size=segment_size,
-                        progress=progress)
-        return None
     finally:
         close()
+    return buffer.getvalue() if out is None else None
 
 
 def decrypt(
@@ -305,21 +318,8 @@ def decrypt(
     try:
         header = read_header(read)
         dek = kms.decrypt_dek(header[4], token=token)
-        if out is None:
-            buffer = io.BytesIO()
-            open_stream(dek, read, buffer.write, header=header, context=context, progress=progress)
-            return buffer.getvalue()
-        if isinstance(out, (str, os.PathLike)):
-            target = Path(out)
-            partial = target.with_name(target.name + ".part")
-            try:
-                with open(partial, "wb") as fh:
-                    open_stream(dek, read, fh.write, header=header, context=context, progress=progress)
-                partial.replace(target)
-            finally:
-                partial.unlink(missing_ok=True)
-        else:
-            open_stream(dek, read, out.write, header=header, context=context, progress=progress)
-        return None
+        with _writer(out, whole_only=True) as (write, buffer):
+            open_stream(dek, read, write, header=header, context=context, progress=progress)
     finally:
         close()
+    return buffer.getvalue() if out is None else None
