@@ -20,6 +20,7 @@ TABLE = [
     (errors.UnsupportedMediaType, 415, "unsupported_media_type"),
     (errors.TooManyRequests, 429, "rate_limited"),
     (errors.DecryptionFailed, 422, "decryption_failed"),
+    (errors.KeyPendingDeletion, 409, "key_pending_deletion"),
     (errors.Unavailable, 503, "unavailable"),
     (errors.InternalError, 500, "internal"),
 ]

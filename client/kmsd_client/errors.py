@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedMediaType",
     "TooManyRequests",
     "DecryptionFailed",
+    "KeyPendingDeletion",
     "Unavailable",
     "InternalError",
     "ERRORS_BY_CODE",
@@ -137,6 +138,17 @@ class DecryptionFailed(KMSError):
     default_message = "decryption failed"
 
 
+class KeyPendingDeletion(KMSError):
+    """The wrapped DEK is under a master key scheduled for deletion: nothing
+    unwraps under it until an operator cancels the deletion (``kmsd mk
+    cancel-deletion``). Its own code, so a caller can tell it from a
+    ciphertext that does not authenticate."""
+
+    status = 409
+    code = "key_pending_deletion"
+    default_message = "the master key of this ciphertext is scheduled for deletion"
+
+
 class Unavailable(KMSError):
     """A dependency (vault, database, audit trail) is down; retry later."""
 
@@ -166,6 +178,7 @@ ERRORS_BY_CODE: dict[str, type[KMSError]] = {
         UnsupportedMediaType,
         TooManyRequests,
         DecryptionFailed,
+        KeyPendingDeletion,
         Unavailable,
         InternalError,
     )
