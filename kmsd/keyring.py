@@ -25,6 +25,8 @@ __all__ = ["KeyRing", "KeyState"]
 class KeyState:
     active_key_id: str | None
     master_keys: tuple[MasterKeyRow, ...]
+    # Retired keys scheduled for deletion: nothing client-facing unwraps under them.
+    pending_deletion: frozenset[str] = frozenset()
 
 
 class KeyRing:

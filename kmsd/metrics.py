@@ -75,6 +75,11 @@ class Metrics:
             " (kind: unbound, or original: the original's CBC)",
             ["operation", "kind"], registry=r,
         )
+        self.pending_deletion_refusals = Counter(
+            "kmsd_key_pending_deletion_refusals",
+            "Unwraps refused because the master key is scheduled for deletion (who tried: the audit trail)",
+            ["operation"], registry=r,
+        )
         self.token_cache_entries = Gauge(
             "kmsd_token_cache_entries", "Verified tokens in the cache (at most a few per subject)", registry=r
         )
