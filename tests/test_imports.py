@@ -63,7 +63,10 @@ ALLOWED = {
     "kmsd.__init__": set(),
 
     "kmsd_client.errors": set(),
-    "kmsd_client.__init__": {"kmsd_client.errors"},
+    "kmsd_client._protocol": {"kmsd_client.errors"},
+    "kmsd_client._http11": {"kmsd_client._protocol"},
+    "kmsd_client.aio": {"kmsd_client._http11", "kmsd_client._protocol", "kmsd_client.errors"},
+    "kmsd_client.__init__": {"kmsd_client._protocol", "kmsd_client.aio", "kmsd_client.errors"},
     "kmsd_client.envelope": {"kmsd_client.__init__"},
     "kmsd_client.__main__": {"kmsd_client.__init__", "kmsd_client.envelope"},
 }
