@@ -599,3 +599,92 @@ def test_get_is_not_resent_on_a_fresh_connection_or_twice(served: Served) -> Non
         with pytest.raises(Unavailable):
             client.fetch(SECRET_TOKEN)
     assert [r.path for r in fake.requests] == ["/healthz", "/api/keys", "/api/keys"]
+
+
+# -- context, batches, scheduled key deletion ------------------------------------------
+
+
+def test_context_is_sent_only_when_given(served: Served) -> None:
+    fake = served.fake
+    fake.answer("POST", "/api/encrypt", 200, {"encrypted_key": "ek", "encrypted_dek": "ed"})
+    fake.answer("POST", "/api/datakey", 200, {"dek": DEK.hex(), "encrypted_dek": "ed"})
+    fake.answer("POST", "/api/decrypt-dek", 200, {"dek": DEK.hex()})
+    fake.answer("POST", "/api/rewrap", 200, {"encrypted_dek": "ed2"})
+    ctx = {"table": "contracts", "id": "7"}
+    with served.make_client(token=SECRET_TOKEN) as client:
+        client.encrypt(b"x", DEK, context=ctx)
+        assert fake.last().json() == {"data": "eA==", "dek": DEK.hex(), "context": ctx}
+        client.encrypt(b"x", DEK)
+        assert "context" not in fake.last().json()
+        assert client.datakey(context=ctx) == (DEK, "ed")
+        assert fake.last().json() == {"context": ctx}
+        client.datakey("bob", plaintext=False, context={})
+        assert fake.last().json() == {"plaintext": False, "user_id": "bob", "context": {}}
+        assert client.decrypt_dek("ed", context=ctx) == DEK
+        assert fake.last().json() == {"encrypted_dek": "ed", "context": ctx}
+        assert client.rewrap("ed", "bob", context=ctx) == "ed2"
+        assert fake.last().json() == {"encrypted_dek": "ed", "user_id": "bob", "context": ctx}
+
+
+def test_batches_keep_order_and_return_item_errors_in_place(tcp_server: Served) -> None:
+    fake = tcp_server.fake
+    failed = {"error": "decryption failed", "code": "decryption_failed", "status": 422}
+    fake.answer("POST", "/api/decrypt-dek", 200, {"batch": [{"dek": DEK.hex()}, failed, {"dek": "00" * 32}]})
+    fake.answer("POST", "/api/encrypt", 200, {"batch": [{"encrypted_key": "ek", "encrypted_dek": "ed"},
+                                                         {"error": "bad", "code": "bad_request", "status": 400}]})
+    fake.answer("POST", "/api/datakey", 200, {"batch": [{"encrypted_dek": "w1"}, {"dek": DEK.hex(), "encrypted_dek": "w2"}]})
+    fake.answer("POST", "/api/rewrap", 200, {"batch": [{"encrypted_dek": "n1"}, {"error": "gone", "code": "key_pending_deletion", "status": 409}]})
+    with tcp_server.make_client() as client:
+        got = client.decrypt_dek_batch([{"encrypted_dek": "a"}, {"encrypted_dek": "b", "context": {"k": "v"}},
+                                        {"encrypted_dek": "c"}], token=SECRET_TOKEN)
+        assert got[0] == DEK and got[2] == bytes(32)
+        assert type(got[1]) is DecryptionFailed and got[1].message == "decryption failed"
+        req = fake.last()
+        assert req.json() == {"batch": [{"encrypted_dek": "a"}, {"encrypted_dek": "b", "context": {"k": "v"}},
+                                        {"encrypted_dek": "c"}]}
+        assert req.headers["authorization"] == f"Bearer {SECRET_TOKEN}"
+
+        got_e = client.encrypt_batch([{"data": b"x", "dek": DEK, "user_id": "bob"}, {"data": b"y", "dek": b"short"}])
+        assert got_e[0] == ("ek", "ed") and type(got_e[1]) is BadRequest
+        assert fake.last().json()["batch"][0] == {"data": "eA==", "dek": DEK.hex(), "user_id": "bob"}
+
+        got_d = client.datakey_batch([{"user_id": "bob", "plaintext": False}, {"context": {"k": "v"}}])
+        assert got_d == [(None, "w1"), (DEK, "w2")]
+        assert fake.last().json() == {"batch": [{"plaintext": False, "user_id": "bob"}, {"context": {"k": "v"}}]}
+
+        got_r = client.rewrap_batch([{"encrypted_dek": "o1"}, {"encrypted_dek": "o2", "user_id": "bob"}])
+        assert got_r[0] == "n1" and type(got_r[1]) is kmsd_client.KeyPendingDeletion
+
+        # An item with what the single call does not take is refused here.
+        count = len(fake.requests)
+        with pytest.raises(TypeError):
+            client.decrypt_dek_batch([{"encrypted_dek": "a", "token": SECRET_TOKEN}])
+        assert len(fake.requests) == count
+
+        # An answer that does not match the items is malformed, not a guess.
+        fake.answer("POST", "/api/decrypt-dek", 200, {"batch": [{"dek": DEK.hex()}]})
+        with pytest.raises(KMSError, match="malformed"):
+            client.decrypt_dek_batch([{"encrypted_dek": "a"}, {"encrypted_dek": "b"}])
+        # A batch refused as a whole raises.
+        fake.error("POST", "/api/decrypt-dek", 401, "unauthorized", "invalid or missing token")
+        with pytest.raises(Unauthorized):
+            client.decrypt_dek_batch([{"encrypted_dek": "a"}])
+
+
+def test_key_deletion_routes(served: Served) -> None:
+    fake = served.fake
+    fake.answer("POST", "/api/master-keys/mk%2F1/schedule-deletion", 200,
+                {"key_id": "mk/1", "status": "pending_deletion", "deletion_date": "2030-01-01 00:00:00"})
+    fake.answer("POST", "/api/master-keys/mk%2F1/cancel-deletion", 200, {"key_id": "mk/1", "status": "retired"})
+    fake.answer("DELETE", "/api/master-keys/mk%2F1?now=true", 200, {"key_id": "mk/1"})
+    fake.answer("DELETE", "/api/master-keys/mk%2F1", 400, {"error": "schedule it", "code": "bad_request"})
+    with served.make_client() as client:
+        assert client.schedule_key_deletion("mk/1")["status"] == "pending_deletion"
+        assert fake.last().json() == {"days": 30}
+        client.schedule_key_deletion("mk/1", days=7)
+        assert fake.last().json() == {"days": 7}
+        assert client.cancel_key_deletion("mk/1")["status"] == "retired"
+        assert fake.last().body == b""
+        assert client.destroy_master_key("mk/1", now=True) == {"key_id": "mk/1"}
+        with pytest.raises(BadRequest):
+            client.destroy_master_key("mk/1")
