@@ -9,6 +9,9 @@ aiohttp itself does on this machine.
   POST /api/keys  -> {"message": "Key stored successfully", "access_token": <fixed, JWT-sized>}
                      (the request body is read, not parsed)
   GET  /api/keys  -> {"data": "test-data-0000"}
+  POST /api/datakey -> {"dek": <64 hex digits>, "encrypted_dek": <fixed, kmsd's size>}
+  POST /api/decrypt-dek -> {"dek": ...}, or for {"batch": [...]} one {"dek": ...}
+                     per item (the items are counted in the raw body, not parsed)
   GET  /readyz    -> {"ready": true}
 
   python bench/baseline.py --socket /tmp/base.sock --listen 127.0.0.1:18500
@@ -34,6 +37,20 @@ FAKE_TOKEN = "eyJhbGciOiJFZERTQSJ9." + "A" * 260 + "." + "B" * 86
 POST_BODY = json.dumps({"message": "Key stored successfully", "access_token": FAKE_TOKEN}).encode()
 GET_BODY = json.dumps({"data": "test-data-0000"}).encode()
 READY_BODY = b'{"ready": true}'
+# kmsd's answers are compact JSON; so are these, of the same sizes.
+FAKE_DEK = "0123456789abcdef" * 4
+FAKE_WRAPPED = "ARFrZXktMTc5NjQ4NjI4ODU3NN" + "A" * 76 + "=="  # a wrapped DEK is 104 characters
+DATAKEY_BODY = json.dumps({"dek": FAKE_DEK, "encrypted_dek": FAKE_WRAPPED}, separators=(",", ":")).encode()
+DEK_ENTRY = json.dumps({"dek": FAKE_DEK}, separators=(",", ":")).encode()
+_batch_bodies: dict[int, bytes] = {}
+
+
+def batch_body(n: int) -> bytes:
+    """{"batch": [n × {"dek": ...}]}, built once per n."""
+    body = _batch_bodies.get(n)
+    if body is None:
+        body = _batch_bodies[n] = b'{"batch":[' + b",".join([DEK_ENTRY] * n) + b"]}"
+    return body
 
 
 async def post_keys(request: web.Request) -> web.Response:
@@ -45,6 +62,18 @@ async def get_keys(request: web.Request) -> web.Response:
     return web.Response(body=GET_BODY, content_type="application/json")
 
 
+async def post_datakey(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=DATAKEY_BODY, content_type="application/json")
+
+
+async def post_decrypt_dek(request: web.Request) -> web.Response:
+    raw = await request.read()
+    if raw.lstrip().startswith(b'{"batch"'):
+        return web.Response(body=batch_body(raw.count(b'"encrypted_dek"')), content_type="application/json")
+    return web.Response(body=DEK_ENTRY, content_type="application/json")
+
+
 async def readyz(request: web.Request) -> web.Response:
     return web.Response(body=READY_BODY, content_type="application/json")
 
@@ -53,6 +82,8 @@ def make_app() -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_post("/api/keys", post_keys)
     app.router.add_get("/api/keys", get_keys)
+    app.router.add_post("/api/datakey", post_datakey)
+    app.router.add_post("/api/decrypt-dek", post_decrypt_dek)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/healthz", readyz)
     return app

@@ -10,11 +10,21 @@ bounded number of requests:
           (tokens from --tokens FILE, else a short seeding write phase)
   both    a write phase, then a read phase over the tokens it collected
   burst   N simultaneous writes, each on its own connection opened at once
+  datakey POST /api/datakey cycling through tokens (as read does), checking
+          that every answer is a data key (64 hex digits and its wrapped form)
+  batch-unwrap
+          POST /api/decrypt-dek with {"batch": [--batch-size items]}: first
+          one record (its token) and --batch-size data keys from
+          /api/datakey (with --context, each with its own context), then the
+          same batch over and over, every answer checked against the keys
+          /api/datakey gave; counts DEKs (items answered {"dek": ...})
 
 Examples:
   python bench/load.py --unix /run/kmsd/kmsd.sock --mode write --concurrency 64 --duration 10
   python bench/load.py --tcp 127.0.0.1:8000 --mode both --concurrency 16 --duration 5
   python bench/load.py --unix /tmp/k.sock --mode burst --burst 2000 --json out.json
+  python bench/load.py --unix /tmp/k.sock --mode datakey -c 64 -d 5 --tokens t.jsonl --max-tokens 1000
+  python bench/load.py --unix /tmp/k.sock --mode batch-unwrap -c 2 -d 5 --batch-size 1000 --context
 
 Only loopback TCP addresses and Unix sockets are accepted as targets.
 Every loop is bounded by --duration and/or --max-requests (and a hard
@@ -49,6 +59,8 @@ except ImportError:  # pragma: no cover - kmsd depends on uvloop
     uvloop = None
 
 PATH = "/api/keys"
+DATAKEY_PATH = "/api/datakey"
+UNWRAP_PATH = "/api/decrypt-dek"
 JSON_HEADERS = {"Content-Type": "application/json"}
 # A phase never runs longer than its duration plus this (slow stragglers are
 # cancelled and counted as "timeout").
@@ -80,6 +92,8 @@ class Target:
             self.base = "http://localhost"  # Host: localhost
             self.listener = "unix"
         self.url = self.base + PATH
+        self.datakey_url = self.base + DATAKEY_PATH
+        self.unwrap_url = self.base + UNWRAP_PATH
 
     def connector(self, limit: int, *, force_close: bool = False) -> aiohttp.BaseConnector:
         kw: dict[str, Any] = dict(limit=limit, limit_per_host=0)
@@ -110,6 +124,10 @@ class Stats:
         self.tokens: list[tuple[str, str]] = []
         self.started = 0.0
         self.finished = 0.0
+        # Batch phases: items answered {"dek": ...} (and, verifying, equal to
+        # the key /api/datakey gave), and the item-level errors by code.
+        self.items = 0
+        self.item_errors: Counter[str] = Counter()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -118,6 +136,8 @@ class Stats:
             "ok": self.ok,
             "requests": self.requests,
             "mismatches": self.mismatches,
+            "items": self.items,
+            "item_errors": dict(self.item_errors),
             "tokens": self.tokens,
             "started": self.started,
             "finished": self.finished,
@@ -286,6 +306,241 @@ async def _read_phase(
     return st
 
 
+async def _datakey_phase(
+    target: Target,
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    tokens: list[tuple[str, str]],
+    verify: bool,
+    start_at: float,
+    timeout: float,
+    warmup: float = 0.0,
+) -> Stats:
+    """POST /api/datakey with the tokens in turn (one subject each, as the
+    read phase presents them). Verifying: every answer must hold a data key
+    (64 hex digits) and its wrapped form, else it counts as "bad_body"."""
+    st = Stats()
+    url = target.datakey_url
+    if not tokens:
+        raise SystemExit("datakey phase without tokens")
+    prepared = [{"Authorization": "Bearer " + tok, **JSON_HEADERS} for tok, _ in tokens]
+    n = len(prepared)
+    counter = 0
+    limit = max_requests if max_requests > 0 else math.inf
+
+    async with _session(target, concurrency, timeout) as session:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        t0 = time.perf_counter()
+        measure_from = t0 + warmup
+        deadline = measure_from + duration if duration > 0 else math.inf
+        st.started = time.time() + warmup
+
+        async def worker() -> None:
+            nonlocal counter
+            perf = time.perf_counter
+            loads = json.loads
+            while counter < limit and perf() < deadline:
+                headers = prepared[counter % n]
+                counter += 1
+                t = perf()
+                measured = t >= measure_from
+                try:
+                    async with session.post(url, data=b"{}", headers=headers) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    st.errors[("" if measured else "warmup:") + _conn_error(exc)] += 1
+                    st.requests += measured
+                    continue
+                if measured:
+                    st.requests += 1
+                    st.lat.append(perf() - t)
+                if status != 200:
+                    st.errors[("" if measured else "warmup:") + str(status)] += 1
+                    continue
+                if verify:
+                    try:
+                        doc = loads(raw)
+                        good = len(bytes.fromhex(doc["dek"])) == 32 and isinstance(doc["encrypted_dek"], str)
+                    except (ValueError, KeyError, TypeError):
+                        good = False
+                    if not good:
+                        st.errors[("" if measured else "warmup:") + "bad_body"] += 1
+                        continue
+                st.ok += measured
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        hard = (duration if duration > 0 else 300.0) + warmup + GRACE
+        done, pending = await asyncio.wait(tasks, timeout=hard)
+        for t in pending:
+            t.cancel()
+            st.errors["timeout"] += 1
+        await asyncio.gather(*pending, return_exceptions=True)
+        st.finished = time.time()
+    return st
+
+
+async def _batch_phase(
+    target: Target,
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    body: bytes,
+    headers: dict[str, str],
+    expected: list[dict[str, str]],
+    verify: bool,
+    start_at: float,
+    timeout: float,
+    warmup: float = 0.0,
+) -> Stats:
+    """The same batch request over and over. A request is ok when it is
+    answered 200 with exactly len(expected) entries, every one a DEK (and,
+    verifying, the DEK /api/datakey gave for that item); items counts the
+    entries that were, whatever became of their request."""
+    st = Stats()
+    url = target.unwrap_url
+    size = len(expected)
+    counter = 0
+    limit = max_requests if max_requests > 0 else math.inf
+
+    async with _session(target, concurrency, timeout) as session:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        t0 = time.perf_counter()
+        measure_from = t0 + warmup
+        deadline = measure_from + duration if duration > 0 else math.inf
+        st.started = time.time() + warmup
+
+        def check(raw: bytes, measured: bool) -> None:
+            try:
+                entries = json.loads(raw)["batch"]
+                if not isinstance(entries, list):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                st.errors[("" if measured else "warmup:") + "bad_body"] += 1
+                return
+            if verify and entries == expected:  # the usual case, one comparison in C
+                st.items += size * measured
+                st.ok += measured
+                return
+            good = 0
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, dict):
+                    st.item_errors["bad_entry"] += measured
+                elif "dek" in entry:
+                    if verify and (i >= size or entry != expected[i]):
+                        st.mismatches += measured
+                    else:
+                        good += 1
+                else:
+                    st.item_errors[str(entry.get("code") or entry.get("status") or "bad_entry")] += measured
+            st.items += good * measured
+            if len(entries) != size:
+                st.errors[("" if measured else "warmup:") + "wrong_count"] += 1
+            elif good == size:
+                st.ok += measured
+            else:
+                st.errors[("" if measured else "warmup:") + "item_errors"] += 1
+
+        async def worker() -> None:
+            nonlocal counter
+            perf = time.perf_counter
+            while counter < limit and perf() < deadline:
+                counter += 1
+                t = perf()
+                measured = t >= measure_from
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    st.errors[("" if measured else "warmup:") + _conn_error(exc)] += 1
+                    st.requests += measured
+                    continue
+                if measured:
+                    st.requests += 1
+                    st.lat.append(perf() - t)
+                if status != 200:
+                    st.errors[("" if measured else "warmup:") + str(status)] += 1
+                    continue
+                check(raw, measured)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        hard = (duration if duration > 0 else 300.0) + warmup + GRACE
+        done, pending = await asyncio.wait(tasks, timeout=hard)
+        for t in pending:
+            t.cancel()
+            st.errors["timeout"] += 1
+        await asyncio.gather(*pending, return_exceptions=True)
+        st.finished = time.time()
+    return st
+
+
+async def prepare_batch(target: Target, size: int, context: bool, prefix: str, verify: bool,
+                        timeout: float) -> dict[str, Any]:
+    """What a batch phase sends: one new record (for its token: every DEK is
+    bound to that subject), ``size`` data keys from /api/datakey at c=16
+    (each with the context {"doc": "<prefix>-<i>"} when ``context``), the
+    batch body and the answer expected. Verifying, and with contexts, one
+    DEK is also asked for alone with its context, with another and with
+    none: kmsd binds the context, so only the first may answer 200."""
+    info: dict[str, Any] = {"batch_size": size, "context": context}
+    t0 = time.perf_counter()
+    async with _session(target, 16, timeout) as session:
+        record = json.dumps({"user_id": f"{prefix}-batch", "data": "batch"}).encode()
+        async with session.post(target.url, data=record, headers=JSON_HEADERS) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                raise SystemExit(f"batch set-up: POST {PATH} answered {resp.status}: {raw[:200]!r}")
+        headers = {"Authorization": "Bearer " + json.loads(raw)["access_token"], **JSON_HEADERS}
+        contexts = [{"doc": f"{prefix}-{i}"} if context else None for i in range(size)]
+        keys: list[tuple[str, str]] = [("", "")] * size
+        next_i = 0
+
+        async def one(i: int) -> None:
+            body = json.dumps({"context": contexts[i]} if context else {}).encode()
+            async with session.post(target.datakey_url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise SystemExit(f"batch set-up: POST {DATAKEY_PATH} answered {resp.status}: {raw[:200]!r}")
+            doc = json.loads(raw)
+            keys[i] = (doc["dek"], doc["encrypted_dek"])
+
+        async def worker() -> None:
+            nonlocal next_i
+            while next_i < size:
+                i = next_i
+                next_i += 1
+                await one(i)
+
+        await asyncio.gather(*(worker() for _ in range(16)))
+        items: list[dict[str, Any]] = []
+        for (_, wrapped), ctx in zip(keys, contexts, strict=True):
+            item: dict[str, Any] = {"encrypted_dek": wrapped}
+            if ctx is not None:
+                item["context"] = ctx
+            items.append(item)
+        if verify and context:
+            # Is the context bound? The first DEK alone: with its context,
+            # with another one, without any.
+            checks = {}
+            for name, ctx in (("same", contexts[0]), ("other", {"doc": f"{prefix}-other"}), ("none", None)):
+                single: dict[str, Any] = {"encrypted_dek": keys[0][1]}
+                if ctx is not None:
+                    single["context"] = ctx
+                async with session.post(target.unwrap_url, data=json.dumps(single).encode(), headers=headers) as resp:
+                    raw = await resp.read()
+                    ok = resp.status == 200 and json.loads(raw).get("dek") == keys[0][0]
+                    checks[name] = f"{resp.status}" + ("" if resp.status != 200 else " same DEK" if ok else " OTHER DEK")
+            info["context_check"] = checks
+            info["context_bound"] = checks["same"] == "200 same DEK" and not any(
+                checks[k].startswith("200") for k in ("other", "none"))
+    info["setup_s"] = round(time.perf_counter() - t0, 2)
+    body = json.dumps({"batch": items}, separators=(",", ":")).encode()
+    info["body_bytes"] = len(body)
+    return {"body": body, "headers": headers, "expected": [{"dek": dek} for dek, _ in keys], "info": info}
+
+
 async def _burst_phase(target: Target, n: int, prefix: str, data_size: int, timeout: float, start_at: float) -> Stats:
     """n writes at once, each on its own fresh connection (force_close: no
     reuse, no connector limit): as close to n simultaneous connects as one
@@ -350,7 +605,8 @@ def _child(kind: str, kwargs: dict[str, Any], barrier: Any, out: Any) -> None:
         out.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-_PHASES = {"write": _write_phase, "read": _read_phase, "burst": _burst_phase}
+_PHASES = {"write": _write_phase, "read": _read_phase, "burst": _burst_phase, "datakey": _datakey_phase,
+           "batch-unwrap": _batch_phase}
 
 
 # -- running a phase on N processes and merging ------------------------------------------
@@ -436,7 +692,8 @@ def percentile(sorted_vals: Any, q: float) -> float:
 def merge(kind: str, target: Target, procs: int, kw: dict[str, Any], wires: list[dict[str, Any]]) -> dict[str, Any]:
     lat = array.array("d")
     errors: Counter[str] = Counter()
-    ok = requests = mismatches = 0
+    ok = requests = mismatches = items = 0
+    item_errors: Counter[str] = Counter()
     tokens: list[tuple[str, str]] = []
     started = min(w["started"] for w in wires)
     finished = max(w["finished"] for w in wires)
@@ -448,6 +705,8 @@ def merge(kind: str, target: Target, procs: int, kw: dict[str, Any], wires: list
         ok += w["ok"]
         requests += w["requests"]
         mismatches += w["mismatches"]
+        items += w["items"]
+        item_errors.update(w["item_errors"])
         tokens.extend(map(tuple, w["tokens"]))
     vals = sorted(lat)
     elapsed = max(1e-9, finished - started)
@@ -470,6 +729,11 @@ def merge(kind: str, target: Target, procs: int, kw: dict[str, Any], wires: list
         "error_count": sum(errors.values()),
         "mismatches": mismatches,
     }
+    if kind == "batch-unwrap":
+        result["batch_size"] = len(kw["expected"])
+        result["items"] = items
+        result["items_per_s"] = round(items / elapsed, 1)
+        result["item_errors"] = dict(sorted(item_errors.items()))
     if kind == "burst":
         result["burst"] = kw["n"]
         result["failed"] = requests - ok + (kw["n"] - requests)
@@ -502,21 +766,22 @@ def fmt_errors(errors: dict[str, int]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    columns = COLUMNS + ([("items_per_s", "DEKs/s", ">")] if any("items_per_s" in r for r in results) else [])
     rows = []
     for r in results:
         row = []
-        for key, _, _ in COLUMNS:
+        for key, _, _ in columns:
             v = r.get(key)
             if key == "errors":
                 v = fmt_errors(v or {})
             elif isinstance(v, float):
-                v = f"{v:.1f}" if key == "rps" else f"{v:.2f}"
+                v = f"{v:.1f}" if key in ("rps", "items_per_s") else f"{v:.2f}"
             row.append(str(v))
         rows.append(row)
-    heads = [h for _, h, _ in COLUMNS]
+    heads = [h for _, h, _ in columns]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(heads)]
     line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if COLUMNS[i][2] == "<" else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        c.ljust(w) if columns[i][2] == "<" else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
     )
     return "\n".join([line(heads), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
@@ -536,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_argument_group("target (exactly one)")
     g.add_argument("--unix", metavar="PATH", help="Unix socket of the daemon")
     g.add_argument("--tcp", metavar="HOST:PORT", help="loopback TCP listener, e.g. 127.0.0.1:8000")
-    p.add_argument("--mode", choices=["write", "read", "both", "burst"], default="both")
+    p.add_argument("--mode", choices=["write", "read", "both", "burst", "datakey", "batch-unwrap"], default="both")
     p.add_argument("--concurrency", "-c", type=int, default=16, help="in-flight requests (connections)")
     p.add_argument("--duration", "-d", type=float, default=10.0, help="seconds per phase (0: only --max-requests)")
     p.add_argument("--max-requests", "-n", type=int, default=0, help="cap per phase (0: no cap)")
@@ -552,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=20000, help="keep at most this many tokens for reading")
     p.add_argument("--skip-tokens", type=int, default=0, metavar="K",
                    help="read: leave out the first K tokens (e.g. a warm working set), then apply --max-tokens")
+    p.add_argument("--batch-size", type=int, default=1000, help="batch-unwrap: items per request (default 1000)")
+    p.add_argument("--context", action="store_true",
+                   help='batch-unwrap: each data key made, and each item sent, with its own context {"doc": ...}')
     p.add_argument("--no-verify", action="store_true", help="do not check plaintexts (for bench/baseline.py)")
     p.add_argument("--prefix", default=None, help="user id prefix (default: random per run)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -575,9 +843,19 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.mode in ("both", "read") or bool(args.save_tokens)
     tokens: list[tuple[str, str]] = []
 
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     if args.mode == "burst":
         r = run_phase("burst", target, args.procs, n=args.burst, prefix=prefix + "u",
                       data_size=args.data_size, timeout=args.timeout)
+        results.append(r)
+    elif args.mode == "batch-unwrap":
+        _raise_nofile()
+        batch = _run(prepare_batch(target, args.batch_size, args.context, prefix + "k", not args.no_verify,
+                                   args.timeout))
+        r = run_phase("batch-unwrap", target, args.procs, concurrency=args.concurrency, body=batch["body"],
+                      headers=batch["headers"], expected=batch["expected"], verify=not args.no_verify, **common)
+        r.update(batch["info"])
         results.append(r)
     else:
         if args.mode in ("write", "both"):
@@ -585,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
                           data_size=args.data_size, keep_tokens=keep, **common)
             tokens = r["_tokens"]
             results.append(r)
-        if args.mode == "read":
+        if args.mode in ("read", "datakey"):
             if args.tokens:
                 with open(args.tokens) as fh:
                     tokens = [tuple(json.loads(line)) for line in fh if line.strip()]
@@ -596,12 +874,13 @@ def main(argv: list[str] | None = None) -> int:
                 seed["mode"] = "seed"
                 tokens = seed["_tokens"]
                 results.append(seed)
-        if args.mode in ("read", "both"):
+        if args.mode in ("read", "both", "datakey"):
             tokens = tokens[args.skip_tokens:][: args.max_tokens]
+            kind = "datakey" if args.mode == "datakey" else "read"
             if not tokens:
                 print("load.py: no tokens to read with (every write failed?)", file=sys.stderr)
             else:
-                r = run_phase("read", target, args.procs, concurrency=args.concurrency,
+                r = run_phase(kind, target, args.procs, concurrency=args.concurrency,
                               tokens=tokens, verify=not args.no_verify, **common)
                 r["tokens_used"] = len(tokens)
                 results.append(r)

@@ -4,7 +4,9 @@
 Starts kmsd (--dev, fresh temporary SQLite database) and bench/baseline.py
 on free loopback ports and Unix sockets in a temporary directory, runs every
 point with bench/load.py (kmsd and baseline interleaved, point by point, so
-that each ratio compares two measurements taken at the same moment), soaks
+that each ratio compares two measurements taken at the same moment: writes,
+reads, data keys and, on the first leg, batch unwraps), measures the
+client-side envelope with bench/envelope_bench.py, soaks
 the SQLite daemon with reads while sampling its memory, then runs the same
 points against MariaDB (a private server it starts, when the binaries are
 there, or --mysql URL), then measures three daemons on a private 3-node
@@ -69,6 +71,26 @@ MYSQL_DATABASE = "kmsd_bench"
 GALERA_NODES = 3
 GALERA_CONC = 64
 GALERA_SYNC_WAITS = (1, 0)
+# Data keys: POST /api/datakey, one key per request, with the warm tokens
+# of the read points, on both listeners of every leg; c=64 only with --quick.
+DATAKEY_CONC = (1, 16, 64)
+DATAKEY_CONC_QUICK = (64,)
+DATAKEY_TARGET = 0.3  # issue 17: at least 0.3 of the baseline at c=64
+# Batch unwrap: POST /api/decrypt-dek with {"batch": [BATCH_SIZE items]}
+# (kmsd's MAX_BATCH), over the Unix socket of the first leg only (a batch
+# asks the store once, for its token: the database hardly matters), without
+# and with a context per item.
+BATCH_SIZE = 1000
+BATCH_CONC = (1, 2, 4)
+BATCH_CONC_QUICK = (1, 4)
+BATCH_TARGET = 100_000  # DEKs/s on the 2-core machine
+# The client-side envelope (kmsd_client.envelope) of one document of this
+# size, sealed and opened on disk and in memory (bench/envelope_bench.py),
+# against the first leg's daemon.
+ENVELOPE_MIB = 1024
+ENVELOPE_MIB_QUICK = 256
+ENVELOPE_TARGET = 500  # MB/s
+ENVELOPE = str(BENCH / "envelope_bench.py")
 
 
 # -- small helpers ----------------------------------------------------------------------
@@ -420,7 +442,7 @@ def run_point(
     argv = [PY, LOAD, f"--{listener}", address, "--json", str(out), "--quiet", "--label", target,
             "--timeout", str(args.request_timeout)]
     warmup = 0.0 if mode in ("burst", "read-cold") else args.warmup
-    load_mode = "read" if mode in ("read-cold", "read-flood") else mode
+    load_mode = {"read-cold": "read", "read-flood": "read", "batch-unwrap-context": "batch-unwrap"}.get(mode, mode)
     if mode == "burst":
         argv += ["--mode", "burst", "--burst", str(args.burst), "--timeout", str(args.burst_timeout)]
         limit = args.burst_timeout + 120
@@ -428,7 +450,9 @@ def run_point(
         argv += ["--mode", load_mode, "--concurrency", str(conc),
                  "--duration", str(args.duration), "--warmup", str(warmup),
                  "--procs", str(args.procs if conc >= 16 else 1)]
-        if load_mode == "read" and mode != "read-cold":
+        if load_mode == "batch-unwrap":
+            argv += ["--batch-size", str(BATCH_SIZE)] + (["--context"] if mode == "batch-unwrap-context" else [])
+        elif load_mode in ("read", "datakey") and mode != "read-cold":
             if tokens and tokens.exists():
                 # the warm working set: the first --read-users tokens, over and over
                 argv += ["--tokens", str(tokens), "--max-tokens", str(args.read_users)]
@@ -457,9 +481,9 @@ def run_point(
         return {"target": target, "listener": listener, "mode": mode, "concurrency": conc,
                 "failed_to_run": f"load.py exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
     doc = json.loads(out.read_text())
-    r = next(x for x in doc["results"] if x["mode"] in ("write", "read", "burst"))
+    r = next(x for x in doc["results"] if x["mode"] in ("write", "read", "burst", "datakey", "batch-unwrap"))
     r["target"] = target
-    r["mode"] = mode  # read-cold and read-flood are load.py's read
+    r["mode"] = mode  # read-cold and read-flood are load.py's read, batch-unwrap-context its batch-unwrap
     r["warmup_s"] = warmup
     if proc.returncode not in (0, 3):
         r["load_exit"] = proc.returncode
@@ -485,16 +509,25 @@ def short(r: dict[str, Any]) -> str:
     if "failed_to_run" in r:
         return f"{r['target']:<14} {r['listener']:<4} {r['mode']:<9} c={r['concurrency']:<4} FAILED: {r['failed_to_run']}"
     errs = ",".join(f"{k}:{v}" for k, v in r.get("errors", {}).items()) or "-"
-    return (f"{r['target']:<14} {r['listener']:<4} {r['mode']:<9} c={r['concurrency']:<4} "
+    line = (f"{r['target']:<14} {r['listener']:<4} {r['mode']:<9} c={r['concurrency']:<4} "
             f"{r['rps']:>9.1f} req/s  p50 {r['p50_ms']:>8.2f}  p99 {r['p99_ms']:>8.2f}  max {r['max_ms']:>8.2f} ms"
             f"  ok {r['ok']}/{r['requests']}  errors {errs}  mismatches {r['mismatches']}")
+    if "items_per_s" in r:
+        item_errs = ",".join(f"{k}:{v}" for k, v in r.get("item_errors", {}).items()) or "-"
+        line += f"  DEKs/s {r['items_per_s']:.0f}  item errors {item_errs}"
+        if "context_bound" in r:
+            line += f"  context bound {r['context_bound']} {r.get('context_check')}"
+    return line
 
 
 def run_leg(
     leg: str, database_url: str, args: argparse.Namespace, tmp: Path, baseline: Managed | None,
     base_addr: dict[str, str], env: dict[str, str], results: list[dict[str, Any]], legs: list[dict[str, Any]],
-    stack: list[Stoppable], server_info: dict[str, str] | None = None,
+    stack: list[Stoppable], server_info: dict[str, str] | None = None, extras: bool = False,
 ) -> None:
+    """One daemon on one database: every point on both listeners, the burst,
+    (SQLite) the soak, the rotation; with ``extras`` (the first leg run) also
+    the batch-unwrap points and the client-side envelope."""
     sock = str(tmp / f"{leg}.sock")
     port = free_port()
     argv = [str(Path(PY).parent / "kmsd"), "serve", "--dev", "--socket", sock,
@@ -578,11 +611,21 @@ def run_leg(
                     f"--read-users {args.read_users} tokens")
             for c in READ_CONC:
                 point(listener, "read", c, tokens=tokens)
+            if not args.no_datakey:  # the same warm tokens as the reads
+                for c in DATAKEY_CONC_QUICK if args.quick else DATAKEY_CONC:
+                    point(listener, "datakey", c, tokens=tokens)
             if listener == "unix" and leg == "sqlite":
                 point(listener, "read-flood", FLOOD_CONC, tokens=tokens)
+        if extras and not args.no_batch:
+            for mode in ("batch-unwrap", "batch-unwrap-context"):
+                for c in BATCH_CONC_QUICK if args.quick else BATCH_CONC:
+                    point("unix", mode, c)
         if not args.no_burst:
             for listener in LISTENERS:
                 point(listener, "burst", args.burst)
+        if extras and not args.no_envelope:
+            info["envelope"] = run_envelope(sock, args, tmp)
+            log(f"envelope ({leg}): {envelope_line(info['envelope'])}")
         if leg == "sqlite" and args.soak > 0:
             info["soak"] = run_soak(daemon, vault, sock, [tmp / f"tokens-{leg}-{x}.jsonl" for x in LISTENERS],
                                     args, tmp)
@@ -603,6 +646,32 @@ def run_leg(
     info["stop_seconds"] = daemon.stop_seconds
     info["log"] = scan_log(daemon.logfile)
     info["log_file_lines"] = sum(info["log"]["levels"].values()) + info["log"]["unparsed_lines"]
+
+
+def run_envelope(sock: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """bench/envelope_bench.py against this daemon: one document of
+    --envelope-mib sealed and opened, on disk in the run's temporary
+    directory and in memory to /dev/null, then profiled (cProfile)."""
+    out = tmp / "envelope.json"
+    argv = [PY, ENVELOPE, "--unix", sock, "--size-mib", str(args.envelope_mib), "--dir", str(tmp),
+            "--json", str(out), "--profile"]
+    limit = 180 + args.envelope_mib / 20  # 20 MB/s would be very slow indeed
+    log(f"client-side envelope: {args.envelope_mib} MiB sealed and opened, on disk in {tmp} and in memory")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, preexec_fn=_pdeathsig)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"envelope_bench.py did not finish in {limit:.0f}s"}
+    if not out.exists():
+        return {"failed": f"envelope_bench.py exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    return json.loads(out.read_text())
+
+
+def envelope_line(env: dict[str, Any]) -> str:
+    if "failed" in env:
+        return f"FAILED: {env['failed']}"
+    return (", ".join(f"{k.replace('_', ' ')} {env[k]['mb_s']:.0f} MB/s"
+                      for k in ("disk_seal", "disk_open", "memory_seal", "memory_open"))
+            + f" ({env['size_mib']} MiB); identical after open: {env['identical']}")
 
 
 def measure_rewrap(sock: str, timeout: float = 600.0) -> dict[str, Any]:
@@ -1272,6 +1341,123 @@ def soak_markdown(soak: dict[str, Any], max_rows: int = 16) -> list[str]:
     return lines
 
 
+def _fmt_cpu(r: dict[str, Any], warmup: float) -> str:
+    el = r["elapsed_s"] + r.get("warmup_s", warmup)
+    if "cpu_daemon_s" in r:
+        return f"{r['cpu_daemon_s'] / el:.2f} / {r.get('cpu_vault_s', 0) / el:.2f}"
+    if "cpu_baseline_s" in r:
+        return f"{r['cpu_baseline_s'] / el:.2f}"
+    return "-"
+
+
+def targets_markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[str]:
+    """Issue 17's three figures against their targets, in three lines (the
+    tables below have the details). A reference, not a verdict: one quick
+    run on a shared machine moves by tens of percent."""
+    t = meta["targets"]
+    lines: list[str] = []
+    dk = [r for r in results if r.get("mode") == "datakey" and r["target"] != "baseline"
+          and r.get("concurrency") == 64 and "ratio_vs_baseline" in r]
+    if dk:
+        lines.append(f"- **datakey** at c=64, kmsd ÷ baseline (target ≥ {t['datakey_ratio_c64']:.2f}): "
+                     + ", ".join(f"{r['leg']} {r['listener']} **{r['ratio_vs_baseline']:.2f}** ({r['rps']:.0f} req/s)"
+                                 for r in dk))
+    for mode, name in (("batch-unwrap", "batch unwrap"), ("batch-unwrap-context", "batch unwrap, a context per item")):
+        pts = [r for r in results if r.get("mode") == mode and r["target"] != "baseline" and "items_per_s" in r]
+        if pts:
+            best = max(pts, key=lambda r: r["items_per_s"])
+            lines.append(f"- **{name}**, {meta['batch_size']} DEKs a request (target ≥ {t['batch_deks_per_s']:,} "
+                         f"DEKs/s): best **{best['items_per_s']:,.0f} DEKs/s** at c={best['concurrency']} "
+                         f"(" + ", ".join(f"c={r['concurrency']} {r['items_per_s']:,.0f}" for r in pts) + ")")
+    env = next((leg["envelope"] for leg in legs if leg.get("envelope")), None)
+    if env and "failed" not in env:
+        lines.append(f"- **client-side envelope**, {env['size_mib']} MiB (target ≥ {t['envelope_mb_s']} MB/s): "
+                     f"in memory seal **{env['memory_seal']['mb_s']:,.0f}** / open **{env['memory_open']['mb_s']:,.0f}** "
+                     f"MB/s; on disk seal {env['disk_seal']['mb_s']:,.0f} / open {env['disk_open']['mb_s']:,.0f} MB/s")
+    if not lines:
+        return []
+    return ["## Against the targets", "", *lines, "",
+            "(Targets of the data-key issue, as a reference: the sections below have every point.)", ""]
+
+
+def batch_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    pts = [r for r in results if str(r.get("mode", "")).startswith("batch-unwrap")]
+    if not pts:
+        return []
+    lines = [
+        "",
+        f"## Batch unwrap: POST /api/decrypt-dek with {{\"batch\": [{meta['batch_size']} items]}}, Unix socket",
+        "",
+        (f"Each point first makes {meta['batch_size']} data keys with POST /api/datakey (one subject; with a "
+         "context, each key its own `{\"doc\": ...}`), then sends the same batch over and over. **DEKs/s** counts "
+         "items answered `{\"dek\": ...}` equal to the key /api/datakey gave (every answer is compared whole); "
+         "a batch is ok when all its items are. The baseline answers one fixed `{\"dek\": ...}` per item "
+         "without unwrapping anything (the HTTP stack and the client moving the same bytes)."),
+        "",
+        "| target | context | conc | DEKs/s | batches/s | ratio | p50 ms | p99 ms | max ms | batches ok/reqs | "
+        "item errors | errors | mismatches | CPU daemon/vault |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|",
+    ]
+    checks = []
+    for r in pts:
+        ctx = "per item" if r["mode"] == "batch-unwrap-context" else "-"
+        if "failed_to_run" in r:
+            lines.append(f"| {r['target']} | {ctx} | {r['concurrency']} | FAILED: {r['failed_to_run'][:120]} "
+                         "| | | | | | | | | | |")
+            continue
+        errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "-"
+        item_errs = ", ".join(f"{k}: {v}" for k, v in r.get("item_errors", {}).items()) or "-"
+        ratio = f"{r['ratio_vs_baseline']:.2f}" if "ratio_vs_baseline" in r else ""
+        lines.append(
+            f"| {r['target']} | {ctx} | {r['concurrency']} | {r['items_per_s']:,.0f} | {r['rps']:.1f} | {ratio} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['ok']}/{r['requests']} | {item_errs} | "
+            f"{errs} | {r['mismatches']} | {_fmt_cpu(r, meta['warmup'])} |")
+        if "context_bound" in r:
+            checks.append(r)
+    if checks:
+        bound = all(r["context_bound"] for r in checks)
+        c = checks[-1]["context_check"]
+        lines += ["", f"- context bound to the wrapped DEK: **{'yes' if bound else 'NO'}** (one DEK asked for alone: "
+                  f"with its own context {c['same']}, with another {c['other']}, with none {c['none']}"
+                  + ("" if bound else "; the server ignores the context") + ")"]
+    return lines
+
+
+def envelope_markdown(meta: dict[str, Any], legs: list[dict[str, Any]]) -> list[str]:
+    env, leg = next(((leg["envelope"], leg["leg"]) for leg in legs if leg.get("envelope")), (None, None))
+    if env is None:
+        return []
+    lines = ["", f"## Client-side envelope: kmsd_client.envelope, one {meta['envelope_mib']} MiB document", ""]
+    if "failed" in env:
+        return lines + [f"**failed**: {env['failed']}"]
+    lines += [
+        (f"bench/envelope_bench.py: `encrypt(kms, source, sink, context=...)` and `decrypt(...)` against the "
+         f"kmsd-{leg} daemon (one data-key request each way), segments of {env['segment_size'] // 1024} KiB, "
+         "in one client process. MB/s = 10^6 plaintext bytes per second of wall time. **disk**: a file in the "
+         "run's temporary directory to another there, the input first evicted from the page cache (read from the "
+         "device), the output left in the page cache; *with fsync* adds the time to put it on the device. "
+         "**memory**: from a reader in memory (seal) or the blob held in memory (open) into /dev/null: the "
+         "envelope's own speed. The difference is the disk's (and the kernel's page cache: see the kernel CPU)."),
+        "",
+        "| case | MB/s | with fsync MB/s | wall s | CPU user s | CPU kernel s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, name in (("disk_seal", "disk seal (file → file)"), ("disk_open", "disk open (file → file)"),
+                      ("memory_seal", "memory seal (→ /dev/null)"), ("memory_open", "memory open (→ /dev/null)")):
+        r = env[key]
+        fs = f"{r['mb_s_with_fsync']:,.0f}" if "mb_s_with_fsync" in r else "-"
+        lines.append(f"| {name} | {r['mb_s']:,.0f} | {fs} | {r['wall_s']:.2f} | {r['cpu_user_s']:.2f} | "
+                     f"{r['cpu_sys_s']:.2f} |")
+    pw = env["plain_write"]
+    lines += ["", f"- the same directory's own speed: writing the plaintext file {pw['mb_s']:,.0f} MB/s "
+              f"({pw['mb_s_with_fsync']:,.0f} MB/s with fsync)",
+              f"- opened on disk, the document is identical to the original: **{env['identical']}**"]
+    for name, rows in (env.get("profile") or {}).items():
+        top = ", ".join(f"`{x['function']}` {x['share'] * 100:.0f}%" for x in rows[:4])
+        lines.append(f"- where the time goes, memory {name} (cProfile, own time): {top}")
+    return lines
+
+
 def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dict[str, Any]],
              galera: dict[str, Any]) -> str:
     m = meta["machine"]
@@ -1289,6 +1475,7 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
         galera_header(meta, galera),
         "",
     ]
+    lines += targets_markdown(meta, legs, results)
     if results:  # (none when only the Galera leg ran)
         lines += [
             "## Throughput and latency",
@@ -1304,23 +1491,22 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
              f"(the tokens after those, each used once, at most {COLD_MAX_TOKENS}), so every read pays an Ed25519 "
              "signature check."),
             "",
+            ("**datakey**: POST /api/datakey, one data key per request (generated and wrapped in the vault), "
+             "authenticated with the same warm tokens as the reads; the answer is checked to be a 32-byte key and "
+             "its wrapped form."),
+            "",
             "| target | via | mode | conc | req/s | ratio | p50 ms | p90 ms | p99 ms | max ms | ok/reqs | errors | mismatches | CPU daemon/vault |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
         ]
     for r in results:
-        if r.get("mode") == "burst":
-            continue
+        if r.get("mode") == "burst" or str(r.get("mode")).startswith("batch-unwrap"):
+            continue  # sections of their own
         if "failed_to_run" in r:
             lines.append(f"| {r['target']} | {r['listener']} | {r['mode']} | {r['concurrency']} | "
                          f"FAILED: {r['failed_to_run'][:120]} | | | | | | | | | |")
             continue
         errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "-"
-        el = r["elapsed_s"] + r.get("warmup_s", meta["warmup"])
-        cpu = "-"
-        if "cpu_daemon_s" in r:
-            cpu = f"{r['cpu_daemon_s'] / el:.2f} / {r.get('cpu_vault_s', 0) / el:.2f}"
-        elif "cpu_baseline_s" in r:
-            cpu = f"{r['cpu_baseline_s'] / el:.2f}"
+        cpu = _fmt_cpu(r, meta["warmup"])
         ratio = f"{r['ratio_vs_baseline']:.2f}" if "ratio_vs_baseline" in r else ""
         lines.append(
             f"| {r['target']} | {r['listener']} | {r['mode']} | {r['concurrency']} | {r['rps']:.0f} | {ratio} | "
@@ -1365,6 +1551,8 @@ def markdown(meta: dict[str, Any], legs: list[dict[str, Any]], results: list[dic
             answers = ", ".join(f"{k}: {v}" for k, v in sorted(flood.get("answers", {}).items())) or "-"
             lines.append(f"| {r.get('leg')} | {r['concurrency']} | {r['rps']:.0f} | "
                          f"{alone['rps'] if alone else 0:.0f} | {kept} | {flood.get('answers_per_s', '-')} | {answers} |")
+    lines += batch_markdown(meta, results)
+    lines += envelope_markdown(meta, legs)
     lines += galera_markdown(galera, meta["procs"])
     if legs:
         lines += ["", "## Daemon", ""]
@@ -1501,6 +1689,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline points (no ratios)")
     p.add_argument("--no-burst", action="store_true", help="skip the burst")
     p.add_argument("--no-rewrap", action="store_true", help="skip the master-key rotation at the end of a leg")
+    p.add_argument("--no-datakey", action="store_true", help="skip the POST /api/datakey points")
+    p.add_argument("--no-batch", action="store_true", help="skip the batch-unwrap points")
+    p.add_argument("--no-envelope", action="store_true", help="skip the client-side envelope")
+    p.add_argument("--envelope-mib", type=int, default=None, metavar="MIB",
+                   help=f"client-side envelope: document size (default {ENVELOPE_MIB}; --quick {ENVELOPE_MIB_QUICK})")
     p.add_argument("--read-users", type=int, default=1000, metavar="N",
                    help="warm reads cycle through the first N saved tokens; read-cold uses those after (default 1000)")
     p.add_argument("--soak", type=float, default=None, metavar="SECONDS",
@@ -1542,6 +1735,10 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 0.5 if args.quick else 1.0
     if args.soak is None:
         args.soak = 0.0 if args.quick else 300.0
+    if args.envelope_mib is None:
+        args.envelope_mib = ENVELOPE_MIB_QUICK if args.quick else ENVELOPE_MIB
+    if args.envelope_mib < 1:
+        p.error("--envelope-mib must be >= 1")
     if args.duration <= 0 or args.burst < 1:
         p.error("--duration and --burst must be positive")
     if args.read_users < 1 or args.soak < 0:
@@ -1586,11 +1783,13 @@ def main(argv: list[str] | None = None) -> int:
             base_addr = {"unix": bsock, "tcp": f"127.0.0.1:{bport}"}
         db = tmp / "kmsd.db"
         if not args.skip_sqlite:
-            run_leg("sqlite", f"sqlite:///{db}", args, tmp, baseline, base_addr, env, results, legs, stack)
+            run_leg("sqlite", f"sqlite:///{db}", args, tmp, baseline, base_addr, env, results, legs, stack,
+                    extras=True)
         if args.mysql != "none":  # MariaDB/MySQL leg (see --mysql above)
             url, server_info = mysql_database(args, tmp, stack)
             if url:
-                run_leg("mysql", url, args, tmp, baseline, base_addr, env, results, legs, stack, server_info)
+                run_leg("mysql", url, args, tmp, baseline, base_addr, env, results, legs, stack, server_info,
+                        extras=args.skip_sqlite)
             elif "failed" in server_info:
                 legs.append({"leg": "mysql", "database": "private MariaDB server", **server_info})
             else:
@@ -1648,6 +1847,12 @@ def main(argv: list[str] | None = None) -> int:
         "mysql_skipped": mysql_skipped,
         "galera": args.galera,
         "galera_skipped": galera.get("skipped", ""),
+        "datakey_concurrency": list(DATAKEY_CONC_QUICK if args.quick else DATAKEY_CONC),
+        "batch_size": BATCH_SIZE,
+        "batch_concurrency": list(BATCH_CONC_QUICK if args.quick else BATCH_CONC),
+        "envelope_mib": args.envelope_mib,
+        "targets": {"datakey_ratio_c64": DATAKEY_TARGET, "batch_deks_per_s": BATCH_TARGET,
+                    "envelope_mb_s": ENVELOPE_TARGET},
         "interrupted": status != 0,
         "chart": None,
     }
@@ -1671,8 +1876,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(galera_base, ignore_errors=True)
     if any(r.get("mismatches") for r in results) or any(
         (leg.get("soak") or {}).get("result", {}).get("mismatches") for leg in legs
-    ) or any((p.get(mode) or {}).get("mismatches") for p in galera.get("passes", []) for mode in ("write", "read")):
-        log("MISMATCHES: some reads returned another value than was stored")
+    ) or any((p.get(mode) or {}).get("mismatches") for p in galera.get("passes", []) for mode in ("write", "read")
+             ) or any((leg.get("envelope") or {}).get("identical") is False for leg in legs):
+        log("MISMATCHES: some reads returned another value than was stored (or an unwrapped DEK another than "
+            "/api/datakey gave, or an opened envelope another document)")
         status = status or 3
     if any(leg.get("died") for leg in legs) or any(p.get("died") for p in galera.get("passes", [])):
         status = status or 4
