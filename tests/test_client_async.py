@@ -262,6 +262,14 @@ async def test_no_token_in_repr_or_errors(shared_daemon: Daemon) -> None:
         assert "abc" not in str(info.value) and "abc" not in repr(info.value)
 
 
+def test_one_client_across_event_loops(shared_daemon: Daemon) -> None:
+    # A script may keep one client and call asyncio.run() more than once.
+    client = AsyncKMSClient(shared_daemon.socket)
+    for _ in range(2):
+        assert asyncio.run(client.health()) == {"status": "ok"}
+    assert client._pool.opened == 2 and client._pool.open == 1
+
+
 def test_both_clients_have_the_same_api() -> None:
     public = {n for n in dir(KMSClient) if not n.startswith("_")} - {"close"}
     assert public == {n for n in dir(AsyncKMSClient) if not n.startswith("_")} - {"aclose"}

@@ -92,9 +92,12 @@ class _Connection:
         if sock is None:
             return True
         try:
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN)
-            return not poller.poll(0)
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLIN)
+                return not poller.poll(0)
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            return not readable
         except (OSError, ValueError):
             return False
 
@@ -115,14 +118,26 @@ class _Pool:
         # Created on first use: in the running loop, not wherever the client
         # object happened to be built.
         self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: list[_Connection] = []  # most recently used last
         self._generation = 0
         self.open = 0  # idle and in use: tests and callers may watch it
         self.opened = 0  # connections made since the client was created
 
     def slot(self) -> asyncio.Semaphore:
-        if self._slots is None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A client kept across asyncio.run() calls: the old loop's
+            # connections and semaphore cannot work in this one. Its
+            # transports cannot be closed from here either (their loop is
+            # gone); dropping them lets their sockets be collected.
+            if self._loop is not None:
+                self._generation += 1
+                self._idle.clear()
+                self.open = 0
+            self._loop = loop
             self._slots = asyncio.Semaphore(self.size)
+        assert self._slots is not None
         return self._slots
 
     async def take(self, *, fresh: bool = False) -> tuple[_Connection, bool]:
