@@ -1,5 +1,5 @@
-"""The admin commands: ``kmsd mk add|active|retired|list|rotate|destroy``
-and ``kmsd root-key rotate``.
+"""The admin commands: ``kmsd mk add|active|retired|list|rotate|destroy|
+schedule-deletion|cancel-deletion`` and ``kmsd root-key rotate``.
 
 ``kmsd mk`` talks to the running daemon over its Unix socket (an admin peer:
 root, or a configured admin uid/gid). When no daemon answers there it acts on
@@ -35,7 +35,7 @@ def add_parsers(
 ) -> None:
     mk = sub.add_parser(
         "mk",
-        help="master keys: add, active, retired, list, rotate, destroy",
+        help="master keys: add, active, retired, list, rotate, schedule-deletion, cancel-deletion, destroy",
         description="Talks to the running daemon over its Unix socket; with no daemon there, "
         "acts on the database directly.",
     )
@@ -59,14 +59,27 @@ def add_parsers(
     rotate = mk_command("rotate", help="a new active key, then rewrap every record in the background")
     rotate.add_argument("--wait", action="store_true", help="show progress until the rewrap has finished")
     rotate.add_argument("--status", action="store_true", help="only show the current rotation's progress")
+    schedule = mk_command(
+        "schedule-deletion",
+        help="destroy a retired key after a waiting period (the safe way)",
+        description="Until the date, nothing unwraps under the key (a client that still needs it "
+        "gets key_pending_deletion and can be found), and cancel-deletion undoes it. Then a daemon "
+        "destroys it, if no stored record uses it.",
+    )
+    schedule.add_argument("key_id")
+    # The range is the daemon's to check (or the key ring's, directly).
+    schedule.add_argument("--days", type=int, help="waiting period, 7 to 30 days (default 30)")
+    cancel = mk_command("cancel-deletion", help="take a key off the deletion schedule (retired again)")
+    cancel.add_argument("key_id")
     destroy = mk_command(
         "destroy",
-        help="delete a retired key that no stored record uses",
+        help="delete a retired key that no stored record uses, at once (--now)",
         description="Refused for the active key and for a key that still wraps stored records. "
         "A DEK that a caller keeps itself (from /api/encrypt) under this key can never be "
-        "decrypted again.",
+        "decrypted again: prefer schedule-deletion; --now confirms an immediate destruction.",
     )
     destroy.add_argument("key_id")
+    destroy.add_argument("--now", action="store_true", help="confirm: destroy at once, irreversibly")
 
     root = sub.add_parser(
         "root-key",
@@ -112,7 +125,15 @@ class _Daemon:
         return await asyncio.to_thread(self.client.rotation_status)
 
     async def destroy(self, key_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.client.destroy_master_key, key_id)
+        return await asyncio.to_thread(lambda: self.client.destroy_master_key(key_id, now=True))
+
+    async def schedule_deletion(self, key_id: str, days: int | None) -> dict[str, Any]:
+        if days is None:
+            return await asyncio.to_thread(self.client.schedule_key_deletion, key_id)
+        return await asyncio.to_thread(self.client.schedule_key_deletion, key_id, days)
+
+    async def cancel_deletion(self, key_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.client.cancel_key_deletion, key_id)
 
 
 class _Direct:
@@ -138,6 +159,12 @@ class _Direct:
     async def destroy(self, key_id: str) -> dict[str, Any]:
         await self.kms.keyring.destroy(key_id)
         return {"message": "Master key destroyed", "key_id": key_id}
+
+    async def schedule_deletion(self, key_id: str, days: int | None) -> dict[str, Any]:
+        return await self.kms.keyring.schedule_deletion(key_id, days, requested_by="kmsd mk (direct)")
+
+    async def cancel_deletion(self, key_id: str) -> dict[str, Any]:
+        return await self.kms.keyring.cancel_deletion(key_id)
 
 
 def _daemon_client(settings: Settings) -> Any | None:
@@ -167,6 +194,12 @@ async def _direct(settings: Settings) -> AsyncIterator[_Direct]:
 
 
 def run_mk(args: argparse.Namespace) -> int:
+    if args.mk_command == "destroy" and not args.now:
+        # Before anything is contacted: the safe way is one command away.
+        return _fail(
+            f"destroying master key {args.key_id} is irreversible: schedule its deletion"
+            f" (`kmsd mk schedule-deletion {args.key_id} [--days N]`), or confirm with --now"
+        )
     try:
         settings = settings_from_args(args, require_root_key=False)
     except ConfigError as exc:
@@ -208,8 +241,11 @@ async def _mk(args: argparse.Namespace, ops: _Daemon | _Direct) -> int:
     if command in ("list", "active", "retired"):
         listing = await ops.list()
         keys = listing["master_keys"]
-        if command != "list":
-            keys = [k for k in keys if k["status"] == command]
+        if command == "active":
+            keys = [k for k in keys if k["status"] == "active"]
+        elif command == "retired":
+            # A key pending deletion is still a retired key.
+            keys = [k for k in keys if k["status"] in ("retired", "pending_deletion")]
         if args.json:
             print(json.dumps((keys[0] if keys else None) if command == "active" else keys))
         else:
@@ -222,6 +258,17 @@ async def _mk(args: argparse.Namespace, ops: _Daemon | _Direct) -> int:
     if command == "destroy":
         await ops.destroy(args.key_id)
         print(f"master key {args.key_id} destroyed")
+        return 0
+    if command == "schedule-deletion":
+        result = await ops.schedule_deletion(args.key_id, args.days)
+        print(
+            f"master key {args.key_id} will be destroyed after {result['deletion_date']} UTC"
+            f" (`kmsd mk cancel-deletion {args.key_id}` undoes it); nothing unwraps under it meanwhile"
+        )
+        return 0
+    if command == "cancel-deletion":
+        await ops.cancel_deletion(args.key_id)
+        print(f"master key {args.key_id} is no longer scheduled for deletion (retired)")
         return 0
     if command == "rotate":
         if args.status:
@@ -240,11 +287,14 @@ async def _mk(args: argparse.Namespace, ops: _Daemon | _Direct) -> int:
 
 
 def _print_keys(keys: list[dict[str, Any]]) -> None:
-    print(f"{'KEY_ID':<24} {'STATUS':<8} {'CREATED (UTC)':<20} {'RECORDS':>9}  DESCRIPTION")
+    print(f"{'KEY_ID':<24} {'STATUS':<16} {'CREATED (UTC)':<20} {'RECORDS':>9}  {'DELETION (UTC)':<20} DESCRIPTION")
     for k in keys:
         print(
-            f"{k['key_id']:<24} {k['status']:<8} {k['created_at']:<20} {k['records']:>9}  {k.get('description') or ''}"
+            f"{k['key_id']:<24} {k['status']:<16} {k['created_at']:<20} {k['records']:>9}"
+            f"  {k.get('deletion_date') or '-':<20} {k.get('description') or ''}"
         )
+        if k.get("deletion_blocked"):
+            print(f"{'':<24} deletion blocked: {k['deletion_blocked']}")
 
 
 async def _follow(ops: _Daemon | _Direct, job_id: int) -> int:

@@ -84,6 +84,8 @@ AUDITED = {
     ("POST", "/api/rotate-mk"): "rotate_master_key",
     ("POST", "/api/master-keys"): "add_master_key",
     ("DELETE", "/api/master-keys/{key_id}"): "destroy_master_key",
+    ("POST", "/api/master-keys/{key_id}/schedule-deletion"): "schedule_key_deletion",
+    ("POST", "/api/master-keys/{key_id}/cancel-deletion"): "cancel_key_deletion",
 }
 # Routes only clients of the policy may use (the admin routes check admins).
 CLIENT_ROUTES = {

@@ -112,6 +112,18 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "column kmsd_signing_keys kmsd_one_active TINYINT AS (IF(status = 'active', 1, NULL)) STORED",
         "index kmsd_signing_keys kmsd_signing_keys_one_active UNIQUE (kmsd_one_active)",
     ),
+    # 8: scheduled key deletion. A table of its own, not a third value of
+    # master_keys.status: the original system reads that ENUM and knows
+    # only 'active' and 'retired'. delete_after is Unix time (DOUBLE), by
+    # the scheduling daemon's clock.
+    (
+        """CREATE TABLE IF NOT EXISTS kmsd_key_deletions (
+            key_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE {bin} NOT NULL PRIMARY KEY,
+            delete_after DOUBLE NOT NULL,
+            requested_by VARCHAR(255),
+            scheduled_at DATETIME NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ),
 )
 
 

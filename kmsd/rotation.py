@@ -14,6 +14,10 @@ What makes it safe:
   dies the lease runs out and whichever daemon looks next takes the job
   over. Even two rewraps at once would be harmless (compare-and-set), only
   wasteful.
+- Scheduled key deletions are carried out here too, by whichever daemons
+  run (every ``deletion_interval``): each destruction is one guarded
+  transaction in the database, so several daemons doing it at once destroy
+  a key once, and never one whose deletion was cancelled meanwhile.
 - Every daemon re-reads the key rows every ``key_refresh_interval``, so it
   stops wrapping under a retired key within that time; a job finishes only
   after a full pass that found nothing to do and more than twice that time
@@ -60,6 +64,7 @@ class Rotator:
         batch_size: int = 1000,
         refresh_interval: float = 2.0,
         period: float | None = None,
+        deletion_interval: float = 60.0,
         log: Any,
     ) -> None:
         self.kms = kms
@@ -75,6 +80,13 @@ class Rotator:
         self._job_task: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
         self._last_error: str | None = None
+        # A deletion window is days long: once a minute is prompt enough,
+        # and keeps the extra queries off the refresh's every-2-s path.
+        self.deletion_interval = deletion_interval
+        self._deletions_checked = float("-inf")
+        # Key id -> records last reported as blocking its deletion: said once
+        # per change, not once a minute.
+        self._blocked_reported: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -105,6 +117,8 @@ class Rotator:
                     self.log.info("master_keys_reloaded", active_key_id=self.kms.keyring.state.active_key_id)
                 if not self.running_here:
                     await self._maybe_take_over()
+                if time.monotonic() - self._deletions_checked >= self.deletion_interval:
+                    await self.destroy_due()
                 self._last_error = None
             except KMSError as exc:
                 # The database or the vault is down: requests answer 503
@@ -128,6 +142,19 @@ class Rotator:
         if self.period is not None and self._rotation_due():
             with contextlib.suppress(Conflict):
                 await self.rotate(requested_by="schedule")
+
+    async def destroy_due(self) -> None:
+        """Carry out the scheduled deletions whose window has ended, and
+        say which are held back by records still under their key."""
+        self._deletions_checked = time.monotonic()
+        report = await self.kms.keyring.destroy_due()
+        for key_id in report.destroyed:
+            self.log.warning("master_key_destroyed", key_id=key_id, reason="scheduled deletion")
+            self._blocked_reported.pop(key_id, None)
+        for key_id, (reason, records) in report.blocked.items():
+            if self._blocked_reported.get(key_id) != records:
+                self.log.warning("master_key_deletion_blocked", key_id=key_id, records=records, reason=reason)
+                self._blocked_reported[key_id] = records
 
     def _rotation_due(self) -> bool:
         active = next((r for r in self.kms.keyring.state.master_keys if r.status == "active"), None)

@@ -329,16 +329,52 @@ async def add_master_key(request: web.Request) -> web.Response:
     return json_response(await request.app[STATE].rotator.add_key(description))
 
 
-@routes.delete("/api/master-keys/{key_id}")
-async def destroy_master_key(request: web.Request) -> web.Response:
-    require_admin(request)
+def _key_id(request: web.Request) -> str:
+    """The path's key id, named in the audit line."""
     key_id = request.match_info["key_id"]
     # The rule of user ids, which the document can state as a pattern.
     if not 0 < len(key_id) <= 64 or not utf8(key_id) or has_controls(key_id):
         raise BadRequest("key_id must be 1 to 64 characters without control characters")
     request[AUDIT_SUBJECT] = key_id
+    return key_id
+
+
+@routes.delete("/api/master-keys/{key_id}")
+async def destroy_master_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    key_id = _key_id(request)
+    # Irreversible: a DEK a caller keeps under this key is lost with it.
+    # The safe way is a scheduled deletion; at once only when asked for.
+    if request.query.getall("now", []) != ["true"]:
+        raise BadRequest(
+            "destroying a master key is irreversible: schedule its deletion"
+            " (POST /api/master-keys/{key_id}/schedule-deletion, `kmsd mk schedule-deletion`),"
+            " or confirm with ?now=true"
+        )
     await _kms(request).keyring.destroy(key_id)
     return json_response({"message": "Master key destroyed", "key_id": key_id})
+
+
+@routes.post("/api/master-keys/{key_id}/schedule-deletion")
+async def schedule_key_deletion(request: web.Request) -> web.Response:
+    peer = require_admin(request)
+    key_id = _key_id(request)
+    body = await read_json(request) if request.can_read_body else {}
+    if set(body) - {"days"}:
+        raise BadRequest("the only field is days")
+    # The type here; the range is the key ring's, for every caller.
+    days = body.get("days")
+    if "days" in body and (isinstance(days, bool) or not isinstance(days, int)):
+        raise BadRequest("days must be an integer from 7 to 30")
+    result = await _kms(request).keyring.schedule_deletion(key_id, days, _requested_by(peer))
+    request[AUDIT_DETAIL] = {"deletion_date": result["deletion_date"]}
+    return json_response(result)
+
+
+@routes.post("/api/master-keys/{key_id}/cancel-deletion")
+async def cancel_key_deletion(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(await _kms(request).keyring.cancel_deletion(_key_id(request)))
 
 
 @routes.get("/healthz")

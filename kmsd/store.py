@@ -21,6 +21,7 @@ from typing import Protocol
 from .errors import StoreError
 
 __all__ = [
+    "KeyDeletion",
     "MasterKeyRow",
     "Record",
     "RotationJob",
@@ -28,12 +29,18 @@ __all__ = [
     "Store",
     "StoreError",
     "now_utc",
+    "utc_text",
 ]
 
 
 def now_utc() -> str:
     """DATETIME text, as the original stored it (UTC, second precision)."""
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def utc_text(seconds: float) -> str:
+    """A Unix time as the same DATETIME text (UTC, second precision)."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @dataclass(frozen=True, repr=False)
@@ -77,6 +84,20 @@ class SigningKeyRow:
 
     def __repr__(self) -> str:
         return f"SigningKeyRow(kid={self.kid!r}, status={self.status!r})"
+
+
+@dataclass(frozen=True)
+class KeyDeletion:
+    """A ``kmsd_key_deletions`` row: a retired master key scheduled for
+    deletion. ``master_keys`` itself is the original system's table and
+    keeps saying 'retired'; this row is what makes the key pending."""
+
+    key_id: str
+    # Unix time, by the clock of the daemon that scheduled it (not the
+    # database's): the window is days long, clock skew is irrelevant to it.
+    delete_after: float
+    requested_by: str | None
+    scheduled_at: str
 
 
 @dataclass(frozen=True)
@@ -234,7 +255,26 @@ class Store(Protocol):
 
     async def delete_master_key(self, key_id: str) -> bool:
         """Delete a retired master key, only if no record is under it and
-        none is unclassified (checked in the same statement)."""
+        none is unclassified (checked in the same statement), and its
+        scheduled deletion if it has one (same transaction)."""
+
+    async def schedule_key_deletion(self, deletion: KeyDeletion) -> bool:
+        """Insert ``deletion`` only if its key exists and is retired
+        (decided in the same statement); False (nothing written) if not.
+        ``Conflict`` if the key is already scheduled."""
+
+    async def cancel_key_deletion(self, key_id: str) -> bool:
+        """Forget the key's scheduled deletion; False if it had none."""
+
+    async def list_key_deletions(self) -> list[KeyDeletion]:
+        """Every scheduled deletion, by key id (binary order)."""
+
+    async def destroy_scheduled_key(self, key_id: str, now: float) -> bool:
+        """Delete a master key whose scheduled deletion is due
+        (``delete_after <= now``), with the ``delete_master_key`` guard (no
+        record under it, none unclassified), and its deletion row, in one
+        transaction. False, and no change, when any condition fails: a
+        deletion cancelled meanwhile by another daemon is never carried out."""
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
         """Take or renew the lease ``name`` for ``ttl`` seconds of the

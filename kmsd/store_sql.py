@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .store import MasterKeyRow, Record, RotationJob, SigningKeyRow, now_utc
+from .store import KeyDeletion, MasterKeyRow, Record, RotationJob, SigningKeyRow, now_utc
 
 __all__ = [
-    "DEK_PREFIX", "JOB_COLUMNS", "MYSQL", "RECORD_COLUMNS", "REVOCATION_MARGIN", "SQLITE",
+    "DEK_PREFIX", "DELETION_COLUMNS", "JOB_COLUMNS", "MYSQL", "RECORD_COLUMNS", "REVOCATION_MARGIN", "SQLITE",
     "Dialect", "SQLStore", "Statement", "as_text", "record_from_row",
 ]
 
@@ -35,6 +35,8 @@ RECORD_COLUMNS = "user_id, encrypted_key, encrypted_dek, created_at, master_key_
 JOB_COLUMNS = (
     "id, state, target_key_id, requested_by, started_at, finished_at, rewrapped, changed, unreadable, active_seconds"
 )
+
+DELETION_COLUMNS = "key_id, delete_after, requested_by, scheduled_at"
 
 Statement = tuple[str, Sequence[Any]]
 
@@ -339,16 +341,53 @@ class SQLStore:
             + [self._replace_material("kmsd_signing_keys", "kid", *row) for row in signing]
         )
 
-    async def delete_master_key(self, key_id: str) -> bool:
-        m = self.dialect.mark
-        changed = await self._write(
-            (
-                f"DELETE FROM master_keys WHERE {self.dialect.key('key_id')} AND status = 'retired' AND NOT EXISTS"
-                f" (SELECT 1 FROM kms_keys WHERE master_key_id = {m} OR master_key_id IS NULL)",
-                (key_id, key_id),
-            )
+    def _delete_unused_key(self, key_id: str, *, due: float | None = None) -> Statement:
+        """DELETE a retired master key only if no record is under it and
+        none is unclassified (it may be under it); with ``due``, only if its
+        scheduled deletion exists and is due by then. One statement: the
+        database decides, not a read before it."""
+        d, m = self.dialect, self.dialect.mark
+        sql = (
+            f"DELETE FROM master_keys WHERE {d.key('key_id')} AND status = 'retired' AND NOT EXISTS"
+            f" (SELECT 1 FROM kms_keys WHERE master_key_id = {m} OR master_key_id IS NULL)"
         )
-        return changed > 0
+        params: list[Any] = [key_id, key_id]
+        if due is not None:
+            # The key id as a parameter, not a join: master_keys.key_id keeps
+            # the original's collation, which MySQL will not compare with ours.
+            sql += f" AND EXISTS (SELECT 1 FROM kmsd_key_deletions WHERE {d.key('key_id')} AND delete_after <= {m})"
+            params += [key_id, due]
+        return sql, params
+
+    def _forget_deletion(self, key_id: str) -> Statement:
+        return f"DELETE FROM kmsd_key_deletions WHERE {self.dialect.key('key_id')}", (key_id,)
+
+    async def delete_master_key(self, key_id: str) -> bool:
+        return await self._write_then(self._delete_unused_key(key_id), [self._forget_deletion(key_id)])
+
+    async def destroy_scheduled_key(self, key_id: str, now: float) -> bool:
+        return await self._write_then(self._delete_unused_key(key_id, due=now), [self._forget_deletion(key_id)])
+
+    async def schedule_key_deletion(self, deletion: KeyDeletion) -> bool:
+        # INSERT ... SELECT from the key's row: a key that is not retired
+        # (or not there) selects nothing, in the same statement. A second
+        # schedule of one key is the primary key's duplicate: Conflict.
+        d = self.dialect
+        return await self._write(
+            (
+                f"INSERT INTO kmsd_key_deletions ({DELETION_COLUMNS}) SELECT {self._marks(4)}"
+                f" FROM master_keys WHERE {d.key('key_id')} AND status = 'retired'",
+                (deletion.key_id, deletion.delete_after, deletion.requested_by, deletion.scheduled_at,
+                 deletion.key_id),
+            )
+        ) > 0
+
+    async def cancel_key_deletion(self, key_id: str) -> bool:
+        return await self._write(self._forget_deletion(key_id)) > 0
+
+    async def list_key_deletions(self) -> list[KeyDeletion]:
+        rows = await self._read(f"SELECT {DELETION_COLUMNS} FROM kmsd_key_deletions ORDER BY key_id")
+        return [KeyDeletion(r[0], float(r[1]), r[2], as_text(r[3]) or "") for r in rows]
 
     async def list_signing_keys(self) -> list[SigningKeyRow]:
         rows = await self._read(

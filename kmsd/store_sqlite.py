@@ -111,6 +111,17 @@ MIGRATIONS: Sequence[str] = (
     CREATE UNIQUE INDEX IF NOT EXISTS kmsd_signing_keys_one_active
         ON kmsd_signing_keys (status) WHERE status = 'active';
     """,
+    # 7: scheduled key deletion. A table of its own, not a third status in
+    # master_keys: the original system reads that column and knows only
+    # 'active' and 'retired'. delete_after is Unix time.
+    """
+    CREATE TABLE IF NOT EXISTS kmsd_key_deletions (
+        key_id VARCHAR(64) PRIMARY KEY,
+        delete_after REAL NOT NULL,
+        requested_by TEXT,
+        scheduled_at DATETIME NOT NULL
+    );
+    """,
 )
 
 _WriteOp = Callable[[sqlite3.Connection], Any]

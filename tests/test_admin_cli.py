@@ -206,13 +206,13 @@ def test_mk_through_the_daemon(backend: str, database_url: str, daemon_factory: 
 
     # destroy: refused for the active key, and for a retired key in use, with
     # the count; an unknown key fails cleanly.
-    proc = mk(d, "destroy", second)
+    proc = mk(d, "destroy", second, "--now")
     assert proc.returncode == 1
     assert "active key" in proc.stderr and "3 records" in proc.stderr, proc.stderr
-    proc = mk(d, "destroy", first)
+    proc = mk(d, "destroy", first, "--now")
     assert proc.returncode == 1
     assert "still wraps 12 records" in proc.stderr, proc.stderr
-    proc = mk(d, "destroy", "key-1")
+    proc = mk(d, "destroy", "key-1", "--now")
     assert proc.returncode == 1 and "no such master key" in proc.stderr, proc.stderr
     assert counts(mk_json(d, "list")) == {first: 12, second: 3}
 
@@ -230,13 +230,13 @@ def test_mk_through_the_daemon(backend: str, database_url: str, daemon_factory: 
 
     # destroy after the rotation: the retired keys go, the data stays.
     for key_id in (first, second):
-        proc = mk(d, "destroy", key_id)
+        proc = mk(d, "destroy", key_id, "--now")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == f"master key {key_id} destroyed"
     listing = mk_json(d, "list")
     assert counts(listing) == {third: 15} and listing[0]["status"] == "active"
     assert mk_json(d, "retired") == []
-    proc = mk(d, "destroy", first)
+    proc = mk(d, "destroy", first, "--now")
     assert proc.returncode == 1 and "no such master key" in proc.stderr, proc.stderr
     check_in(d, records)
 
@@ -280,12 +280,19 @@ def test_mk_directly_on_the_database(
     status = json.loads(mk(d, "rotate", "--status", root_key=root_key).stdout)
     assert status["state"] == "finished" and status["remaining_total"] == 0, status
 
+    # schedule-deletion and cancel-deletion directly too.
+    proc = mk(d, "schedule-deletion", first, "--days", "7", root_key=root_key)
+    assert proc.returncode == 0 and f"master key {first} will be destroyed after" in proc.stdout, proc.stderr
+    assert {k["key_id"]: k["status"] for k in mk_json(d, "list", root_key=root_key)}[first] == "pending_deletion"
+    proc = mk(d, "cancel-deletion", first, root_key=root_key)
+    assert proc.returncode == 0 and "no longer scheduled" in proc.stdout, proc.stderr
+
     # destroy directly: refused for the active key, done for the emptied one.
-    proc = mk(d, "destroy", second, root_key=root_key)
+    proc = mk(d, "destroy", second, "--now", root_key=root_key)
     assert proc.returncode == 1 and "active key" in proc.stderr and "10 records" in proc.stderr, proc.stderr
-    proc = mk(d, "destroy", first, root_key=root_key)
+    proc = mk(d, "destroy", first, "--now", root_key=root_key)
     assert proc.returncode == 0 and f"master key {first} destroyed" in proc.stdout, proc.stderr
-    proc = mk(d, "destroy", "no-such-key", root_key=root_key)
+    proc = mk(d, "destroy", "no-such-key", "--now", root_key=root_key)
     assert proc.returncode == 1 and "no such master key" in proc.stderr, proc.stderr
 
     # A root key file that cannot be read: a clear failure, no traceback.

@@ -434,7 +434,7 @@ async def test_rotation_finishes_when_a_node_dies_midway(healthy: Any, daemon_fa
             if (status, got) != (200, {"data": data}):
                 wrong.append(f"{user_id}: {status} {got}")
         assert not wrong, wrong[:3]
-        status, body = await api.call("DELETE", f"/api/master-keys/{old_key}")
+        status, body = await api.call("DELETE", f"/api/master-keys/{old_key}?now=true")
         assert status == 200, body
         await asyncio.to_thread(healthy.start_node, victim)
         assert rows(healthy, trio.db, "SELECT COUNT(*) FROM master_keys", node=victim) == [(1,)]

@@ -442,5 +442,5 @@ async def test_rotation_on_an_original_database(mariadb: Any, secret_file: Path,
             assert is_v1_dek(after[row["user_id"]][1]), row["user_id"]
             assert await read(api, legacy_token(row["user_id"])) == (200, {"data": row["expected_data"]})
         # Unattributed rows keep every retired key: destroying one is refused.
-        status, refused = await api.call("DELETE", f"/api/master-keys/{OWN_KEY_ID}")
+        status, refused = await api.call("DELETE", f"/api/master-keys/{OWN_KEY_ID}?now=true")
         assert status == 409 and refused["records"] == len(BROKEN), refused

@@ -511,7 +511,10 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], daemon_fac
         for method, template in [("GET", "/api/rotate-mk"), ("POST", "/api/rotate-mk"), ("GET", "/api/master-keys"),
                                  ("POST", "/api/master-keys")]:
             await c.call(tcp, method, template, expect=403)
-        await c.call(tcp, "DELETE", "/api/master-keys/{key_id}", path="/api/master-keys/key-1", expect=403)
+        await c.call(tcp, "DELETE", "/api/master-keys/{key_id}", path="/api/master-keys/key-1?now=true", expect=403)
+        for action in ("schedule-deletion", "cancel-deletion"):
+            await c.call(tcp, "POST", f"/api/master-keys/{{key_id}}/{action}", path=f"/api/master-keys/key-1/{action}",
+                         expect=403)
 
         destroy = "/api/master-keys/{key_id}"
         _, listed = await c.call(unix, "GET", "/api/master-keys", expect=admin(200))
@@ -522,18 +525,39 @@ async def test_live_daemon_answers_as_documented(doc: dict[str, Any], daemon_fac
         await c.call(unix, "POST", "/api/master-keys", expect=admin(200))  # no body at all
         _, added = await c.call(unix, "POST", "/api/master-keys", {"description": "openapi test"}, expect=admin(200),
                                 valid_request=True)
+        schedule = "/api/master-keys/{key_id}/schedule-deletion"
+        cancel = "/api/master-keys/{key_id}/cancel-deletion"
         if admin_on_unix:
             first = listed["master_keys"][0]["key_id"]
             spare = added["previous_key_id"]  # retired just now, wraps nothing
-            await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{spare}", expect=200)
-            await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{spare}", expect=404)
-            _, active = await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{added['active_key_id']}",
+            active_id = added["active_key_id"]
+            # Scheduled deletion: listed as pending, cancelled; refusals.
+            _, pending = await c.call(unix, "POST", schedule, {"days": 7}, path=f"/api/master-keys/{spare}/"
+                                      "schedule-deletion", expect=200, valid_request=True)
+            assert pending["status"] == "pending_deletion"
+            await c.call(unix, "POST", schedule, {"days": 7}, path=f"/api/master-keys/{spare}/schedule-deletion",
+                         expect=409)
+            _, keys = await c.call(unix, "GET", "/api/master-keys", expect=200)
+            assert {k["key_id"]: k["status"] for k in keys["master_keys"]}[spare] == "pending_deletion"
+            await c.call(unix, "POST", cancel, path=f"/api/master-keys/{spare}/cancel-deletion", expect=200)
+            await c.call(unix, "POST", cancel, path=f"/api/master-keys/{spare}/cancel-deletion", expect=409)
+            await c.call(unix, "POST", schedule, path=f"/api/master-keys/{active_id}/schedule-deletion", expect=409)
+            await c.call(unix, "POST", cancel, path="/api/master-keys/key-0/cancel-deletion", expect=404)
+            await c.call(unix, "POST", schedule, path="/api/master-keys/key-0/schedule-deletion", expect=404)
+            await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{spare}", expect=400)
+            await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{spare}?now=true", expect=200)
+            await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{spare}?now=true", expect=404)
+            _, active = await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{active_id}?now=true",
                                      expect=409)
             assert "records" in active
-            _, used = await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{first}", expect=409)
+            _, used = await c.call(unix, "DELETE", destroy, path=f"/api/master-keys/{first}?now=true", expect=409)
             assert used["records"] >= 1
-        await c.call(unix, "DELETE", destroy, path="/api/master-keys/" + "k" * 65, expect=admin(400))
-        await c.call(unix, "DELETE", destroy, path="/api/master-keys/%09tab", expect=admin(400))
+        for days in (6, 31, "x"):
+            await c.call(unix, "POST", schedule, {"days": days}, path="/api/master-keys/key-0/schedule-deletion",
+                         expect=admin(400), valid_request=False)
+        await c.call(unix, "DELETE", destroy, path="/api/master-keys/" + "k" * 65 + "?now=true", expect=admin(400))
+        await c.call(unix, "DELETE", destroy, path="/api/master-keys/%09tab?now=true", expect=admin(400))
+        await c.call(unix, "POST", cancel, path="/api/master-keys/%09tab/cancel-deletion", expect=admin(400))
         await c.call(unix, "GET", "/api/rotate-mk", expect=admin(200))
         await c.call(unix, "POST", "/api/rotate-mk", expect=admin(200))
         # The rewrap stays open for twice key_refresh_interval plus a second at least.

@@ -168,14 +168,14 @@ async def test_destroy_is_refused_while_a_key_is_in_use(daemon_factory: Any) -> 
         first = listing["active_key_id"]
         assert status == 200 and listing["master_keys"][0]["records"] == 40
 
-        status, body = await api.call("DELETE", f"/api/master-keys/{first}")
+        status, body = await api.call("DELETE", f"/api/master-keys/{first}?now=true")
         assert status == 409 and body["records"] == 40 and "active" in body["error"], body
         # Added without a rewrap: the old key still wraps every record.
         status, added = await api.call("POST", "/api/master-keys", {"description": "by hand"})
         assert status == 200 and added["previous_key_id"] == first
-        status, body = await api.call("DELETE", f"/api/master-keys/{first}")
+        status, body = await api.call("DELETE", f"/api/master-keys/{first}?now=true")
         assert status == 409 and body["records"] == 40 and "40 records" in body["error"], body
-        assert (await api.call("DELETE", "/api/master-keys/no-such-key"))[0] == 404
+        assert (await api.call("DELETE", "/api/master-keys/no-such-key?now=true"))[0] == 404
         assert (await api.call("DELETE", "/api/master-keys/" + "x" * 65))[0] == 400
         assert (await api.call("POST", "/api/master-keys", {"description": 5}))[0] == 400
 
@@ -183,7 +183,7 @@ async def test_destroy_is_refused_while_a_key_is_in_use(daemon_factory: Any) -> 
         assert status == 200
         await asyncio.to_thread(wait_status, d, finished(body["job"]["id"]), 30, "the rewrap")
         for key in (first, added["active_key_id"]):
-            status, gone = await api.call("DELETE", f"/api/master-keys/{key}")
+            status, gone = await api.call("DELETE", f"/api/master-keys/{key}?now=true")
             assert status == 200 and gone["key_id"] == key
         status, listing = await api.call("GET", "/api/master-keys")
         assert [k["key_id"] for k in listing["master_keys"]] == [body["active_key_id"]]
