@@ -161,8 +161,12 @@ class AuditTrail:
             }
             if detail:
                 entry["detail"] = detail
+            # backslashreplace: a lone surrogate (a JSON "\ud800" in an
+            # encryption context) has no UTF-8; the line keeps it as text.
             line = escape_controls(
-                json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+                json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+                    "utf-8", "backslashreplace"
+                )
             )
             try:
                 if self._fd is None:

@@ -10,10 +10,16 @@ short, bad tag, other owner) raises the same bare ``InvalidToken``.
 
     wrapped master key  v1: 0x01 | nonce(12) | GCM(mk)            aad: "kmsd/mk/v1" | key_id
     wrapped DEK         v1: 0x01 | len(key_id) | key_id | nonce(12) | GCM(dek)
-                                                            aad: "kmsd/dek/v1" | purpose | key_id | owner
+                                                            aad: "kmsd/dek/v1" | purpose | key_id | owner [| context]
     unbound wrapped DEK     0x02 | len(key_id) | key_id | nonce(12) | GCM(dek)
-                                                            aad: "kmsd/dek/v1" | UNBOUND | key_id | ""
+                                                            aad: "kmsd/dek/v1" | UNBOUND | key_id | "" [| context]
     data                v1: 0x01 | nonce(12) | GCM(data)          aad: "kmsd/data/v1" | owner
+
+A wrapped DEK's encryption context (the caller's name/value pairs, as
+``context_digest``) is a fifth part of its associated data when there is
+one, and is not stored in the blob: whoever unwraps must name the same
+context. With none, the associated data is the four parts it always was, so
+every DEK wrapped before contexts existed still opens.
 
 The legacy (original system) format is AES-256-CBC with the IV first, no MAC,
 and PKCS#7 padding applied twice (docs/legacy-format.md). kmsd reads it, and
@@ -33,8 +39,10 @@ import base64
 import binascii
 import enum
 import hashlib
+import json
 import os
 import struct
+from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, padding
@@ -51,6 +59,7 @@ __all__ = [
     "V1",
     "b64d",
     "b64e",
+    "context_digest",
     "decrypt_data",
     "dek_key_id",
     "encrypt_data",
@@ -198,7 +207,21 @@ def unwrap_master_key(kek: bytes, key_id: str, blob: bytes) -> bytes:
 # -- data keys -----------------------------------------------------------------
 
 
-def _dek_aad(purpose: Purpose, key_id: bytes, owner: str) -> bytes:
+def context_digest(context: Mapping[str, str] | None) -> bytes:
+    """What a wrapped DEK binds of its encryption context: SHA-256 of its
+    canonical form (JSON with sorted names, no spaces, ASCII with \\u
+    escapes, so that any string a JSON body can hold has one spelling); b""
+    for none. A digest, so the associated data has one size whatever the
+    context's."""
+    if not context:
+        return b""
+    canonical = json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(b"kmsd/context/v1" + canonical.encode("ascii")).digest()
+
+
+def _dek_aad(purpose: Purpose, key_id: bytes, owner: str, context: bytes) -> bytes:
+    if context:
+        return _lp(b"kmsd/dek/v1", bytes([purpose]), key_id, owner.encode("utf-8"), context)
     return _lp(b"kmsd/dek/v1", bytes([purpose]), key_id, owner.encode("utf-8"))
 
 
@@ -206,14 +229,15 @@ def _dek_version(purpose: Purpose) -> int:
     return UNBOUND if purpose == Purpose.UNBOUND else V1
 
 
-def wrap_dek(mk: bytes, key_id: str, dek: bytes, owner: str, purpose: Purpose) -> bytes:
-    """An unbound DEK (``Purpose.UNBOUND``) has no owner: ``owner`` must be ""."""
+def wrap_dek(mk: bytes, key_id: str, dek: bytes, owner: str, purpose: Purpose, context: bytes = b"") -> bytes:
+    """An unbound DEK (``Purpose.UNBOUND``) has no owner: ``owner`` must be "".
+    ``context``: a ``context_digest``, bound as associated data."""
     kid = key_id.encode()
     if not 0 < len(kid) <= MAX_KEY_ID or len(dek) != KEY_SIZE:
         raise ValueError("bad key id or DEK size")
     if purpose == Purpose.UNBOUND and owner:
         raise ValueError("an unbound DEK has no owner")
-    nonce, ct = _seal(mk, dek, _dek_aad(purpose, kid, owner))
+    nonce, ct = _seal(mk, dek, _dek_aad(purpose, kid, owner, context))
     return bytes([_dek_version(purpose), len(kid)]) + kid + nonce + ct
 
 
@@ -235,12 +259,12 @@ def dek_key_id(blob: bytes) -> str:
         raise InvalidToken from None
 
 
-def unwrap_dek(mk: bytes, blob: bytes, owner: str, purpose: Purpose) -> bytes:
+def unwrap_dek(mk: bytes, blob: bytes, owner: str, purpose: Purpose, context: bytes = b"") -> bytes:
     kid = dek_key_id(blob).encode()
     if blob[0] != _dek_version(purpose):
         raise InvalidToken
     body = blob[2 + len(kid) :]
-    return _open(mk, body[:NONCE_SIZE], body[NONCE_SIZE:], _dek_aad(purpose, kid, owner))
+    return _open(mk, body[:NONCE_SIZE], body[NONCE_SIZE:], _dek_aad(purpose, kid, owner, context))
 
 
 # -- data ----------------------------------------------------------------------

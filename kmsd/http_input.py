@@ -19,8 +19,9 @@ from .http_state import AUDIT_SUBJECT, AUDIT_TOKEN, STATE, peer_of
 from .limits import RateLimiter, peer_key, retry_after
 
 __all__ = [
-    "DEK_HEX_LENGTH", "bearer_token", "caller_claims", "has_controls", "rate_limit", "read_json", "require_base64",
-    "require_dek", "require_str", "require_user_id", "utf8", "verified",
+    "DEK_HEX_LENGTH", "MAX_CONTEXT_PAIRS", "MAX_CONTEXT_STRING", "bearer_token", "caller_claims",
+    "has_controls", "rate_limit", "read_json", "require_base64", "require_context", "require_dek", "require_str",
+    "require_user_id", "utf8", "verified",
 ]
 
 DEK_HEX_LENGTH = 64
@@ -124,6 +125,33 @@ def require_dek(body: dict[str, Any], name: str = "dek") -> bytes:
     if not _HEX_DEK.fullmatch(value):
         raise BadRequest(f"{name} must be 32 bytes as 64 hex digits")
     return bytes.fromhex(value)
+
+
+# An encryption context: a few dozen short pairs (a document id, a table
+# name), never a payload. Any strings within these bounds: only a digest of
+# the context reaches the vault, and every log and audit line escapes
+# control characters.
+MAX_CONTEXT_PAIRS = 32
+MAX_CONTEXT_STRING = 256
+
+
+def require_context(body: dict[str, Any]) -> dict[str, str]:
+    """The optional ``context`` object: at most MAX_CONTEXT_PAIRS names to
+    string values, each name and value at most MAX_CONTEXT_STRING
+    characters; {} when absent or null."""
+    context = body.get("context")
+    if context is None:
+        return {}
+    if not isinstance(context, dict):
+        raise BadRequest("context must be an object of names to strings")
+    if len(context) > MAX_CONTEXT_PAIRS:
+        raise BadRequest(f"context must have at most {MAX_CONTEXT_PAIRS} pairs")
+    for name, value in context.items():
+        if not isinstance(value, str):
+            raise BadRequest("context values must be strings")
+        if len(name) > MAX_CONTEXT_STRING or len(value) > MAX_CONTEXT_STRING:
+            raise BadRequest(f"context names and values must be at most {MAX_CONTEXT_STRING} characters")
+    return context
 
 
 def bearer_token(request: web.Request) -> str | None:

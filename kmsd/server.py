@@ -20,13 +20,12 @@ from .audit import AuditTrail
 from .auth import Peer
 from .config import Settings
 from .errors import BadRequest, Forbidden, KMSError, NotFound, Unauthorized, Unavailable
+from .http_envelope import envelope_routes
 from .http_input import (
     caller_claims,
     has_controls,
     rate_limit,
     read_json,
-    require_base64,
-    require_dek,
     require_str,
     require_user_id,
     utf8,
@@ -51,7 +50,6 @@ from .metrics import CONTENT_TYPE, Metrics, instrument_store
 from .middleware import MIDDLEWARES
 from .runtime import Runtime
 from .service import KMS
-from .vault_protocol import Kind
 
 __all__ = ["create_app", "routes"]
 
@@ -181,115 +179,11 @@ async def revoke_tokens(request: web.Request) -> web.Response:
     return json_response({"revoked": "token"})
 
 
-@routes.post("/api/encrypt")
-async def encrypt(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    data = require_base64(body, "data")
-    dek = require_dek(body)
-    claims = await caller_claims(request, required=False)
-    owner: str | None
-    if body.get("user_id") is not None:
-        owner = require_user_id(body)
-    elif claims is not None:
-        owner = claims.subject
-    elif request.app[STATE].settings.unbound_envelopes == "refuse":
-        raise BadRequest(
-            "user_id or a bearer token is required to bind the DEK to its owner (unbound_envelopes = \"refuse\")"
-        )
-    else:
-        owner = None  # the original's contract: an unbound envelope, in its format
-    request[AUDIT_SUBJECT] = owner
-    encrypted_key, encrypted_dek = await _kms(request).encrypt(data, dek, owner)
-    if owner is None:
-        _unbound(request, "encrypt", Kind.UNBOUND, allowed=True)
-    return json_response({"encrypted_key": encrypted_key, "encrypted_dek": encrypted_dek})
-
-
-@routes.post("/api/datakey")
-async def datakey(request: web.Request) -> web.Response:
-    """A fresh DEK generated in the vault and wrapped under the active master
-    key, bound to its owner as ``/api/encrypt`` binds (``user_id``, else the
-    token's subject). ``"plaintext": false``: the wrapped DEK only (a
-    producer that stores now and lets the owner decrypt later)."""
-    body = await read_json(request)
-    plaintext = body.get("plaintext", True)
-    if not isinstance(plaintext, bool):
-        raise BadRequest("plaintext must be true or false")
-    claims = await caller_claims(request, required=False)
-    if body.get("user_id") is not None:
-        owner = require_user_id(body)
-    elif claims is not None:
-        owner = claims.subject
-    else:
-        # No compatibility to keep here: a data key always has an owner.
-        raise BadRequest("user_id or a bearer token is required: a data key is bound to its owner")
-    request[AUDIT_SUBJECT] = owner
-    dek, encrypted_dek = await _kms(request).datakey(owner)
-    if not plaintext:
-        return json_response({"encrypted_dek": encrypted_dek})
-    return json_response({"dek": dek.hex(), "encrypted_dek": encrypted_dek})
-
-
-UNBOUND_REFUSED = (
-    'unbound and original-format envelopes are refused (unbound_envelopes = "refuse"); '
-    "an admin peer can rewrap one with an owner (POST /api/rewrap)"
-)
-
-
-def _unbound(request: web.Request, operation: str, kind: Kind, *, allowed: bool) -> None:
-    """An envelope with no owner was made, used or refused: said in the audit
-    line and counted in /metrics (how an operator sees who still depends on
-    them, before and after ``unbound_envelopes = "refuse"``)."""
-    request[AUDIT_DETAIL] = {"envelope": kind.name.lower()}
-    request.app[STATE].metrics.unbound_envelopes.labels(operation, kind.name.lower()).inc()
-    if not allowed:
-        raise Forbidden(UNBOUND_REFUSED)
-
-
 def _id_claim(body: dict[str, Any], name: str) -> int | None:
     """A JSON integer id stays one in the token's ``id`` claim, as the
     original's tokens had it (``sub`` is its decimal string)."""
     value = body.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-@routes.post("/api/decrypt-dek")
-async def decrypt_dek(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    encrypted_dek = require_str(body, "encrypted_dek")
-    claims = await caller_claims(request, required=True)
-    assert claims is not None
-    # The original key-server sends the record's user_id beside its token:
-    # checked as input, but the token alone decides whose DEK this may be.
-    if body.get("user_id") is not None:
-        require_user_id(body)
-    dek = await _kms(request).decrypt_dek(encrypted_dek, claims.subject)
-    if dek.kind.unbound:
-        _unbound(request, "decrypt_dek", dek.kind, allowed=request.app[STATE].settings.unbound_envelopes == "allow")
-    return json_response({"dek": dek.key.hex()})
-
-
-@routes.post("/api/rewrap")
-async def rewrap(request: web.Request) -> web.Response:
-    """An envelope's DEK wrapped anew under the active master key, in kmsd's
-    authenticated format, inside the vault: bound to ``user_id`` if given
-    (another subject than the caller's own needs an admin peer), else bound
-    as it was. How applications upgrade the envelopes in their own tables."""
-    body = await read_json(request)
-    encrypted_dek = require_str(body, "encrypted_dek")
-    claims = await caller_claims(request, required=True)
-    assert claims is not None
-    target = require_user_id(body) if body.get("user_id") is not None else None
-    admin = request.app[STATE].policy.is_admin(peer_of(request))
-    if target is not None and target != claims.subject and not admin:
-        raise Forbidden("binding an envelope to another subject than the token's requires an admin peer")
-    request[AUDIT_SUBJECT] = target or claims.subject
-    new, kind = await _kms(request).rewrap_envelope(encrypted_dek, claims.subject, target)
-    if kind.unbound:
-        # Under "refuse" an admin peer may still upgrade a straggler.
-        allowed = admin or request.app[STATE].settings.unbound_envelopes == "allow"
-        _unbound(request, "rewrap", kind, allowed=allowed)
-    return json_response({"encrypted_dek": new})
 
 
 def _requested_by(peer: Peer) -> str:
@@ -451,6 +345,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
     # privilege drop they may not be (an interpreter under /root).
     _openapi_document()
     app.add_routes(routes)
+    app.add_routes(envelope_routes)
     app.cleanup_ctx.append(_backend_ctx)
     app.cleanup_ctx.append(_rotator_ctx)
     return app

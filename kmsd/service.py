@@ -16,7 +16,7 @@ from typing import Literal, TypeVar
 
 from . import envelope as env
 from .auth import Claims, TokenService
-from .errors import Conflict, DecryptionFailed, NotFound, Unauthorized, Unavailable
+from .errors import Conflict, DecryptionFailed, KeyPendingDeletion, KMSError, NotFound, Unauthorized, Unavailable
 from .keyring import KeyRing
 from .store import Record, Store, now_utc
 from .vault import DEK, UnknownKey, VaultClient
@@ -25,6 +25,7 @@ from .vault_protocol import Kind, Rewrap
 __all__ = ["KMS", "RewrapResult"]
 
 T = TypeVar("T")
+D = TypeVar("D", DEK, Kind)
 
 # How an envelope opens for a caller: bound to it as an envelope, or as the
 # DEK of its own stored record (the original key-server's read flow).
@@ -256,6 +257,9 @@ class KMS:
             blob = env.b64d(record.encrypted_key or "")
         except env.InvalidToken:
             raise DecryptionFailed() from None
+        refusal = self._pending_refusal(wrapped)
+        if refusal is not None:
+            raise refusal
         dek = await self._unwrap(user_id, _RECORD_PURPOSES, wrapped)
         try:
             if dek.legacy:
@@ -336,43 +340,132 @@ class KMS:
             raise DecryptionFailed() from None
 
     # -- envelope API ----------------------------------------------------------
+    #
+    # Each takes a list of items and answers each with its value or the error
+    # it alone ended with (a batch request; a single one is a list of one),
+    # in one vault round trip. ``context``: a context's digest
+    # (envelope.context_digest), b"" for none, bound into the wrapped DEK.
 
-    async def encrypt(self, data: bytes, dek: bytes, owner: str | None) -> tuple[str, str]:
-        """``(encrypted_key, encrypted_dek)``. With an owner: kmsd's format,
-        bound to it. Without: the original's answer, an *unbound* envelope
-        (``encrypted_key`` is the original's CBC, which its clients decrypt
-        themselves; ``encrypted_dek`` has no owner)."""
-        if owner is None:
-            wrapped = await self.vault.wrap_dek("", env.Purpose.UNBOUND, dek)
-            return env.b64e(env.legacy_encrypt(dek, data)), env.b64e(wrapped)
-        wrapped = await self.vault.wrap_dek(owner, env.Purpose.ENVELOPE, dek)
-        return env.b64e(env.encrypt_data(dek, data, owner)), env.b64e(wrapped)
+    async def encrypt(
+        self, items: Sequence[tuple[bytes, bytes, str | None, bytes]]
+    ) -> list[tuple[str, str] | KMSError]:
+        """For each ``(data, dek, owner, context)``: ``(encrypted_key,
+        encrypted_dek)``. With an owner: kmsd's format, bound to it. Without:
+        the original's answer, an *unbound* envelope (``encrypted_key`` is
+        the original's CBC, which its clients decrypt themselves;
+        ``encrypted_dek`` has no owner)."""
+        wrapped = await self.vault.wrap_deks([
+            (owner or "", env.Purpose.ENVELOPE if owner is not None else env.Purpose.UNBOUND, dek, context)
+            for _, dek, owner, context in items
+        ])
+        out: list[tuple[str, str] | KMSError] = []
+        for (data, dek, owner, _), w in zip(items, wrapped, strict=True):
+            if isinstance(w, KMSError):
+                out.append(w)
+            elif owner is None:
+                out.append((env.b64e(env.legacy_encrypt(dek, data)), env.b64e(w)))
+            else:
+                out.append((env.b64e(env.encrypt_data(dek, data, owner)), env.b64e(w)))
+        return out
 
-    async def datakey(self, owner: str) -> tuple[bytes, str]:
-        """A new DEK from the vault and its wrapped form, an envelope bound
-        to ``owner`` (what ``decrypt_dek`` gives back to that owner only)."""
-        dek = await self.vault.new_dek(owner, env.Purpose.ENVELOPE)
-        return dek.key, env.b64e(dek.wrapped)
+    async def datakey(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[bytes, str] | KMSError]:
+        """For each ``(owner, context)``: a new DEK from the vault and its
+        wrapped form, an envelope bound to ``owner`` and ``context`` (what
+        ``decrypt_dek`` gives back to that owner, with that context, only)."""
+        deks = await self.vault.new_deks([(owner, env.Purpose.ENVELOPE, context) for owner, context in items])
+        return [d if isinstance(d, KMSError) else (d.key, env.b64e(d.wrapped)) for d in deks]
 
-    async def decrypt_dek(self, encrypted_dek: str, caller: str) -> DEK:
-        """The DEK of an envelope bound to ``caller``, of ``caller``'s own
-        stored record, or of an envelope with no owner (``DEK.kind`` says
-        which: the caller decides whether it admits those) that is not
-        another user's stored record."""
-        wrapped = _wrapped_dek(encrypted_dek)
-        dek = await self._unwrap(caller, _ENVELOPE_PURPOSES, wrapped)
-        await self._check_unbound(dek.kind, wrapped, caller)
-        return dek
+    async def decrypt_dek(self, items: Sequence[tuple[str, bytes]], caller: str) -> list[DEK | KMSError]:
+        """For each ``(encrypted_dek, context)``: the DEK of an envelope bound
+        to ``caller``, of ``caller``'s own stored record, or of an envelope
+        with no owner (``DEK.kind`` says which: the caller decides whether it
+        admits those) that is not another user's stored record."""
+        opened = await self._open_each(
+            items, lambda todo: self.vault.unwrap_deks([(caller, _ENVELOPE_PURPOSES, w, c) for w, c in todo])
+        )
+        return [await self._admit(d, d.wrapped, caller) if isinstance(d, DEK) else d for d in opened]
 
-    async def rewrap_envelope(self, encrypted_dek: str, caller: str, target: str | None) -> tuple[str, Kind]:
-        """The envelope's DEK wrapped anew under the active master key, in
-        the vault (the DEK never reaches the daemon): bound to ``target``,
-        or (None) as it was. The caller must be one ``decrypt_dek`` would
-        give the DEK to. (new encrypted_dek, how the old one opened)."""
-        wrapped = _wrapped_dek(encrypted_dek)
-        new, kind = await self._with_keys(lambda: self.vault.rewrap_dek(caller, _ENVELOPE_PURPOSES, wrapped, target))
-        await self._check_unbound(kind, wrapped, caller)
-        return env.b64e(new), kind
+    async def rewrap_envelope(
+        self, items: Sequence[tuple[str, bytes]], caller: str, target: str | None
+    ) -> list[tuple[str, Kind] | KMSError]:
+        """For each ``(encrypted_dek, context)``: the envelope's DEK wrapped
+        anew under the active master key, in the vault (the DEK never reaches
+        the daemon), bound to ``target`` or (None) as it was, and to the same
+        context. The caller must be one ``decrypt_dek`` would give the DEK
+        to. (new encrypted_dek, how the old one opened)."""
+        wrapped = [_wrapped_dek(e) for e, _ in items]
+        opened = await self._open_each(
+            items,
+            lambda todo: self.vault.rewrap_envelopes([(caller, _ENVELOPE_PURPOSES, w, target, c) for w, c in todo]),
+        )
+        out: list[tuple[str, Kind] | KMSError] = []
+        for w, o in zip(wrapped, opened, strict=True):
+            if isinstance(o, KMSError):
+                out.append(o)
+                continue
+            assert not isinstance(w, KMSError)  # a malformed one was refused before the vault
+            new, kind = o
+            admitted = await self._admit(kind, w, caller)
+            out.append(admitted if isinstance(admitted, KMSError) else (env.b64e(new), kind))
+        return out
+
+    async def _open_each(
+        self,
+        items: Sequence[tuple[str, bytes]],
+        call: Callable[[list[tuple[bytes, bytes]]], Awaitable[list[T | KMSError]]],
+    ) -> list[T | KMSError]:
+        """``call`` on every ``(wrapped, context)`` that may be opened: not
+        malformed (``DecryptionFailed``), not under a key pending deletion
+        (``KeyPendingDeletion``). Items naming a master key this daemon has
+        not loaded (another daemon added it) are tried once more after the
+        key rows were reloaded; still unknown, they failed to decrypt."""
+        out: list[T | KMSError] = []
+        todo: list[tuple[int, tuple[bytes, bytes]]] = []
+        for text, context in items:
+            wrapped = _wrapped_dek(text)
+            refusal = wrapped if isinstance(wrapped, KMSError) else self._pending_refusal(wrapped)
+            out.append(refusal if refusal is not None else DecryptionFailed())
+            if refusal is None:
+                assert not isinstance(wrapped, KMSError)
+                todo.append((len(out) - 1, (wrapped, context)))
+        for attempt in range(2):
+            if not todo:
+                break
+            answers = await call([item for _, item in todo])
+            unknown: list[tuple[int, tuple[bytes, bytes]]] = []
+            for (index, item), answer in zip(todo, answers, strict=True):
+                if isinstance(answer, UnknownKey):
+                    unknown.append((index, item))
+                else:
+                    out[index] = answer
+            todo = unknown if attempt == 0 and unknown and await self.keyring.reload_if_stale() else []
+        return out
+
+    def _pending_refusal(self, wrapped: bytes) -> KMSError | None:
+        """A wrapped DEK under a master key scheduled for deletion opens for
+        nobody until the deletion is cancelled: its own error, naming the
+        key (it is in the blob), so the caller and the operator can tell."""
+        pending = self.keyring.state.pending_deletion
+        if not pending:
+            return None
+        try:
+            key_id = env.dek_key_id(wrapped)
+        except env.InvalidToken:
+            return None
+        if key_id in pending:
+            return KeyPendingDeletion(extra={"key_id": key_id})
+        return None
+
+    async def _admit(self, opened: D, wrapped: bytes, caller: str) -> D | KMSError:
+        """``opened`` (a DEK or how one opened), unless it is another user's
+        stored record's unbound DEK."""
+        kind = opened.kind if isinstance(opened, DEK) else opened
+        assert isinstance(kind, Kind)
+        try:
+            await self._check_unbound(kind, wrapped, caller)
+        except DecryptionFailed as exc:
+            return exc
+        return opened
 
     async def _check_unbound(self, kind: Kind, wrapped: bytes, caller: str) -> None:
         """An envelope with no owner is anyone's (the original's rule) unless
@@ -439,8 +532,8 @@ def _release(record: Record) -> bytes | None:
     return _digest(wrapped)
 
 
-def _wrapped_dek(text: str) -> bytes:
+def _wrapped_dek(text: str) -> bytes | KMSError:
     try:
         return env.b64d(text)
     except env.InvalidToken:
-        raise DecryptionFailed() from None
+        return DecryptionFailed()

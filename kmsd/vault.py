@@ -19,8 +19,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from .config import RootKeySource
-from .errors import DecryptionFailed, InternalError, Unavailable, UnknownKey, VaultError, WrongRootKey
-from .vault_protocol import LENGTH, MAX_FRAME, Kind, Op, Rewrap, Status, decode_body, encode_frame
+from .errors import DecryptionFailed, InternalError, KMSError, Unavailable, UnknownKey, VaultError, WrongRootKey
+from .vault_protocol import (
+    LENGTH,
+    MAX_FRAME,
+    Kind,
+    Op,
+    Rewrap,
+    Status,
+    decode_body,
+    decode_item,
+    encode_frame,
+    encode_item,
+)
 
 if TYPE_CHECKING:
     from .launcher import LaunchedProcess, Launcher
@@ -298,6 +309,15 @@ class VaultClient:
                 fut.set_exception(Unavailable("vault unavailable"))
 
     async def call(self, op: Op, *fields: bytes) -> list[bytes]:
+        """The answer's fields; a refusal raises its error."""
+        code, out = await self._request(op, fields)
+        error = _error_for(code)
+        if error is not None:
+            raise error
+        return out
+
+    async def _request(self, op: Op, fields: Sequence[bytes]) -> tuple[int, list[bytes]]:
+        """(status, fields); ``Unavailable`` when the vault is down or does not answer."""
         if self.observe is None:
             return await self._call(op, fields)
         started = time.perf_counter()
@@ -311,7 +331,7 @@ class VaultClient:
         finally:
             self.observe(op.name, time.perf_counter() - started, not failed)
 
-    async def _call(self, op: Op, fields: Sequence[bytes]) -> list[bytes]:
+    async def _call(self, op: Op, fields: Sequence[bytes]) -> tuple[int, list[bytes]]:
         if not (self._up or _STARTING.get()) or self._writer is None:
             raise Unavailable("vault unavailable")
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
@@ -338,17 +358,25 @@ class VaultClient:
             raise Unavailable("vault timed out") from None
         finally:
             timer.cancel()
-        if code == Status.OK:
-            return out
-        if code == Status.INVALID:
-            raise DecryptionFailed()
-        if code == Status.UNKNOWN_KEY:
-            raise UnknownKey("unknown master key")
-        if code == Status.WRONG_ROOT_KEY:
-            raise WrongRootKey()
-        if code == Status.NO_KEY:
-            raise Unavailable("no active key loaded in the vault")
-        raise InternalError("vault error")
+        return code, out
+
+    async def batch(self, requests: Sequence[tuple[Op, Sequence[bytes]]]) -> list[list[bytes] | KMSError]:
+        """Many requests of the ops in ``BATCHABLE`` in one round trip (one
+        alone goes as itself): each item's answer fields, or the error that
+        item alone ended with. Down or timed out: ``Unavailable`` for all."""
+        if len(requests) == 1:
+            code, fields = await self._request(*requests[0])
+            error = _error_for(code)
+            return [fields if error is None else error]
+        answers = await self.call(Op.BATCH, *(encode_item(op, fields) for op, fields in requests))
+        if len(answers) != len(requests):
+            raise InternalError("vault error")
+        out: list[list[bytes] | KMSError] = []
+        for answer in answers:
+            code, fields = decode_item(answer)
+            error = _error_for(code)
+            out.append(fields if error is None else error)
+        return out
 
     # Typed operations -------------------------------------------------------
 
@@ -369,33 +397,73 @@ class VaultClient:
         (wrapped,) = await self.call(Op.REWRAP_MASTER_KEY, key_id.encode())
         return wrapped.decode()
 
-    async def new_dek(self, owner: str, purpose: int) -> DEK:
-        key, wrapped = await self.call(Op.NEW_DEK, owner.encode(), bytes([purpose]))
-        return DEK(key, wrapped)
+    # One DEK or many: each list method is one round trip, and answers each
+    # item with its value or the error it alone ended with. ``context`` is a
+    # context's digest (envelope.context_digest), b"" for none: sent only
+    # when there is one.
 
-    async def wrap_dek(self, owner: str, purpose: int, dek: bytes) -> bytes:
-        (wrapped,) = await self.call(Op.WRAP_DEK, owner.encode(), bytes([purpose]), dek)
-        return wrapped
+    async def new_dek(self, owner: str, purpose: int, context: bytes = b"") -> DEK:
+        return _one(await self.new_deks([(owner, purpose, context)]))
 
-    async def unwrap_dek(self, owner: str, purposes: Sequence[int], wrapped: bytes) -> DEK:
-        """Open ``wrapped`` as bound to ``owner`` for the first of ``purposes``
-        it authenticates under, else as unbound or as the original's CBC
-        (the caller decides who may have those: ``DEK.kind``)."""
-        key, kind = await self.call(Op.UNWRAP_DEK, owner.encode(), bytes(purposes), wrapped)
-        return DEK(key, wrapped, Kind(kind[0]))
+    async def new_deks(self, items: Sequence[tuple[str, int, bytes]]) -> list[DEK | KMSError]:
+        """Fresh DEKs, each wrapped for ``(owner, purpose, context)``."""
+        answers = await self.batch([
+            (Op.NEW_DEK, _with_context([owner.encode(), bytes([purpose])], context))
+            for owner, purpose, context in items
+        ])
+        return [a if isinstance(a, KMSError) else DEK(a[0], a[1]) for a in answers]
+
+    async def wrap_dek(self, owner: str, purpose: int, dek: bytes, context: bytes = b"") -> bytes:
+        return _one(await self.wrap_deks([(owner, purpose, dek, context)]))
+
+    async def wrap_deks(self, items: Sequence[tuple[str, int, bytes, bytes]]) -> list[bytes | KMSError]:
+        """The callers' DEKs, each wrapped for ``(owner, purpose, dek, context)``."""
+        answers = await self.batch([
+            (Op.WRAP_DEK, _with_context([owner.encode(), bytes([purpose]), dek], context))
+            for owner, purpose, dek, context in items
+        ])
+        return [a if isinstance(a, KMSError) else a[0] for a in answers]
+
+    async def unwrap_dek(self, owner: str, purposes: Sequence[int], wrapped: bytes, context: bytes = b"") -> DEK:
+        """Open ``wrapped`` as bound to ``owner`` (and ``context``) for the
+        first of ``purposes`` it authenticates under, else as unbound or as
+        the original's CBC (the caller decides who may have those: ``DEK.kind``)."""
+        return _one(await self.unwrap_deks([(owner, purposes, wrapped, context)]))
+
+    async def unwrap_deks(self, items: Sequence[tuple[str, Sequence[int], bytes, bytes]]) -> list[DEK | KMSError]:
+        answers = await self.batch([
+            (Op.UNWRAP_DEK, _with_context([owner.encode(), bytes(purposes), wrapped], context))
+            for owner, purposes, wrapped, context in items
+        ])
+        return [
+            a if isinstance(a, KMSError) else DEK(a[0], item[2], Kind(a[1][0]))
+            for a, item in zip(answers, items, strict=True)
+        ]
 
     async def rewrap_dek(
-        self, owner: str, purposes: Sequence[int], wrapped: bytes, target: str | None
+        self, owner: str, purposes: Sequence[int], wrapped: bytes, target: str | None, context: bytes = b""
     ) -> tuple[bytes, Kind]:
         """Open ``wrapped`` as ``unwrap_dek`` does and wrap its DEK anew under
         the active master key, inside the vault: as an envelope bound to
         ``target``, or (``target`` None) bound as it was: to ``owner`` if it
-        was bound, unbound if it had no owner. (new wrapped DEK, how it opened)."""
-        new, kind = await self.call(
-            Op.REWRAP_DEK, owner.encode(), bytes(purposes), wrapped,
-            b"" if target is None else b"\x01" + target.encode(),
-        )
-        return new, Kind(kind[0])
+        was bound, unbound if it had no owner; to the same context. (new
+        wrapped DEK, how it opened)."""
+        return _one(await self.rewrap_envelopes([(owner, purposes, wrapped, target, context)]))
+
+    async def rewrap_envelopes(
+        self, items: Sequence[tuple[str, Sequence[int], bytes, str | None, bytes]]
+    ) -> list[tuple[bytes, Kind] | KMSError]:
+        answers = await self.batch([
+            (
+                Op.REWRAP_DEK,
+                _with_context(
+                    [owner.encode(), bytes(purposes), wrapped, b"" if target is None else b"\x01" + target.encode()],
+                    context,
+                ),
+            )
+            for owner, purposes, wrapped, target, context in items
+        ])
+        return [a if isinstance(a, KMSError) else (a[0], Kind(a[1][0])) for a in answers]
 
     async def rewrap_deks(self, items: Sequence[tuple[str, int, bytes]]) -> list[tuple[Rewrap, bytes]]:
         """Rewrap ``(owner, purpose, wrapped)`` DEKs under the active master
@@ -426,6 +494,34 @@ class VaultClient:
 
 
 _T = TypeVar("_T")
+
+
+def _error_for(code: int) -> KMSError | None:
+    """The error of a vault status; None for OK."""
+    if code == Status.OK:
+        return None
+    if code == Status.INVALID:
+        return DecryptionFailed()
+    if code == Status.UNKNOWN_KEY:
+        return UnknownKey("unknown master key")
+    if code == Status.WRONG_ROOT_KEY:
+        return WrongRootKey()
+    if code == Status.NO_KEY:
+        return Unavailable("no active key loaded in the vault")
+    return InternalError("vault error")
+
+
+def _one(answers: Sequence[_T | KMSError]) -> _T:
+    (answer,) = answers
+    if isinstance(answer, KMSError):
+        raise answer
+    return answer
+
+
+def _with_context(fields: list[bytes], context: bytes) -> list[bytes]:
+    # A trailing field the vault reads as b"" when it is absent: requests
+    # without a context stay as they were.
+    return [*fields, context] if context else fields
 
 
 def _time_out(fut: asyncio.Future[_T]) -> None:

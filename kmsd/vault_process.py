@@ -28,7 +28,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import envelope as env
 from .privileges import MCL_CURRENT, MCL_FUTURE, VAULT_MEMLOCK, harden, libc, switch_user, syscall_filter, user_exists
-from .vault_protocol import LENGTH, MAX_FRAME, Kind, Op, Rewrap, Status, decode_body, encode_frame
+from .vault_protocol import (
+    BATCHABLE,
+    LENGTH,
+    MAX_FRAME,
+    Kind,
+    Op,
+    Rewrap,
+    Status,
+    decode_body,
+    decode_item,
+    encode_frame,
+    encode_item,
+)
 
 __all__ = ["VaultState", "drop_privileges", "main", "serve"]
 
@@ -61,6 +73,7 @@ class VaultState:
             Op.NEW_SIGNING_KEY: self._op_new_signing_key,
             Op.LOAD_SIGNING_KEY: self._op_load_signing_key,
             Op.SIGN_JWT: self._op_sign_jwt,
+            Op.BATCH: self._op_batch,
         }
 
     def handle(self, op: int, f: list[bytes]) -> Answer:
@@ -123,26 +136,32 @@ class VaultState:
         return self._wrap_under_active(f, new=False)
 
     def _wrap_under_active(self, f: list[bytes], *, new: bool) -> Answer:
-        """NEW_DEK (a fresh DEK: the DEK and its wrapped form) and WRAP_DEK
-        (the caller's: its wrapped form)."""
+        """NEW_DEK (owner, purpose[, context]: a fresh DEK and its wrapped
+        form) and WRAP_DEK (owner, purpose, dek[, context]: the caller's
+        DEK, wrapped)."""
         if self.active is None:
             return Status.NO_KEY, []
         owner, purpose = f[0].decode(), env.Purpose(f[1][0])
         dek = os.urandom(32) if new else f[2]
+        context = _optional(f, 2 if new else 3)
         if len(dek) != 32 or (purpose == env.Purpose.UNBOUND and owner):
             return Status.BAD_REQUEST, []
-        wrapped = env.wrap_dek(self.master[self.active], self.active, dek, owner, purpose)
+        wrapped = env.wrap_dek(self.master[self.active], self.active, dek, owner, purpose, context)
         return Status.OK, ([dek, wrapped] if new else [wrapped])
 
     def _op_unwrap_dek(self, f: list[bytes]) -> Answer:
-        status, opened = self._unwrap_dek(f[0].decode(), [env.Purpose(p) for p in f[1]], f[2])
+        """owner, purposes, wrapped[, context]."""
+        status, opened = self._unwrap_dek(f[0].decode(), [env.Purpose(p) for p in f[1]], f[2], _optional(f, 3))
         return status, ([opened[0], bytes([opened[1]])] if opened else [])
 
     def _op_rewrap_dek(self, f: list[bytes]) -> Answer:
+        """owner, purposes, wrapped, target[, context]: the new wrapped DEK
+        is bound to the same context as the one it was opened with."""
         if self.active is None:
             return Status.NO_KEY, []
         owner = f[0].decode()
-        status, opened = self._unwrap_dek(owner, [env.Purpose(p) for p in f[1]], f[2])
+        context = _optional(f, 4)
+        status, opened = self._unwrap_dek(owner, [env.Purpose(p) for p in f[1]], f[2], context)
         if not opened:
             return status, []
         dek, kind = opened
@@ -154,8 +173,22 @@ class VaultState:
             target, purpose = owner, env.Purpose.ENVELOPE
         if purpose != env.Purpose.UNBOUND and not target:
             return Status.BAD_REQUEST, []
-        wrapped = env.wrap_dek(self.master[self.active], self.active, dek, target, purpose)
+        wrapped = env.wrap_dek(self.master[self.active], self.active, dek, target, purpose, context)
         return Status.OK, [wrapped, bytes([kind])]
+
+    def _op_batch(self, f: list[bytes]) -> Answer:
+        """Each field one request of an op in BATCHABLE; each answered on
+        its own (one that fails, even with a bug, fails alone), in order."""
+        out: list[bytes] = []
+        for item in f:
+            try:
+                op, fields = decode_item(item)
+                status, result = self.handle(op, fields) if op in BATCHABLE else (Status.BAD_REQUEST, [])
+            except Exception as exc:  # noqa: BLE001 - one bad item must not fail the others
+                _vault_log("vault_request_failed", level="error", error=type(exc).__name__)
+                status, result = Status.INTERNAL, []
+            out.append(encode_item(status, result))
+        return Status.OK, out
 
     def _op_rewrap_deks(self, f: list[bytes]) -> Answer:
         if self.active is None:
@@ -241,10 +274,12 @@ class VaultState:
         return env.unwrap_master_key(self.root.kek, key_id, blob)
 
     def _unwrap_dek(
-        self, owner: str, purposes: Sequence[env.Purpose], blob: bytes
+        self, owner: str, purposes: Sequence[env.Purpose], blob: bytes, context: bytes = b""
     ) -> tuple[int, tuple[bytes, Kind] | None]:
         """A v1 DEK bound to ``owner`` for one of ``purposes`` (in order), an
-        unbound one, or one of the original's CBC: (status, (DEK, kind))."""
+        unbound one, or one of the original's CBC: (status, (DEK, kind)).
+        ``context`` must be the one it was wrapped with (none for the
+        original's, which bound nothing)."""
         try:
             key_id: str | None = env.dek_key_id(blob)
         except env.InvalidToken:
@@ -256,14 +291,14 @@ class VaultState:
                 unknown = True
             elif env.is_unbound_dek(blob):
                 with contextlib.suppress(env.InvalidToken):
-                    return Status.OK, (env.unwrap_dek(mk, blob, "", env.Purpose.UNBOUND), Kind.UNBOUND)
+                    return Status.OK, (env.unwrap_dek(mk, blob, "", env.Purpose.UNBOUND, context), Kind.UNBOUND)
             else:
                 for purpose in purposes:
                     with contextlib.suppress(env.InvalidToken):
-                        return Status.OK, (env.unwrap_dek(mk, blob, owner, purpose), Kind(purpose))
+                        return Status.OK, (env.unwrap_dek(mk, blob, owner, purpose, context), Kind(purpose))
         # The original's DEKs carry no key id and no owner binding: a reader
         # tries every master key, the active first.
-        if len(blob) == 80:
+        if len(blob) == 80 and not context:
             for kid in self.order:
                 try:
                     dek = env.legacy_decrypt(self.master[kid], blob)
@@ -272,6 +307,11 @@ class VaultState:
                 if len(dek) == 32:
                     return Status.OK, (dek, Kind.ORIGINAL)
         return (Status.UNKNOWN_KEY if unknown else Status.INVALID), None
+
+
+def _optional(f: list[bytes], index: int) -> bytes:
+    """A trailing field a request may leave out (the context): b"" then."""
+    return f[index] if len(f) > index else b""
 
 
 def serve(sock: socket.socket, vault: VaultState) -> None:

@@ -18,7 +18,10 @@ import enum
 import struct
 from collections.abc import Sequence
 
-__all__ = ["LENGTH", "MAX_FRAME", "PROTOCOL_VERSION", "Kind", "Op", "Rewrap", "Status", "decode_body", "encode_frame"]
+__all__ = [
+    "BATCHABLE", "LENGTH", "MAX_FRAME", "PROTOCOL_VERSION", "Kind", "Op", "Rewrap", "Status", "decode_body",
+    "decode_item", "encode_frame", "encode_item",
+]
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">IBBI")
@@ -41,6 +44,11 @@ class Op(enum.IntEnum):
     REWRAP_DEKS = 11  # many wrapped DEKs, unwrapped and wrapped under the active key
     REKEY = 12  # a key row wrapped under the new root key (root-key rotation)
     REWRAP_DEK = 13  # one wrapped DEK opened as UNWRAP_DEK does, wrapped anew under the active key
+    BATCH = 14  # many requests of the ops in BATCHABLE, one answer each, in one round trip
+
+
+# The ops a BATCH may carry: each item is answered on its own, with its own status.
+BATCHABLE = frozenset({Op.NEW_DEK, Op.WRAP_DEK, Op.UNWRAP_DEK, Op.REWRAP_DEK})
 
 
 class Status(enum.IntEnum):
@@ -63,8 +71,23 @@ def decode_body(body: bytes) -> tuple[int, int, list[bytes]]:
     version, code, req_id = struct.unpack_from(">BBI", body)
     if version != PROTOCOL_VERSION:
         raise ValueError("vault protocol version mismatch")
+    return code, req_id, _fields(body, 6)
+
+
+def encode_item(op_or_status: int, fields: Sequence[bytes]) -> bytes:
+    """One request (or answer) inside a BATCH frame, carried as one of its
+    fields: ``u8 op-or-status | fields``."""
+    return bytes([op_or_status]) + b"".join(LENGTH.pack(len(f)) + f for f in fields)
+
+
+def decode_item(item: bytes) -> tuple[int, list[bytes]]:
+    if not item:
+        raise ValueError("empty batch item")
+    return item[0], _fields(item, 1)
+
+
+def _fields(body: bytes, pos: int) -> list[bytes]:
     fields: list[bytes] = []
-    pos = 6
     while pos < len(body):
         (n,) = LENGTH.unpack_from(body, pos)
         pos += 4
@@ -72,7 +95,7 @@ def decode_body(body: bytes) -> tuple[int, int, list[bytes]]:
             raise ValueError("truncated field")
         fields.append(body[pos : pos + n])
         pos += n
-    return code, req_id, fields
+    return fields
 
 
 class Rewrap(enum.IntEnum):

@@ -432,6 +432,9 @@ class API:
 def remember_fields(body: Any) -> None:
     if isinstance(body, dict):
         remember(*(v for k, v in body.items() if k in SECRET_FIELDS and isinstance(v, str)))
+        if isinstance(body.get("batch"), list):  # a batch request or answer: each item
+            for item in body["batch"]:
+                remember_fields(item)
 
 
 def open_api(daemon: Daemon, transport: str) -> tuple[aiohttp.ClientSession, API]:

@@ -469,6 +469,7 @@ def _requests(families: dict[str, Any], route: str, method: str, status: int) ->
 
 
 def test_metrics_are_prometheus_text_with_bounded_labels_and_no_secrets(daemon_factory: Any) -> None:
+    from kmsd.http_envelope import envelope_routes
     from kmsd.server import routes
 
     d: Daemon = daemon_factory()
@@ -508,7 +509,7 @@ def test_metrics_are_prometheus_text_with_bounded_labels_and_no_secrets(daemon_f
     assert _requests(after, "unmatched", "GET", 404) >= 1
 
     # Route labels are route templates (or "unmatched"), nothing a caller chose.
-    templates = {r.path for r in routes} | {"unmatched"}
+    templates = {r.path for r in [*routes, *envelope_routes]} | {"unmatched"}
     labels = {s.labels["route"] for f in ("kmsd_http_requests", "kmsd_http_request_duration_seconds")
               for s in after[f].samples if "route" in s.labels}
     assert labels <= templates, labels - templates

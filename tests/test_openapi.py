@@ -101,9 +101,10 @@ def operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 def schema_errors(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") -> list[str]:
     """Why ``value`` does not match an OpenAPI 3.0 ``schema`` (empty: it
-    does). Covers what docs/openapi.yaml uses: $ref, allOf, oneOf, nullable,
-    type, enum, required, properties, additionalProperties, items,
-    minLength, maxLength, pattern, minimum, maximum."""
+    does). Covers what docs/openapi.yaml uses: $ref, allOf, oneOf, anyOf,
+    nullable, type, enum, required, properties, additionalProperties, items,
+    minLength, maxLength, pattern, minimum, maximum, min/maxItems,
+    min/maxProperties."""
     schema = resolve(doc, schema)
     if value is None and schema.get("nullable"):
         return []
@@ -114,6 +115,8 @@ def schema_errors(doc: dict[str, Any], schema: Any, value: Any, where: str = "$"
         matching = [part for part in schema["oneOf"] if not schema_errors(doc, part, value, where)]
         if len(matching) != 1:
             errors.append(f"{where}: {value!r:.60} matches {len(matching)} of oneOf, not exactly one")
+    if "anyOf" in schema and all(schema_errors(doc, part, value, where) for part in schema["anyOf"]):
+        errors.append(f"{where}: {value!r:.60} matches none of anyOf")
     kind = schema.get("type")
     checks = {
         "object": lambda v: isinstance(v, dict),
@@ -139,6 +142,10 @@ def schema_errors(doc: dict[str, Any], schema: Any, value: Any, where: str = "$"
             errors.append(f"{where}: below {schema['minimum']}")
         if "maximum" in schema and value > schema["maximum"]:
             errors.append(f"{where}: above {schema['maximum']}")
+    if isinstance(value, (dict, list)):
+        least, most = ("minProperties", "maxProperties") if isinstance(value, dict) else ("minItems", "maxItems")
+        if len(value) < schema.get(least, 0) or len(value) > schema.get(most, len(value)):
+            errors.append(f"{where}: {len(value)} entries, not within {least}/{most}")
     if isinstance(value, dict):
         for name in schema.get("required", ()):
             if name not in value:
@@ -171,6 +178,17 @@ def test_checker_is_not_vacuous(doc: dict[str, Any]) -> None:
     assert schema_errors(doc, status, good) == []
     assert schema_errors(doc, status, {**good, "remaining": {"key-0": "3"}})
     assert schema_errors(doc, status, {**good, "lease": {"holder": "h"}})
+    batch = {"$ref": "#/components/schemas/DecryptDekBatchRequest"}
+    assert schema_errors(doc, batch, {"batch": [{"encrypted_dek": "AAAA"}]}) == []
+    assert schema_errors(doc, batch, {"batch": []})
+    assert schema_errors(doc, batch, {"batch": [{"encrypted_dek": "AAAA"}], "context": {}})
+    entry = {"$ref": "#/components/schemas/DecryptDekBatchResponse"}
+    assert schema_errors(doc, entry, {"batch": [{"dek": "0" * 64}, {"error": "x", "code": "conflict", "status": 409}]}) == []
+    assert schema_errors(doc, entry, {"batch": [{"error": "x"}]})
+    context = {"$ref": "#/components/schemas/Context"}
+    assert schema_errors(doc, context, {"a": "b"}) == []
+    assert schema_errors(doc, context, {"a": 1})
+    assert schema_errors(doc, context, {f"k{n}": "v" for n in range(33)})
     user = {"$ref": "#/components/schemas/UserId"}
     assert schema_errors(doc, user, "a" * MAX_USER_ID) == []
     for bad in ("", "a" * (MAX_USER_ID + 1), "a\x00b", "a\x7fb", "a\x85b", 5):
