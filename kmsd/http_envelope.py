@@ -33,7 +33,7 @@ from .service import KMS
 from .vault import DEK
 from .vault_protocol import Kind
 
-__all__ = ["MAX_BATCH", "UNBOUND_REFUSED", "envelope_routes"]
+__all__ = ["MAX_BATCH", "UNBOUND_REFUSED", "envelope_routes", "pending_refused"]
 
 envelope_routes = web.RouteTableDef()
 
@@ -116,10 +116,9 @@ class _Call(Generic[R]):
         return None if allowed else Forbidden(UNBOUND_REFUSED)
 
     def answer(self, results: list[R | KMSError], render: Callable[[R], dict[str, Any]]) -> web.Response:
-        metrics = self.request.app[STATE].metrics
         for r in results:
             if isinstance(r, KeyPendingDeletion):
-                metrics.pending_deletion_refusals.labels(self.operation).inc()
+                pending_refused(self.request, self.operation)
                 _note(self.pending, str(r.extra["key_id"]))
         self.request[AUDIT_DETAIL] = self._audit_detail(results)
         if not self.batched:
@@ -146,6 +145,13 @@ class _Call(Generic[R]):
         if self.pending:
             detail["key_id"] = self.pending[0]
         return detail
+
+
+def pending_refused(request: web.Request, operation: str) -> None:
+    """Count an unwrap refused because its master key is pending deletion:
+    /metrics shows that someone still depends on the key, the audit line
+    (which names the key) shows who."""
+    request.app[STATE].metrics.pending_deletion_refusals.labels(operation).inc()
 
 
 def _note(values: list[Any], value: Any) -> None:

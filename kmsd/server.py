@@ -19,8 +19,8 @@ from aiohttp import web
 from .audit import AuditTrail
 from .auth import Peer
 from .config import Settings
-from .errors import BadRequest, Forbidden, KMSError, NotFound, Unauthorized, Unavailable
-from .http_envelope import envelope_routes
+from .errors import BadRequest, Forbidden, KeyPendingDeletion, KMSError, NotFound, Unauthorized, Unavailable
+from .http_envelope import envelope_routes, pending_refused
 from .http_input import (
     caller_claims,
     has_controls,
@@ -129,7 +129,13 @@ async def store_key(request: web.Request) -> web.Response:
 async def fetch_key(request: web.Request) -> web.Response:
     claims = await caller_claims(request, required=True)
     assert claims is not None
-    return json_response({"data": await _kms(request).fetch_record(claims.subject)})
+    try:
+        data = await _kms(request).fetch_record(claims.subject)
+    except KeyPendingDeletion as exc:
+        pending_refused(request, "fetch")
+        request[AUDIT_DETAIL] = {"key_id": exc.extra["key_id"]}
+        raise
+    return json_response({"data": data})
 
 
 @routes.delete("/api/keys")

@@ -313,3 +313,64 @@ def test_the_vault_answers_each_batch_item_on_its_own() -> None:
     ]
     assert got[0][1][0] == got[6][1][0] == dek
     assert vault.active == "key-1" and list(vault.master) == ["key-1"]
+
+
+# -- a key pending deletion opens nothing ---------------------------------------------------
+
+
+def _refusals(metrics: bytes, operation: str) -> float:
+    prefix = f'kmsd_key_pending_deletion_refusals_total{{operation="{operation}"}} '
+    return next((float(line[len(prefix):]) for line in metrics.decode().splitlines() if line.startswith(prefix)), 0.0)
+
+
+async def test_a_key_pending_deletion_refuses_to_unwrap_until_cancelled(daemon_factory: Any, workdir: Path) -> None:
+    trail = workdir / f"pending-audit-{uid('t')}" / "audit.jsonl"
+    d: Daemon = daemon_factory(extra_env={"KMSD_AUDIT_LOG": str(trail)})
+    alice = uid("pending-alice")
+    session, api = open_api(d, "unix")
+    async with session:
+        token = await api.store(alice, "a record under the first key")
+        status, old = await api.call("POST", "/api/datakey", {"context": DOC}, token=token)
+        first = (await api.call("GET", "/api/master-keys"))[1]["active_key_id"]
+        assert (await api.call("POST", "/api/master-keys", {"description": "second"}))[0] == 200
+        status, new = await api.call("POST", "/api/datakey", {}, token=token)
+        status, body = await api.call("POST", f"/api/master-keys/{first}/schedule-deletion", {"days": 7})
+        assert status == 200, body
+        _, before = await api.call("GET", "/metrics")
+
+        refusal = {"error": "the master key of this ciphertext is scheduled for deletion",
+                   "code": "key_pending_deletion", "key_id": first}
+        assert await _decrypt(api, token, old["encrypted_dek"], DOC) == (409, refusal)
+        assert await api.call("GET", "/api/keys", token=token) == (409, refusal)
+        status, body = await api.call(
+            "POST", "/api/rewrap", {"encrypted_dek": old["encrypted_dek"], "context": DOC}, token=token
+        )
+        assert (status, body) == (409, refusal)
+        # In a batch, only the item under that key.
+        status, body = await api.call("POST", "/api/decrypt-dek", {"batch": [
+            {"encrypted_dek": new["encrypted_dek"]}, {"encrypted_dek": old["encrypted_dek"], "context": DOC},
+        ]}, token=token)
+        assert status == 200 and body["batch"] == [{"dek": new["dek"]}, {**refusal, "status": 409}]
+        # Even with the wrong context: the key is refused before anything is opened.
+        assert (await _decrypt(api, token, old["encrypted_dek"]))[0] == 409
+        # Nothing new is wrapped under it (it is retired), and other keys work.
+        assert await _decrypt(api, token, new["encrypted_dek"]) == (200, {"dek": new["dek"]})
+
+        _, after = await api.call("GET", "/metrics")
+        assert _refusals(after, "decrypt_dek") - _refusals(before, "decrypt_dek") == 3
+        assert _refusals(after, "fetch") - _refusals(before, "fetch") == 1
+        assert _refusals(after, "rewrap") - _refusals(before, "rewrap") == 1
+
+        # Cancelled: usable again at once.
+        assert (await api.call("POST", f"/api/master-keys/{first}/cancel-deletion"))[0] == 200
+        assert await _decrypt(api, token, old["encrypted_dek"], DOC) == (200, {"dek": old["dek"]})
+        assert await api.call("GET", "/api/keys", token=token) == (200, {"data": "a record under the first key"})
+    d.stop()
+    lines = [json.loads(line) for line in trail.read_text().splitlines()]
+    refused = [line for line in lines if line["status"] == 409]
+    assert [(line["operation"], line["subject"], line["detail"].get("key_id")) for line in refused] == [
+        ("decrypt_dek", alice, first), ("fetch", alice, first), ("rewrap", alice, first),
+        ("decrypt_dek", alice, first),
+    ], refused
+    batch = next(line for line in lines if line.get("detail", {}).get("batch") == 2)
+    assert batch["detail"]["key_ids"] == [first] and batch["detail"]["failed"] == 1
