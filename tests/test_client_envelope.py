@@ -26,6 +26,7 @@ from kmsd_client.envelope import (
     encrypt,
     open_blob,
     open_stream,
+    read_header,
     seal_blob,
     seal_stream,
 )
@@ -140,6 +141,12 @@ def test_documents_through_the_daemon(kms: KMSClient, tmp_path: Path) -> None:
         assert decrypt(kms, io.BytesIO(blob), token=token, context={"doc": "a"}) == document
         with pytest.raises(InvalidEnvelope):
             decrypt(kms, blob, token=token, context={"doc": "b"})
+        # A header rewritten to carry another context: kmsd bound the data
+        # key to the first one and does not unwrap it.
+        with pytest.raises(DecryptionFailed):
+            decrypt(kms, _with_context(blob, {"doc": "b"}), token=token)
+        with pytest.raises(DecryptionFailed):
+            kms.decrypt_dek(read_header(io.BytesIO(blob).read)[4], token=token)
         # Another subject's token: kmsd refuses to unwrap the data key.
         with pytest.raises(DecryptionFailed):
             decrypt(kms, blob, token=other_token)
@@ -152,9 +159,14 @@ def test_documents_through_the_daemon(kms: KMSClient, tmp_path: Path) -> None:
         # Another blob's wrapped key in this header: its key does not commit.
         mine = seal_blob(DEK, EDEK, b"")  # only to find the header's layout
         assert header_length(mine) == 61 + len(EDEK)
-        swapped = _swap_wrapped_key(blob, for_other)
+        # Bound to no context, it gets no key from kmsd under this header's;
+        # bound to the same context, kmsd unwraps it and the commitment fails.
+        with pytest.raises(DecryptionFailed):
+            decrypt(kms, _swap_wrapped_key(blob, for_other), token=other_token)
+        same_context = encrypt(kms, document, user_id=other, token=token, context={"doc": "a"})
+        assert isinstance(same_context, bytes)
         with pytest.raises(InvalidEnvelope):
-            decrypt(kms, swapped, token=other_token)
+            decrypt(kms, _swap_wrapped_key(blob, same_context), token=other_token)
 
         # Files: path to path; a tampered blob leaves no output behind.
         source, sealed, opened = tmp_path / "doc.bin", tmp_path / "doc.kmse", tmp_path / "doc.out"

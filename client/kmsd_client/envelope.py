@@ -287,8 +287,10 @@ def encrypt(
     """Encrypt a document (bytes, a binary file object, or a path) under a
     new data key from kmsd, bound to ``user_id`` (else the token's subject).
     Returns the blob, or writes it to ``out`` (a file object or a path) and
-    returns None. The plaintext data key is dropped when this returns."""
-    dek, encrypted_dek = kms.datakey(user_id=user_id, token=token)
+    returns None. The plaintext data key is dropped when this returns.
+    ``context`` is bound twice: into the wrapped key by kmsd (which unwraps
+    it only given the same context) and into every segment here."""
+    dek, encrypted_dek = kms.datakey(user_id=user_id, token=token, context=context)
     assert dek is not None
     read, close = _reader(source)
     try:
@@ -317,7 +319,10 @@ def decrypt(
     read, close = _reader(source)
     try:
         header = read_header(read)
-        dek = kms.decrypt_dek(header[4], token=token)
+        # The context the header carries is the one kmsd bound the key to:
+        # a header given another one gets no key (and its segments would
+        # not authenticate either).
+        dek = kms.decrypt_dek(header[4], token=token, context=header[5])
         with _writer(out, whole_only=True) as (write, buffer):
             open_stream(dek, read, write, header=header, context=context, progress=progress)
     finally:
