@@ -10,7 +10,7 @@ import pytest
 from conftest import Daemon, remember
 
 import kmsd_client
-from kmsd_client import Conflict, DecryptionFailed, Forbidden, KMSClient, Unauthorized, Unavailable
+from kmsd_client import BadRequest, Conflict, DecryptionFailed, Forbidden, KMSClient, Unauthorized, Unavailable
 
 
 @pytest.fixture(params=["unix", "tcp"])
@@ -121,3 +121,36 @@ def test_full_run_leaves_no_secret_in_the_logs(daemon_factory) -> None:  # noqa:
     assert base64.b64encode(dek).decode() not in logs
     root_key = (d.dir / "root-key.dev").read_text().strip()
     assert root_key not in logs
+
+
+def test_client_context_batches_and_key_deletion(client: KMSClient, daemon_factory) -> None:  # noqa: ANN001
+    with client:
+        token = client.store("c-" + uuid.uuid4().hex[:10], "ctx")
+        remember(token)
+        ctx = {"table": "t", "id": "1"}
+        dek, wrapped = client.datakey(token=token, context=ctx)
+        remember(dek, wrapped)
+        assert client.decrypt_dek(wrapped, token=token, context={"id": "1", "table": "t"}) == dek
+        with pytest.raises(DecryptionFailed):
+            client.decrypt_dek(wrapped, token=token)
+        got = client.decrypt_dek_batch([{"encrypted_dek": wrapped, "context": ctx}, {"encrypted_dek": wrapped}],
+                                       token=token)
+        assert got[0] == dek and type(got[1]) is DecryptionFailed
+        (sealed,) = client.encrypt_batch([{"data": b"x", "dek": dek, "context": ctx}], token=token)
+        assert isinstance(sealed, tuple)
+        (moved,) = client.rewrap_batch([{"encrypted_dek": sealed[1], "context": ctx}], token=token)
+        assert isinstance(moved, str) and client.decrypt_dek(moved, token=token, context=ctx) == dek
+        ((none, producer),) = client.datakey_batch([{"plaintext": False}], token=token)  # type: ignore[misc]
+        assert none is None and producer
+    if client._target.socket_path is None:
+        return
+    d: Daemon = daemon_factory()
+    with KMSClient(d.socket) as admin:
+        old = admin.rotation_status()["active_key_id"]
+        admin.add_master_key()
+        assert admin.schedule_key_deletion(old, days=7)["status"] == "pending_deletion"
+        assert admin.cancel_key_deletion(old)["status"] == "retired"
+        with pytest.raises(BadRequest):
+            admin.destroy_master_key(old)
+        admin.destroy_master_key(old, now=True)
+        assert old not in {k["key_id"] for k in admin.list_master_keys()["master_keys"]}
