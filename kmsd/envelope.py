@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import json
 import os
@@ -119,9 +120,9 @@ def _seal(key: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
     return nonce, AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
-def _open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+def _open(key: bytes | AESGCM, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
     try:
-        return AESGCM(key).decrypt(nonce, ciphertext, aad)
+        return (key if isinstance(key, AESGCM) else AESGCM(key)).decrypt(nonce, ciphertext, aad)
     except (InvalidTag, ValueError):
         raise InvalidToken from None
 
@@ -215,13 +216,22 @@ def context_digest(context: Mapping[str, str] | None) -> bytes:
     context's."""
     if not context:
         return b""
-    canonical = json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(b"kmsd/context/v1" + canonical.encode("ascii")).digest()
+    return hashlib.sha256(b"kmsd/context/v1" + _CANONICAL.encode(dict(context)).encode("ascii")).digest()
+
+
+# Made once: json.dumps with options builds an encoder at every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _dek_aad(purpose: Purpose, key_id: bytes, owner: str, context: bytes) -> bytes:
-    if context:
-        return _lp(b"kmsd/dek/v1", bytes([purpose]), key_id, owner.encode("utf-8"), context)
+    prefix = _dek_aad_prefix(purpose, key_id, owner)
+    return prefix + _lp(context) if context else prefix
+
+
+@functools.lru_cache(maxsize=1024)
+def _dek_aad_prefix(purpose: Purpose, key_id: bytes, owner: str) -> bytes:
+    # The same for every DEK of one owner under one key: a batch of a
+    # thousand builds it once.
     return _lp(b"kmsd/dek/v1", bytes([purpose]), key_id, owner.encode("utf-8"))
 
 
@@ -259,7 +269,8 @@ def dek_key_id(blob: bytes) -> str:
         raise InvalidToken from None
 
 
-def unwrap_dek(mk: bytes, blob: bytes, owner: str, purpose: Purpose, context: bytes = b"") -> bytes:
+def unwrap_dek(mk: bytes | AESGCM, blob: bytes, owner: str, purpose: Purpose, context: bytes = b"") -> bytes:
+    """``mk``: the master key, or an ``AESGCM`` of it made once (the vault's)."""
     kid = dek_key_id(blob).encode()
     if blob[0] != _dek_version(purpose):
         raise InvalidToken

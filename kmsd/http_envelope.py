@@ -52,7 +52,7 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     """One item's validated input."""
 
@@ -99,9 +99,9 @@ class _Call(Generic[R]):
         """``service`` on the valid items, all at once; invalid ones keep their error."""
         good = [i for i in self.items if not isinstance(i, KMSError)]
         for item in good:
-            if item.context:
+            if item.context and len(self.contexts) < _AUDIT_LIST:
                 _note(self.contexts, dict(sorted(item.context.items())))
-            if item.owner is not None:
+            if item.owner is not None and len(self.owners) < _AUDIT_LIST:
                 _note(self.owners, item.owner)
         answers = iter(await service(good) if good else ())
         return [i if isinstance(i, KMSError) else next(answers) for i in self.items]
@@ -289,7 +289,7 @@ async def decrypt_dek(request: web.Request) -> web.Response:
     )
 
     def admit(dek: DEK | KMSError) -> DEK | KMSError:
-        if isinstance(dek, DEK) and dek.kind.unbound:
+        if isinstance(dek, DEK) and dek.legacy:
             return call.unbound(dek.kind, allowed=allowed) or dek
         return dek
 

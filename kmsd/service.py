@@ -383,7 +383,7 @@ class KMS:
         opened = await self._open_each(
             items, lambda todo: self.vault.unwrap_deks([(caller, _ENVELOPE_PURPOSES, w, c) for w, c in todo])
         )
-        return [await self._admit(d, d.wrapped, caller) if isinstance(d, DEK) else d for d in opened]
+        return [await self._admit(d, d.wrapped, caller) if isinstance(d, DEK) and d.legacy else d for d in opened]
 
     async def rewrap_envelope(
         self, items: Sequence[tuple[str, bytes]], caller: str, target: str | None
@@ -419,15 +419,16 @@ class KMS:
         (``KeyPendingDeletion``). Items naming a master key this daemon has
         not loaded (another daemon added it) are tried once more after the
         key rows were reloaded; still unknown, they failed to decrypt."""
-        out: list[T | KMSError] = []
+        # None: not answered yet (still None at the end: its key is unknown).
+        out: list[T | KMSError | None] = []
         todo: list[tuple[int, tuple[bytes, bytes]]] = []
         for text, context in items:
             wrapped = _wrapped_dek(text)
             refusal = wrapped if isinstance(wrapped, KMSError) else self._pending_refusal(wrapped)
-            out.append(refusal if refusal is not None else DecryptionFailed())
             if refusal is None:
                 assert not isinstance(wrapped, KMSError)
-                todo.append((len(out) - 1, (wrapped, context)))
+                todo.append((len(out), (wrapped, context)))
+            out.append(refusal)
         for attempt in range(2):
             if not todo:
                 break
@@ -439,7 +440,7 @@ class KMS:
                 else:
                     out[index] = answer
             todo = unknown if attempt == 0 and unknown and await self.keyring.reload_if_stale() else []
-        return out
+        return [DecryptionFailed() if o is None else o for o in out]
 
     def _pending_refusal(self, wrapped: bytes) -> KMSError | None:
         """A wrapped DEK under a master key scheduled for deletion opens for

@@ -15,8 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from .config import RootKeySource
 from .errors import DecryptionFailed, InternalError, KMSError, Unavailable, UnknownKey, VaultError, WrongRootKey
@@ -39,9 +38,9 @@ if TYPE_CHECKING:
 __all__ = ["DEK", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
 
 
-@dataclass(frozen=True, repr=False)
-class DEK:
-    """A plaintext data key, its wrapped form, and how it opened. Never printed."""
+class DEK(NamedTuple):
+    """A plaintext data key, its wrapped form, and how it opened. Never
+    printed. A tuple: a batch makes a thousand at a time."""
 
     key: bytes
     wrapped: bytes
@@ -51,10 +50,14 @@ class DEK:
     def legacy(self) -> bool:
         """The data under it is the original's CBC (an original row, or one
         a client of the original wrote through an unbound envelope)."""
-        return self.kind.unbound
+        return self.kind in _UNBOUND
 
     def __repr__(self) -> str:
         return "<DEK redacted>"
+
+
+_UNBOUND = frozenset(k for k in Kind if k.unbound)
+_KINDS = {bytes([k]): k for k in Kind}
 
 
 # True in the supervisor while ``on_start`` loads the keys into a new vault.
@@ -374,8 +377,7 @@ class VaultClient:
         out: list[list[bytes] | KMSError] = []
         for answer in answers:
             code, fields = decode_item(answer)
-            error = _error_for(code)
-            out.append(fields if error is None else error)
+            out.append(fields if code == 0 else _error_for(code) or InternalError("vault error"))
         return out
 
     # Typed operations -------------------------------------------------------
@@ -435,8 +437,9 @@ class VaultClient:
             (Op.UNWRAP_DEK, _with_context([owner.encode(), bytes(purposes), wrapped], context))
             for owner, purposes, wrapped, context in items
         ])
+        kinds = _KINDS
         return [
-            a if isinstance(a, KMSError) else DEK(a[0], item[2], Kind(a[1][0]))
+            a if isinstance(a, KMSError) else DEK(a[0], item[2], kinds[a[1]])
             for a, item in zip(answers, items, strict=True)
         ]
 
@@ -463,7 +466,7 @@ class VaultClient:
             )
             for owner, purposes, wrapped, target, context in items
         ])
-        return [a if isinstance(a, KMSError) else (a[0], Kind(a[1][0])) for a in answers]
+        return [a if isinstance(a, KMSError) else (a[0], _KINDS[a[1]]) for a in answers]
 
     async def rewrap_deks(self, items: Sequence[tuple[str, int, bytes]]) -> list[tuple[Rewrap, bytes]]:
         """Rewrap ``(owner, purpose, wrapped)`` DEKs under the active master

@@ -25,6 +25,7 @@ import jwt
 import jwt.algorithms  # noqa: F401 - loaded before the privilege drop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import envelope as env
 from .privileges import MCL_CURRENT, MCL_FUTURE, VAULT_MEMLOCK, harden, libc, switch_user, syscall_filter, user_exists
@@ -59,6 +60,7 @@ class VaultState:
         self.order: list[str] = []  # active first, then the retired, newest first
         self.active: str | None = None
         self.signing: tuple[str, Ed25519PrivateKey] | None = None
+        self._aeads: dict[str, tuple[bytes, AESGCM]] = {}  # key id -> (the key it was made of, its AES-GCM)
         self._handlers: dict[int, Callable[[list[bytes]], Answer]] = {
             Op.PING: self._op_ping,
             Op.LOAD_MASTER_KEYS: self._op_load_master_keys,
@@ -151,8 +153,8 @@ class VaultState:
 
     def _op_unwrap_dek(self, f: list[bytes]) -> Answer:
         """owner, purposes, wrapped[, context]."""
-        status, opened = self._unwrap_dek(f[0].decode(), [env.Purpose(p) for p in f[1]], f[2], _optional(f, 3))
-        return status, ([opened[0], bytes([opened[1]])] if opened else [])
+        status, opened = self._unwrap_dek(f[0].decode(), _purposes(f[1]), f[2], _optional(f, 3))
+        return status, ([opened[0], _KIND_BYTES[opened[1]]] if opened else [])
 
     def _op_rewrap_dek(self, f: list[bytes]) -> Answer:
         """owner, purposes, wrapped, target[, context]: the new wrapped DEK
@@ -161,7 +163,7 @@ class VaultState:
             return Status.NO_KEY, []
         owner = f[0].decode()
         context = _optional(f, 4)
-        status, opened = self._unwrap_dek(owner, [env.Purpose(p) for p in f[1]], f[2], context)
+        status, opened = self._unwrap_dek(owner, _purposes(f[1]), f[2], context)
         if not opened:
             return status, []
         dek, kind = opened
@@ -264,6 +266,18 @@ class VaultState:
             out += [bytes([Rewrap.OK]), env.wrap_dek(active_key, self.active, dek, owner, purpose)]
         return out
 
+    def _aead(self, key_id: str) -> AESGCM | None:
+        """The AES-GCM of a loaded master key, made once per key (its
+        construction costs more than opening a DEK)."""
+        mk = self.master.get(key_id)
+        if mk is None:
+            return None
+        cached = self._aeads.get(key_id)
+        if cached is None or cached[0] is not mk:
+            cached = (mk, AESGCM(mk))
+            self._aeads[key_id] = cached
+        return cached[1]
+
     def _unwrap_mk(self, key_id: str, material: str) -> bytes:
         blob = env.b64d(material)
         if len(blob) == env.LEGACY_MASTER_KEY_SIZE:
@@ -286,16 +300,18 @@ class VaultState:
             key_id = None
         unknown = False
         if key_id is not None:
-            mk = self.master.get(key_id)
-            if mk is None:
+            aead = self._aead(key_id)
+            if aead is None:
                 unknown = True
             elif env.is_unbound_dek(blob):
                 with contextlib.suppress(env.InvalidToken):
-                    return Status.OK, (env.unwrap_dek(mk, blob, "", env.Purpose.UNBOUND, context), Kind.UNBOUND)
+                    return Status.OK, (env.unwrap_dek(aead, blob, "", env.Purpose.UNBOUND, context), Kind.UNBOUND)
             else:
                 for purpose in purposes:
-                    with contextlib.suppress(env.InvalidToken):
-                        return Status.OK, (env.unwrap_dek(mk, blob, owner, purpose, context), Kind(purpose))
+                    try:
+                        return Status.OK, (env.unwrap_dek(aead, blob, owner, purpose, context), Kind(purpose))
+                    except env.InvalidToken:
+                        continue
         # The original's DEKs carry no key id and no owner binding: a reader
         # tries every master key, the active first.
         if len(blob) == 80 and not context:
@@ -307,6 +323,17 @@ class VaultState:
                 if len(dek) == 32:
                     return Status.OK, (dek, Kind.ORIGINAL)
         return (Status.UNKNOWN_KEY if unknown else Status.INVALID), None
+
+
+_KIND_BYTES = {k: bytes([k]) for k in Kind}
+_PURPOSES: dict[bytes, tuple[env.Purpose, ...]] = {}
+
+
+def _purposes(raw: bytes) -> tuple[env.Purpose, ...]:
+    purposes = _PURPOSES.get(raw)
+    if purposes is None:
+        purposes = _PURPOSES[raw] = tuple(env.Purpose(p) for p in raw)  # ValueError: not a purpose
+    return purposes
 
 
 def _optional(f: list[bytes], index: int) -> bytes:

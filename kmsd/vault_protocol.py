@@ -77,7 +77,13 @@ def decode_body(body: bytes) -> tuple[int, int, list[bytes]]:
 def encode_item(op_or_status: int, fields: Sequence[bytes]) -> bytes:
     """One request (or answer) inside a BATCH frame, carried as one of its
     fields: ``u8 op-or-status | fields``."""
-    return bytes([op_or_status]) + b"".join(LENGTH.pack(len(f)) + f for f in fields)
+    parts = [_BYTE[op_or_status]]
+    for f in fields:
+        parts += (LENGTH.pack(len(f)), f)
+    return b"".join(parts)
+
+
+_BYTE = [bytes([n]) for n in range(256)]
 
 
 def decode_item(item: bytes) -> tuple[int, list[bytes]]:
