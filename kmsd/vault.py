@@ -27,9 +27,9 @@ from .vault_protocol import (
     Rewrap,
     Status,
     decode_body,
-    decode_item,
     encode_frame,
-    encode_item,
+    flatten,
+    unflatten,
 )
 
 if TYPE_CHECKING:
@@ -371,14 +371,13 @@ class VaultClient:
             code, fields = await self._request(*requests[0])
             error = _error_for(code)
             return [fields if error is None else error]
-        answers = await self.call(Op.BATCH, *(encode_item(op, fields) for op, fields in requests))
+        try:
+            answers = unflatten(await self.call(Op.BATCH, *flatten(requests)))
+        except ValueError:
+            answers = []
         if len(answers) != len(requests):
             raise InternalError("vault error")
-        out: list[list[bytes] | KMSError] = []
-        for answer in answers:
-            code, fields = decode_item(answer)
-            out.append(fields if code == 0 else _error_for(code) or InternalError("vault error"))
-        return out
+        return [fields if code == 0 else _error_for(code) or InternalError("vault error") for code, fields in answers]
 
     # Typed operations -------------------------------------------------------
 

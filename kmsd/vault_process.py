@@ -38,9 +38,9 @@ from .vault_protocol import (
     Rewrap,
     Status,
     decode_body,
-    decode_item,
     encode_frame,
-    encode_item,
+    flatten,
+    unflatten,
 )
 
 __all__ = ["VaultState", "drop_privileges", "main", "serve"]
@@ -179,18 +179,20 @@ class VaultState:
         return Status.OK, [wrapped, bytes([kind])]
 
     def _op_batch(self, f: list[bytes]) -> Answer:
-        """Each field one request of an op in BATCHABLE; each answered on
+        """Requests of the ops in BATCHABLE (``flatten``); each answered on
         its own (one that fails, even with a bug, fails alone), in order."""
-        out: list[bytes] = []
-        for item in f:
+        try:
+            items = unflatten(f)
+        except ValueError:
+            return Status.BAD_REQUEST, []
+        answers: list[Answer] = []
+        for op, fields in items:
             try:
-                op, fields = decode_item(item)
-                status, result = self.handle(op, fields) if op in BATCHABLE else (Status.BAD_REQUEST, [])
+                answers.append(self.handle(op, fields) if op in BATCHABLE else (Status.BAD_REQUEST, []))
             except Exception as exc:  # noqa: BLE001 - one bad item must not fail the others
                 _vault_log("vault_request_failed", level="error", error=type(exc).__name__)
-                status, result = Status.INTERNAL, []
-            out.append(encode_item(status, result))
-        return Status.OK, out
+                answers.append((Status.INTERNAL, []))
+        return Status.OK, flatten(answers)
 
     def _op_rewrap_deks(self, f: list[bytes]) -> Answer:
         if self.active is None:

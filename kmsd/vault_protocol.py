@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "BATCHABLE", "LENGTH", "MAX_FRAME", "PROTOCOL_VERSION", "Kind", "Op", "Rewrap", "Status", "decode_body",
-    "decode_item", "encode_frame", "encode_item",
+    "encode_frame", "flatten", "unflatten",
 ]
 
 PROTOCOL_VERSION = 1
@@ -44,7 +44,7 @@ class Op(enum.IntEnum):
     REWRAP_DEKS = 11  # many wrapped DEKs, unwrapped and wrapped under the active key
     REKEY = 12  # a key row wrapped under the new root key (root-key rotation)
     REWRAP_DEK = 13  # one wrapped DEK opened as UNWRAP_DEK does, wrapped anew under the active key
-    BATCH = 14  # many requests of the ops in BATCHABLE, one answer each, in one round trip
+    BATCH = 14  # many requests of the ops in BATCHABLE (``flatten``), one answer each, in one round trip
 
 
 # The ops a BATCH may carry: each item is answered on its own, with its own status.
@@ -74,22 +74,31 @@ def decode_body(body: bytes) -> tuple[int, int, list[bytes]]:
     return code, req_id, _fields(body, 6)
 
 
-def encode_item(op_or_status: int, fields: Sequence[bytes]) -> bytes:
-    """One request (or answer) inside a BATCH frame, carried as one of its
-    fields: ``u8 op-or-status | fields``."""
-    parts = [_BYTE[op_or_status]]
-    for f in fields:
-        parts += (LENGTH.pack(len(f)), f)
-    return b"".join(parts)
+def flatten(items: Iterable[tuple[int, Sequence[bytes]]]) -> list[bytes]:
+    """The fields of a BATCH frame (or of its answer): for each item a
+    header field ``u8 op-or-status | u8 count``, then its ``count`` fields.
+    Flat, so that a thousand items cost one pass over one frame's fields."""
+    out: list[bytes] = []
+    for code, fields in items:
+        out.append(_HEADS[code][len(fields)])
+        out += fields
+    return out
 
 
-_BYTE = [bytes([n]) for n in range(256)]
+def unflatten(fields: Sequence[bytes]) -> list[tuple[int, list[bytes]]]:
+    """The items of a BATCH frame's fields; ``ValueError`` if they do not add up."""
+    items: list[tuple[int, list[bytes]]] = []
+    i, n = 0, len(fields)
+    while i < n:
+        head = fields[i]
+        if len(head) != 2 or i + 1 + head[1] > n:
+            raise ValueError("malformed batch")
+        items.append((head[0], list(fields[i + 1 : i + 1 + head[1]])))
+        i += 1 + head[1]
+    return items
 
 
-def decode_item(item: bytes) -> tuple[int, list[bytes]]:
-    if not item:
-        raise ValueError("empty batch item")
-    return item[0], _fields(item, 1)
+_HEADS = [[bytes([code, count]) for count in range(256)] for code in range(256)]
 
 
 def _fields(body: bytes, pos: int) -> list[bytes]:

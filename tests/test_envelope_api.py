@@ -287,32 +287,36 @@ async def test_a_batch_is_one_vault_round_trip(unix_api: API) -> None:
 def test_the_vault_answers_each_batch_item_on_its_own() -> None:
     from kmsd import envelope as env
     from kmsd.vault_process import VaultState
-    from kmsd.vault_protocol import Op, Status, decode_item, encode_item
+    from kmsd.vault_protocol import Op, Status, flatten, unflatten
 
     vault = VaultState(env.RootKey(os.urandom(32).hex()))
     vault.handle(Op.NEW_MASTER_KEY, [b"key-1"])
     vault.active = "key-1"
     ctx = env.context_digest(DOC)
-    status, fields = vault.handle(Op.NEW_DEK, [b"alice", bytes([env.Purpose.ENVELOPE]), ctx])
+    envelope = bytes([env.Purpose.ENVELOPE])
+    status, fields = vault.handle(Op.NEW_DEK, [b"alice", envelope, ctx])
     assert status == Status.OK
     dek, wrapped = fields
     items = [
-        encode_item(Op.UNWRAP_DEK, [b"alice", bytes([env.Purpose.ENVELOPE]), wrapped, ctx]),
-        encode_item(Op.UNWRAP_DEK, [b"alice", bytes([env.Purpose.ENVELOPE]), wrapped]),  # no context
-        encode_item(Op.UNWRAP_DEK, [b"alice"]),  # too few fields: a bug's answer, for it alone
-        encode_item(Op.LOAD_MASTER_KEYS, [b""]),  # not an op a batch may carry
-        encode_item(Op.BATCH, []),  # nor a batch in a batch
-        b"",
-        encode_item(Op.UNWRAP_DEK, [b"alice", bytes([env.Purpose.ENVELOPE]), wrapped, ctx]),
+        (Op.UNWRAP_DEK, [b"alice", envelope, wrapped, ctx]),
+        (Op.UNWRAP_DEK, [b"alice", envelope, wrapped]),  # no context
+        (Op.UNWRAP_DEK, [b"alice"]),  # too few fields: a bug's answer, for it alone
+        (Op.UNWRAP_DEK, [b"alice", b"\x09", wrapped]),  # not a purpose
+        (Op.LOAD_MASTER_KEYS, [b""]),  # not an op a batch may carry
+        (Op.BATCH, []),  # nor a batch in a batch
+        (Op.UNWRAP_DEK, [b"alice", envelope, wrapped, ctx]),
     ]
-    status, answers = vault.handle(Op.BATCH, items)
+    status, answers = vault.handle(Op.BATCH, flatten(items))
     assert status == Status.OK
-    got = [decode_item(a) for a in answers]
+    got = unflatten(answers)
     assert [code for code, _ in got] == [
-        Status.OK, Status.INVALID, Status.INTERNAL, Status.BAD_REQUEST, Status.BAD_REQUEST, Status.INTERNAL, Status.OK,
+        Status.OK, Status.INVALID, Status.INTERNAL, Status.INTERNAL, Status.BAD_REQUEST, Status.BAD_REQUEST, Status.OK,
     ]
     assert got[0][1][0] == got[6][1][0] == dek
     assert vault.active == "key-1" and list(vault.master) == ["key-1"]
+    # Fields that do not add up to items: the whole frame is refused, nothing runs.
+    assert vault.handle(Op.BATCH, [bytes([Op.UNWRAP_DEK, 3]), b"alice"]) == (Status.BAD_REQUEST, [])
+    assert vault.handle(Op.BATCH, [b"\x06"]) == (Status.BAD_REQUEST, [])
 
 
 # -- a key pending deletion opens nothing ---------------------------------------------------
