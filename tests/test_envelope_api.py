@@ -223,8 +223,7 @@ async def test_a_batch_request_is_refused_whole_only_for_its_shape(api: API, rou
 
 
 async def test_the_audit_line_names_the_context_and_counts_a_batch(daemon_factory: Any, workdir: Path) -> None:
-    trail = workdir / f"ctx-audit-{uid('t')}" / "audit.jsonl"
-    d: Daemon = daemon_factory(extra_env={"KMSD_AUDIT_LOG": str(trail)})
+    d, trail = _audited_daemon(daemon_factory, workdir, "ctx-audit")
     owner = uid("ctx-audited")
     session, api = open_api(d, "unix")
     async with session:
@@ -262,12 +261,14 @@ async def test_the_audit_line_names_the_context_and_counts_a_batch(daemon_factor
 # -- one vault round trip per batch ---------------------------------------------------------
 
 
+def _metric(metrics: bytes, sample: str) -> float:
+    """A sample's value in /metrics' text (0 before its first count)."""
+    prefix = sample + " "
+    return next((float(line[len(prefix):]) for line in metrics.decode().splitlines() if line.startswith(prefix)), 0.0)
+
+
 def _vault_calls(metrics: bytes, op: str) -> float:
-    prefix = f'kmsd_vault_call_duration_seconds_count{{op="{op}"}} '
-    for line in metrics.decode().splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix):])
-    return 0.0
+    return _metric(metrics, f'kmsd_vault_call_duration_seconds_count{{op="{op}"}}')
 
 
 async def test_a_batch_is_one_vault_round_trip(unix_api: API) -> None:
@@ -323,13 +324,17 @@ def test_the_vault_answers_each_batch_item_on_its_own() -> None:
 
 
 def _refusals(metrics: bytes, operation: str) -> float:
-    prefix = f'kmsd_key_pending_deletion_refusals_total{{operation="{operation}"}} '
-    return next((float(line[len(prefix):]) for line in metrics.decode().splitlines() if line.startswith(prefix)), 0.0)
+    return _metric(metrics, f'kmsd_key_pending_deletion_refusals_total{{operation="{operation}"}}')
+
+
+def _audited_daemon(daemon_factory: Any, workdir: Path, name: str) -> tuple[Daemon, Path]:
+    """A daemon of its own whose audit trail the test reads after stopping it."""
+    trail = workdir / f"{name}-{uid('t')}" / "audit.jsonl"
+    return daemon_factory(extra_env={"KMSD_AUDIT_LOG": str(trail)}), trail
 
 
 async def test_a_key_pending_deletion_refuses_to_unwrap_until_cancelled(daemon_factory: Any, workdir: Path) -> None:
-    trail = workdir / f"pending-audit-{uid('t')}" / "audit.jsonl"
-    d: Daemon = daemon_factory(extra_env={"KMSD_AUDIT_LOG": str(trail)})
+    d, trail = _audited_daemon(daemon_factory, workdir, "pending-audit")
     alice = uid("pending-alice")
     session, api = open_api(d, "unix")
     async with session:
