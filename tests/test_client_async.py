@@ -327,7 +327,7 @@ async def test_a_context_binds_the_wrapped_dek(aclient: AsyncKMSClient) -> None:
 async def test_a_context_within_its_bounds_is_any_strings(aclient: AsyncKMSClient) -> None:
     """The contract: up to 32 pairs, names and values of at most 256
     characters, any strings (only a digest is bound; audit lines escape)."""
-    token = await aclient.store(uid(), "ctx-bounds")
+    token = await aclient.store(uid(), f"ctx-bounds-{uid()}")
     remember(token)
     for bad in ({"k" * 257: "v"}, {"k": "v" * 257}, {f"k{n}": "" for n in range(33)}):
         with pytest.raises(BadRequest):
@@ -340,8 +340,8 @@ async def test_a_context_within_its_bounds_is_any_strings(aclient: AsyncKMSClien
 
 async def test_batches_answer_each_item_in_order(aclient: AsyncKMSClient) -> None:
     user = uid()
-    token = await aclient.store(user, "batch")
-    other = await aclient.store(user + "-o", "batch-o")
+    token = await aclient.store(user, f"batch-{uid()}")
+    other = await aclient.store(user + "-o", f"batch-o-{uid()}")
     remember(token, other)
     ctx = {"doc": "1"}
     keys = await aclient.datakey_batch([{}, {"context": ctx}, {"plaintext": False}, {"user_id": user + "-o"}],

@@ -19,6 +19,11 @@ from support.ids import uid
 DOC = {"table": "documents", "document_id": "42"}
 
 
+def _value() -> str:
+    # A stored value is a secret the logs are searched for: never a plain word.
+    return f"stored-{os.urandom(6).hex()}"
+
+
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
@@ -35,7 +40,7 @@ async def _decrypt(api: API, token: str, encrypted_dek: str, context: Any = None
 
 async def test_a_context_must_be_named_again_exactly_and_in_any_order(api: API) -> None:
     alice = uid("ctx-alice")
-    token = await api.store(alice, "record")
+    token = await api.store(alice, _value())
     status, key = await api.call("POST", "/api/datakey", {"context": DOC}, token=token)
     assert status == 200, key
     # The same pairs in another order open it.
@@ -54,8 +59,8 @@ async def test_a_context_must_be_named_again_exactly_and_in_any_order(api: API) 
 
 async def test_encrypt_and_rewrap_keep_the_context(api: API) -> None:
     alice, bob = uid("ctx-enc"), uid("ctx-enc-bob")
-    token = await api.store(alice, "record")
-    bob_token = await api.store(bob, "record")
+    token = await api.store(alice, _value())
+    bob_token = await api.store(bob, _value())
     dek = os.urandom(32).hex()
     remember(dek)
     status, enc = await api.call(
@@ -79,7 +84,7 @@ async def test_encrypt_and_rewrap_keep_the_context(api: API) -> None:
 
 
 async def test_a_context_is_validated(api: API) -> None:
-    token = await api.store(uid("ctx-bad"), "record")
+    token = await api.store(uid("ctx-bad"), _value())
     too_many = {f"k{n}": "v" for n in range(33)}
     for context, message in [
         ("table=documents", "context must be an object"),
@@ -115,7 +120,7 @@ async def test_a_context_is_validated(api: API) -> None:
 
 async def test_a_batch_of_data_keys_then_unwrapped_in_one_batch(api: API) -> None:
     alice = uid("batch-alice")
-    token = await api.store(alice, "record")
+    token = await api.store(alice, _value())
     items = [{"context": {"doc": str(n)}} for n in range(300)]
     status, made = await api.call("POST", "/api/datakey", {"batch": items}, token=token)
     assert status == 200 and len(made["batch"]) == 300, made
@@ -136,8 +141,8 @@ async def test_a_batch_of_data_keys_then_unwrapped_in_one_batch(api: API) -> Non
 
 async def test_each_item_of_a_batch_is_judged_on_its_own(api: API) -> None:
     alice, bob = uid("batch-mixed"), uid("batch-mixed-bob")
-    token = await api.store(alice, "record")
-    bob_token = await api.store(bob, "record")
+    token = await api.store(alice, _value())
+    bob_token = await api.store(bob, _value())
     status, mine = await api.call("POST", "/api/datakey", {}, token=token)
     status, bobs = await api.call("POST", "/api/datakey", {}, token=bob_token)
     remember(mine["dek"], bobs["dek"])
@@ -199,7 +204,7 @@ async def test_each_item_of_a_batch_is_judged_on_its_own(api: API) -> None:
 
 @pytest.mark.parametrize("route", ["/api/encrypt", "/api/decrypt-dek", "/api/datakey", "/api/rewrap"])
 async def test_a_batch_request_is_refused_whole_only_for_its_shape(api: API, route: str) -> None:
-    token = await api.store(uid("batch-shape"), "record")
+    token = await api.store(uid("batch-shape"), _value())
     item = {"encrypted_dek": "AAAA"} if route in ("/api/decrypt-dek", "/api/rewrap") else {}
     for body, status, code in [
         ({"batch": []}, 400, "bad_request"),
@@ -227,7 +232,7 @@ async def test_the_audit_line_names_the_context_and_counts_a_batch(daemon_factor
     owner = uid("ctx-audited")
     session, api = open_api(d, "unix")
     async with session:
-        token = await api.store(owner, "record")
+        token = await api.store(owner, _value())
         status, key = await api.call("POST", "/api/datakey", {"context": DOC}, token=token)
         remember(key["dek"], key["encrypted_dek"])
         assert (await _decrypt(api, token, key["encrypted_dek"], {"document_id": "42", "table": "documents"}))[0] == 200
@@ -272,7 +277,7 @@ def _vault_calls(metrics: bytes, op: str) -> float:
 
 
 async def test_a_batch_is_one_vault_round_trip(unix_api: API) -> None:
-    token = await unix_api.store(uid("batch-trip"), "record")
+    token = await unix_api.store(uid("batch-trip"), _value())
     status, made = await unix_api.call("POST", "/api/datakey", {"batch": [{}] * 50}, token=token)
     assert status == 200
     ask = {"batch": [{"encrypted_dek": e["encrypted_dek"]} for e in made["batch"]]}
