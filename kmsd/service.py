@@ -422,9 +422,13 @@ class KMS:
         # None: not answered yet (still None at the end: its key is unknown).
         out: list[T | KMSError | None] = []
         todo: list[tuple[int, tuple[bytes, bytes]]] = []
+        pending = self.keyring.state.pending_deletion
         for text, context in items:
             wrapped = _wrapped_dek(text)
-            refusal = wrapped if isinstance(wrapped, KMSError) else self._pending_refusal(wrapped)
+            if isinstance(wrapped, KMSError):
+                refusal: KMSError | None = wrapped
+            else:
+                refusal = self._pending_refusal(wrapped) if pending else None
             if refusal is None:
                 assert not isinstance(wrapped, KMSError)
                 todo.append((len(out), (wrapped, context)))

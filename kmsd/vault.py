@@ -432,13 +432,19 @@ class VaultClient:
         return _one(await self.unwrap_deks([(owner, purposes, wrapped, context)]))
 
     async def unwrap_deks(self, items: Sequence[tuple[str, Sequence[int], bytes, bytes]]) -> list[DEK | KMSError]:
-        answers = await self.batch([
-            (Op.UNWRAP_DEK, _with_context([owner.encode(), bytes(purposes), wrapped], context))
-            for owner, purposes, wrapped, context in items
-        ])
-        kinds = _KINDS
+        # A batch's items share their owner and purposes: each encoded once.
+        encoded: dict[tuple[str, tuple[int, ...]], tuple[bytes, bytes]] = {}
+        requests: list[tuple[Op, Sequence[bytes]]] = []
+        for owner, purposes, wrapped, context in items:
+            key = (owner, tuple(purposes))
+            head = encoded.get(key)
+            if head is None:
+                head = encoded[key] = (owner.encode(), bytes(purposes))
+            requests.append((Op.UNWRAP_DEK, (*head, wrapped, context) if context else (*head, wrapped)))
+        answers = await self.batch(requests)
+        kinds, make = _KINDS, DEK._make
         return [
-            a if isinstance(a, KMSError) else DEK(a[0], item[2], kinds[a[1]])
+            a if isinstance(a, KMSError) else make((a[0], item[2], kinds[a[1]]))
             for a, item in zip(answers, items, strict=True)
         ]
 

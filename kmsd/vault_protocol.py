@@ -85,7 +85,7 @@ def flatten(items: Iterable[tuple[int, Sequence[bytes]]]) -> list[bytes]:
     return out
 
 
-def unflatten(fields: Sequence[bytes]) -> list[tuple[int, list[bytes]]]:
+def unflatten(fields: list[bytes]) -> list[tuple[int, list[bytes]]]:
     """The items of a BATCH frame's fields; ``ValueError`` if they do not add up."""
     items: list[tuple[int, list[bytes]]] = []
     i, n = 0, len(fields)
@@ -93,7 +93,7 @@ def unflatten(fields: Sequence[bytes]) -> list[tuple[int, list[bytes]]]:
         head = fields[i]
         if len(head) != 2 or i + 1 + head[1] > n:
             raise ValueError("malformed batch")
-        items.append((head[0], list(fields[i + 1 : i + 1 + head[1]])))
+        items.append((head[0], fields[i + 1 : i + 1 + head[1]]))
         i += 1 + head[1]
     return items
 
