@@ -40,8 +40,10 @@ envelope_routes = web.RouteTableDef()
 # Items of one batch request: 1,000 envelopes of a page of documents in one
 # round trip, while the body stays within max_body_size's default (1 MiB).
 MAX_BATCH = 1000
-# Distinct values an audit line lists for a batch (contexts, owners, keys).
+# Distinct values an audit line lists for a batch (contexts, owners, keys),
+# and the characters it keeps of a context's name or value.
 _AUDIT_LIST = 16
+_AUDIT_STRING = 64
 
 UNBOUND_REFUSED = (
     'unbound and original-format envelopes are refused (unbound_envelopes = "refuse"); '
@@ -100,7 +102,7 @@ class _Call(Generic[R]):
         good = [i for i in self.items if not isinstance(i, KMSError)]
         for item in good:
             if item.context and len(self.contexts) < _AUDIT_LIST:
-                _note(self.contexts, dict(sorted(item.context.items())))
+                _note(self.contexts, {_audited(k): _audited(v) for k, v in sorted(item.context.items())})
             if item.owner is not None and len(self.owners) < _AUDIT_LIST:
                 _note(self.owners, item.owner)
         answers = iter(await service(good) if good else ())
@@ -116,6 +118,11 @@ class _Call(Generic[R]):
         return None if allowed else Forbidden(UNBOUND_REFUSED)
 
     def answer(self, results: list[R | KMSError], render: Callable[[R], dict[str, Any]]) -> web.Response:
+        for r in results:
+            if isinstance(r, KMSError) and r.status >= 500:
+                # Not the item's fault (no active key, a vault bug): the
+                # request fails whole, as when the vault is down.
+                raise r
         for r in results:
             if isinstance(r, KeyPendingDeletion):
                 pending_refused(self.request, self.operation)
@@ -152,6 +159,12 @@ def pending_refused(request: web.Request, operation: str) -> None:
     /metrics shows that someone still depends on the key, the audit line
     (which names the key) shows who."""
     request.app[STATE].metrics.pending_deletion_refusals.labels(operation).inc()
+
+
+def _audited(text: str) -> str:
+    # A context's names and values as its audit line shows them: enough to
+    # tell documents apart, a bounded line whatever the context's size.
+    return text if len(text) <= _AUDIT_STRING else text[: _AUDIT_STRING - 1] + "…"
 
 
 def _note(values: list[Any], value: Any) -> None:
@@ -321,15 +334,7 @@ async def rewrap(request: web.Request) -> web.Response:
     kms = _kms(request)
 
     async def service(items: list[_Item]) -> list[tuple[str, Kind] | KMSError]:
-        # One vault call per distinct target: a batch usually has one.
-        out: dict[int, tuple[str, Kind] | KMSError] = {}
-        for target in dict.fromkeys(i.owner for i in items):
-            group = [n for n, i in enumerate(items) if i.owner == target]
-            answers = await kms.rewrap_envelope(
-                [(items[n].encrypted_dek, items[n].bound) for n in group], claims.subject, target
-            )
-            out.update(zip(group, answers, strict=True))
-        return [out[n] for n in range(len(items))]
+        return await kms.rewrap_envelope([(i.encrypted_dek, i.bound, i.owner) for i in items], claims.subject)
 
     results = await call.run(service)
 

@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from . import envelope as env
 from .auth import Claims, TokenService
@@ -26,6 +26,15 @@ __all__ = ["KMS", "RewrapResult"]
 
 T = TypeVar("T")
 D = TypeVar("D", DEK, Kind)
+X = TypeVar("X")
+
+
+class _Opened(Protocol):
+    @property
+    def key_id(self) -> str: ...
+
+
+OpenedT = TypeVar("OpenedT", bound=_Opened)
 
 # How an envelope opens for a caller: bound to it as an envelope, or as the
 # DEK of its own stored record (the original key-server's read flow).
@@ -261,6 +270,8 @@ class KMS:
         if refusal is not None:
             raise refusal
         dek = await self._unwrap(user_id, _RECORD_PURPOSES, wrapped)
+        if dek.key_id in self.keyring.state.pending_deletion:  # an original row: its DEK names no key
+            raise KeyPendingDeletion(extra={"key_id": dek.key_id})
         try:
             if dek.legacy:
                 plain = env.legacy_decrypt(dek.key, blob)
@@ -386,44 +397,45 @@ class KMS:
         return [await self._admit(d, d.wrapped, caller) if isinstance(d, DEK) and d.legacy else d for d in opened]
 
     async def rewrap_envelope(
-        self, items: Sequence[tuple[str, bytes]], caller: str, target: str | None
+        self, items: Sequence[tuple[str, bytes, str | None]], caller: str
     ) -> list[tuple[str, Kind] | KMSError]:
-        """For each ``(encrypted_dek, context)``: the envelope's DEK wrapped
-        anew under the active master key, in the vault (the DEK never reaches
-        the daemon), bound to ``target`` or (None) as it was, and to the same
-        context. The caller must be one ``decrypt_dek`` would give the DEK
-        to. (new encrypted_dek, how the old one opened)."""
-        wrapped = [_wrapped_dek(e) for e, _ in items]
+        """For each ``(encrypted_dek, context, target)``: the envelope's DEK
+        wrapped anew under the active master key, in the vault (the DEK
+        never reaches the daemon), bound to ``target`` or (None) as it was,
+        and to the same context. The caller must be one ``decrypt_dek``
+        would give the DEK to. (new encrypted_dek, how the old one opened)."""
         opened = await self._open_each(
-            items,
-            lambda todo: self.vault.rewrap_envelopes([(caller, _ENVELOPE_PURPOSES, w, target, c) for w, c in todo]),
+            [(e, (c, t)) for e, c, t in items],
+            lambda todo: self.vault.rewrap_envelopes(
+                [(caller, _ENVELOPE_PURPOSES, w, t, c) for w, (c, t) in todo]
+            ),
         )
         out: list[tuple[str, Kind] | KMSError] = []
-        for w, o in zip(wrapped, opened, strict=True):
+        for (text, _, _), o in zip(items, opened, strict=True):
             if isinstance(o, KMSError):
                 out.append(o)
                 continue
-            assert not isinstance(w, KMSError)  # a malformed one was refused before the vault
-            new, kind = o
-            admitted = await self._admit(kind, w, caller)
-            out.append(admitted if isinstance(admitted, KMSError) else (env.b64e(new), kind))
+            admitted = await self._admit(o.kind, env.b64d(text), caller) if o.kind.unbound else o.kind
+            out.append(admitted if isinstance(admitted, KMSError) else (env.b64e(o.wrapped), o.kind))
         return out
 
     async def _open_each(
         self,
-        items: Sequence[tuple[str, bytes]],
-        call: Callable[[list[tuple[bytes, bytes]]], Awaitable[list[T | KMSError]]],
-    ) -> list[T | KMSError]:
-        """``call`` on every ``(wrapped, context)`` that may be opened: not
+        items: Sequence[tuple[str, X]],
+        call: Callable[[list[tuple[bytes, X]]], Awaitable[list[OpenedT | KMSError]]],
+    ) -> list[OpenedT | KMSError]:
+        """``call`` on every ``(wrapped, extra)`` that may be opened: not
         malformed (``DecryptionFailed``), not under a key pending deletion
-        (``KeyPendingDeletion``). Items naming a master key this daemon has
-        not loaded (another daemon added it) are tried once more after the
-        key rows were reloaded; still unknown, they failed to decrypt."""
+        (``KeyPendingDeletion``: by the key the blob names before the vault
+        is asked, and by the key that opened it after, for the original's
+        DEKs name none). Items naming a master key this daemon has not
+        loaded (another daemon added it) are tried once more after the key
+        rows were reloaded; still unknown, they failed to decrypt."""
         # None: not answered yet (still None at the end: its key is unknown).
-        out: list[T | KMSError | None] = []
-        todo: list[tuple[int, tuple[bytes, bytes]]] = []
+        out: list[OpenedT | KMSError | None] = []
+        todo: list[tuple[int, tuple[bytes, X]]] = []
         pending = self.keyring.state.pending_deletion
-        for text, context in items:
+        for text, extra in items:
             wrapped = _wrapped_dek(text)
             if isinstance(wrapped, KMSError):
                 refusal: KMSError | None = wrapped
@@ -431,16 +443,18 @@ class KMS:
                 refusal = self._pending_refusal(wrapped) if pending else None
             if refusal is None:
                 assert not isinstance(wrapped, KMSError)
-                todo.append((len(out), (wrapped, context)))
+                todo.append((len(out), (wrapped, extra)))
             out.append(refusal)
         for attempt in range(2):
             if not todo:
                 break
             answers = await call([item for _, item in todo])
-            unknown: list[tuple[int, tuple[bytes, bytes]]] = []
+            unknown: list[tuple[int, tuple[bytes, X]]] = []
             for (index, item), answer in zip(todo, answers, strict=True):
                 if isinstance(answer, UnknownKey):
                     unknown.append((index, item))
+                elif not isinstance(answer, KMSError) and answer.key_id in pending:
+                    out[index] = KeyPendingDeletion(extra={"key_id": answer.key_id})
                 else:
                     out[index] = answer
             todo = unknown if attempt == 0 and unknown and await self.keyring.reload_if_stale() else []

@@ -35,7 +35,7 @@ from .vault_protocol import (
 if TYPE_CHECKING:
     from .launcher import LaunchedProcess, Launcher
 
-__all__ = ["DEK", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
+__all__ = ["DEK", "Rewrapped", "UnknownKey", "VaultClient", "VaultError", "WrongRootKey", "stash_root_key"]
 
 
 class DEK(NamedTuple):
@@ -45,6 +45,7 @@ class DEK(NamedTuple):
     key: bytes
     wrapped: bytes
     kind: Kind = Kind.RECORD
+    key_id: str = ""  # the master key that opened it (the original's DEKs do not name theirs)
 
     @property
     def legacy(self) -> bool:
@@ -54,6 +55,15 @@ class DEK(NamedTuple):
 
     def __repr__(self) -> str:
         return "<DEK redacted>"
+
+
+class Rewrapped(NamedTuple):
+    """An envelope's DEK wrapped anew: the new wrapped DEK, how the old one
+    opened, and the master key that opened it."""
+
+    wrapped: bytes
+    kind: Kind
+    key_id: str
 
 
 _UNBOUND = frozenset(k for k in Kind if k.unbound)
@@ -414,9 +424,6 @@ class VaultClient:
         ])
         return [a if isinstance(a, KMSError) else DEK(a[0], a[1]) for a in answers]
 
-    async def wrap_dek(self, owner: str, purpose: int, dek: bytes, context: bytes = b"") -> bytes:
-        return _one(await self.wrap_deks([(owner, purpose, dek, context)]))
-
     async def wrap_deks(self, items: Sequence[tuple[str, int, bytes, bytes]]) -> list[bytes | KMSError]:
         """The callers' DEKs, each wrapped for ``(owner, purpose, dek, context)``."""
         answers = await self.batch([
@@ -444,23 +451,18 @@ class VaultClient:
         answers = await self.batch(requests)
         kinds, make = _KINDS, DEK._make
         return [
-            a if isinstance(a, KMSError) else make((a[0], item[2], kinds[a[1]]))
+            a if isinstance(a, KMSError) else make((a[0], item[2], kinds[a[1]], a[2].decode()))
             for a, item in zip(answers, items, strict=True)
         ]
 
-    async def rewrap_dek(
-        self, owner: str, purposes: Sequence[int], wrapped: bytes, target: str | None, context: bytes = b""
-    ) -> tuple[bytes, Kind]:
-        """Open ``wrapped`` as ``unwrap_dek`` does and wrap its DEK anew under
-        the active master key, inside the vault: as an envelope bound to
-        ``target``, or (``target`` None) bound as it was: to ``owner`` if it
-        was bound, unbound if it had no owner; to the same context. (new
-        wrapped DEK, how it opened)."""
-        return _one(await self.rewrap_envelopes([(owner, purposes, wrapped, target, context)]))
-
     async def rewrap_envelopes(
         self, items: Sequence[tuple[str, Sequence[int], bytes, str | None, bytes]]
-    ) -> list[tuple[bytes, Kind] | KMSError]:
+    ) -> list[Rewrapped | KMSError]:
+        """For each ``(owner, purposes, wrapped, target, context)``: open
+        ``wrapped`` as ``unwrap_dek`` does and wrap its DEK anew under the
+        active master key, inside the vault: as an envelope bound to
+        ``target``, or (``target`` None) bound as it was: to ``owner`` if it
+        was bound, unbound if it had no owner; to the same context."""
         answers = await self.batch([
             (
                 Op.REWRAP_DEK,
@@ -471,7 +473,7 @@ class VaultClient:
             )
             for owner, purposes, wrapped, target, context in items
         ])
-        return [a if isinstance(a, KMSError) else (a[0], _KINDS[a[1]]) for a in answers]
+        return [a if isinstance(a, KMSError) else Rewrapped(a[0], _KINDS[a[1]], a[2].decode()) for a in answers]
 
     async def rewrap_deks(self, items: Sequence[tuple[str, int, bytes]]) -> list[tuple[Rewrap, bytes]]:
         """Rewrap ``(owner, purpose, wrapped)`` DEKs under the active master

@@ -111,6 +111,8 @@ class VaultState:
         self.master = keys
         self.materials = materials
         self.active = active
+        # A key no longer given (destroyed) leaves no copy behind.
+        self._aeads = {k: v for k, v in self._aeads.items() if keys.get(k) is v[0]}
         ordered = [k for k in f[1::2][::-1] if k.decode() != active]
         self.order = ([active] if active else []) + [k.decode() for k in ordered]
         return Status.OK, []
@@ -154,7 +156,10 @@ class VaultState:
     def _op_unwrap_dek(self, f: list[bytes]) -> Answer:
         """owner, purposes, wrapped[, context]."""
         status, opened = self._unwrap_dek(f[0].decode(), _purposes(f[1]), f[2], _optional(f, 3))
-        return status, ([opened[0], _KIND_BYTES[opened[1]]] if opened else [])
+        if not opened:
+            return status, []
+        dek, kind, key_id = opened
+        return status, [dek, _KIND_BYTES[kind], key_id.encode()]
 
     def _op_rewrap_dek(self, f: list[bytes]) -> Answer:
         """owner, purposes, wrapped, target[, context]: the new wrapped DEK
@@ -166,7 +171,7 @@ class VaultState:
         status, opened = self._unwrap_dek(owner, _purposes(f[1]), f[2], context)
         if not opened:
             return status, []
-        dek, kind = opened
+        dek, kind, key_id = opened
         if f[3]:  # bind to the target given
             target, purpose = f[3][1:].decode(), env.Purpose.ENVELOPE
         elif kind.unbound:
@@ -176,7 +181,7 @@ class VaultState:
         if purpose != env.Purpose.UNBOUND and not target:
             return Status.BAD_REQUEST, []
         wrapped = env.wrap_dek(self.master[self.active], self.active, dek, target, purpose, context)
-        return Status.OK, [wrapped, bytes([kind])]
+        return Status.OK, [wrapped, _KIND_BYTES[kind], key_id.encode()]
 
     def _op_batch(self, f: list[bytes]) -> Answer:
         """Requests of the ops in BATCHABLE (``flatten``); each answered on
@@ -291,11 +296,13 @@ class VaultState:
 
     def _unwrap_dek(
         self, owner: str, purposes: Sequence[env.Purpose], blob: bytes, context: bytes = b""
-    ) -> tuple[int, tuple[bytes, Kind] | None]:
+    ) -> tuple[int, tuple[bytes, Kind, str] | None]:
         """A v1 DEK bound to ``owner`` for one of ``purposes`` (in order), an
-        unbound one, or one of the original's CBC: (status, (DEK, kind)).
-        ``context`` must be the one it was wrapped with (none for the
-        original's, which bound nothing)."""
+        unbound one, or one of the original's CBC: (status, (DEK, kind, the
+        master key that opened it: the daemon refuses a key pending
+        deletion, and the original's DEKs do not name theirs)). ``context``
+        must be the one it was wrapped with (none for the original's, which
+        bound nothing)."""
         try:
             key_id: str | None = env.dek_key_id(blob)
         except env.InvalidToken:
@@ -307,11 +314,12 @@ class VaultState:
                 unknown = True
             elif env.is_unbound_dek(blob):
                 with contextlib.suppress(env.InvalidToken):
-                    return Status.OK, (env.unwrap_dek(aead, blob, "", env.Purpose.UNBOUND, context), Kind.UNBOUND)
+                    dek = env.unwrap_dek(aead, blob, "", env.Purpose.UNBOUND, context)
+                    return Status.OK, (dek, Kind.UNBOUND, key_id)
             else:
                 for purpose in purposes:
                     try:
-                        return Status.OK, (env.unwrap_dek(aead, blob, owner, purpose, context), Kind(purpose))
+                        return Status.OK, (env.unwrap_dek(aead, blob, owner, purpose, context), Kind(purpose), key_id)
                     except env.InvalidToken:
                         continue
         # The original's DEKs carry no key id and no owner binding: a reader
@@ -323,7 +331,7 @@ class VaultState:
                 except env.InvalidToken:
                     continue
                 if len(dek) == 32:
-                    return Status.OK, (dek, Kind.ORIGINAL)
+                    return Status.OK, (dek, Kind.ORIGINAL, kid)
         return (Status.UNKNOWN_KEY if unknown else Status.INVALID), None
 
 

@@ -243,6 +243,9 @@ async def test_the_audit_line_names_the_context_and_counts_a_batch(daemon_factor
             {"encrypted_dek": key["encrypted_dek"]},
         ]}, token=token)
         assert status == 200
+        # A long context is shortened in the line (the binding is whole).
+        long = {"n" * 100: "v" * 256}
+        assert (await api.call("POST", "/api/datakey", {"context": long, "plaintext": False}, token=token))[0] == 200
         # A context no UTF-8 can spell still makes a line the chain holds.
         odd = {"\ud800": "bell\x07"}
         assert (await api.call("POST", "/api/datakey", {"context": odd, "plaintext": False}, token=token))[0] == 200
@@ -261,6 +264,7 @@ async def test_the_audit_line_names_the_context_and_counts_a_batch(daemon_factor
     assert last["detail"] == {"batch": 3, "failed": 2, "contexts": [DOC, {"doc": "other"}]}, last
     assert key["dek"] not in text and key["encrypted_dek"] not in text
     assert lines[-1]["detail"] == {"context": odd}, lines[-1]
+    assert lines[-2]["detail"] == {"context": {"n" * 63 + "…": "v" * 63 + "…"}}, lines[-2]
 
 
 # -- one vault round trip per batch ---------------------------------------------------------
@@ -318,8 +322,13 @@ def test_the_vault_answers_each_batch_item_on_its_own() -> None:
     assert [code for code, _ in got] == [
         Status.OK, Status.INVALID, Status.INTERNAL, Status.INTERNAL, Status.BAD_REQUEST, Status.BAD_REQUEST, Status.OK,
     ]
-    assert got[0][1][0] == got[6][1][0] == dek
-    assert vault.active == "key-1" and list(vault.master) == ["key-1"]
+    assert got[0][1] == got[6][1] == [dek, bytes([env.Purpose.ENVELOPE]), b"key-1"]  # what opened it
+    assert vault.active == "key-1" and list(vault.master) == ["key-1"] and "key-1" in vault._aeads
+    # A key no longer given to the vault (destroyed) leaves no copy in it.
+    vault.handle(Op.NEW_MASTER_KEY, [b"key-2"])
+    material = vault.materials["key-2"].encode()
+    assert vault.handle(Op.LOAD_MASTER_KEYS, [b"key-2", b"key-2", material]) == (Status.OK, [])
+    assert list(vault.master) == ["key-2"] and "key-1" not in vault._aeads
     # Fields that do not add up to items: the whole frame is refused, nothing runs.
     assert vault.handle(Op.BATCH, [bytes([Op.UNWRAP_DEK, 3]), b"alice"]) == (Status.BAD_REQUEST, [])
     assert vault.handle(Op.BATCH, [b"\x06"]) == (Status.BAD_REQUEST, [])

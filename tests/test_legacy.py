@@ -444,3 +444,43 @@ async def test_rotation_on_an_original_database(mariadb: Any, secret_file: Path,
         # Unattributed rows keep every retired key: destroying one is refused.
         status, refused = await api.call("DELETE", f"/api/master-keys/{OWN_KEY_ID}?now=true")
         assert status == 409 and refused["records"] == len(BROKEN), refused
+
+
+async def test_a_key_pending_deletion_refuses_the_originals_dek_that_names_no_key(
+    mariadb: Any, secret_file: Path, daemon_factory: Any
+) -> None:
+    """The original's wrapped DEKs carry no key id: the vault tries every
+    key. One that only a key scheduled for deletion opens is refused like
+    kmsd's own (409, naming the key that opened it), a stored row of the
+    original and an envelope a client of the original keeps alike; the
+    cancellation makes both usable again."""
+    url = make_original_db(mariadb)
+    d = daemon_factory(
+        database=url, dev=False,
+        extra_env={"ROOT_KEY": ROOT_KEY, "KMSD_LEGACY_JWT_SECRET_FILE": str(secret_file)},
+    )
+    row = next(r for r in BUILT if r["user_id"] == "built-15")  # under OWN_KEY, a retired key
+    dek = os.urandom(32)
+    remember(dek)
+    envelope = cbc_encrypt(OWN_KEY, dek, pads=2)  # as the original's /api/encrypt wrapped a DEK
+    session, api = open_api(d, "unix")
+    async with session:
+        token = legacy_token("built-15")
+        assert await read(api, token) == (200, {"data": row["expected_data"]})
+        assert await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": envelope}, token=token) == (
+            200, {"dek": dek.hex()})
+        status, body = await api.call("POST", f"/api/master-keys/{OWN_KEY_ID}/schedule-deletion", {"days": 7})
+        assert status == 200, body
+        refusal = {"error": "the master key of this ciphertext is scheduled for deletion",
+                   "code": "key_pending_deletion", "key_id": OWN_KEY_ID}
+        assert await read(api, token) == (409, refusal)
+        assert await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": envelope}, token=token) == (409, refusal)
+        status, body = await api.call("POST", "/api/rewrap", {"encrypted_dek": envelope}, token=token)
+        assert (status, body) == (409, refusal)
+        # Under the active key, the original's rows still read.
+        other = next(r for r in BUILT if r["user_id"] == "built-16")
+        assert await read(api, legacy_token("built-16")) == (200, {"data": other["expected_data"]})
+        assert (await api.call("POST", f"/api/master-keys/{OWN_KEY_ID}/cancel-deletion"))[0] == 200
+        assert await read(api, token) == (200, {"data": row["expected_data"]})
+        assert await api.call("POST", "/api/decrypt-dek", {"encrypted_dek": envelope}, token=token) == (
+            200, {"dek": dek.hex()})
