@@ -119,6 +119,10 @@ def test_the_documented_vectors(tmp_path: Path) -> None:
         again = seal_blob(dek, v["encrypted_dek"], bytes.fromhex(v["plaintext"]), context=v["context"],
                           segment_size=v["segment_size"], salt=bytes.fromhex(v["salt"]))
         assert again == blob, "the format changed: the vectors no longer match"
+    # Version 1 (its key bound to no context by kmsd) is still read.
+    assert len(vectors["valid_v1"]) == 4
+    for v in vectors["valid_v1"]:
+        assert open_blob(dek, bytes.fromhex(v["blob"]), context=v["context"]) == bytes.fromhex(v["plaintext"])
     for v in vectors["invalid"]:
         with pytest.raises(InvalidEnvelope):
             open_blob(dek, bytes.fromhex(v["blob"]), context=v.get("expect_context"))
@@ -181,6 +185,33 @@ def test_documents_through_the_daemon(kms: KMSClient, tmp_path: Path) -> None:
         with pytest.raises(InvalidEnvelope):
             decrypt(kms, sealed, opened, token=token)
         assert not opened.exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_a_version_1_blob_still_decrypts_and_a_downgrade_does_not(
+    kms: KMSClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1 blobs (written before kmsd bound the context to the key)
+    are unwrapped without a context; a version-2 blob relabelled as
+    version 1 gets no key (its key is bound to its context) and would not
+    authenticate anyway (the header is the segments' associated data)."""
+    import kmsd_client.envelope as envelope
+
+    owner = f"env-v1-{uuid.uuid4().hex[:10]}"
+    with kms:
+        token = kms.store(owner, f"v1-{uuid.uuid4().hex}")
+        remember(token)
+        document = os.urandom(5000)
+        dek, wrapped = kms.datakey(token=token)  # as the version-1 client asked: no context
+        assert dek is not None
+        with monkeypatch.context() as m:
+            m.setattr(envelope, "VERSION", 1)
+            old = seal_blob(dek, wrapped, document, context={"doc": "a"}, segment_size=1024)
+        assert old[4] == 1
+        assert decrypt(kms, old, token=token, context={"doc": "a"}) == document
+        new = encrypt(kms, document, token=token, context={"doc": "a"}, segment_size=1024)
+        assert isinstance(new, bytes) and new[4] == 2
+        with pytest.raises(DecryptionFailed):
+            decrypt(kms, new[:4] + b"\x01" + new[5:], token=token)
 
 
 def _swap_wrapped_key(blob: bytes, donor: bytes) -> bytes:

@@ -7,7 +7,7 @@ the wrapped key, the context and the ciphertext. ``decrypt(kms, blob)``
 has kmsd unwrap the key for the caller's token and reverses it. Both stream:
 memory stays flat (a few segments) for files of any size.
 
-The format (version 1; ``docs/envelope-format.md`` has it byte by byte, with
+The format (version 2; ``docs/envelope-format.md`` has it byte by byte, with
 test vectors): a header, then the plaintext in fixed-size segments, each
 AES-256-GCM under a key derived from the data key and a per-blob salt, with
 its index and a final-segment flag in the nonce and a digest of the header
@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_SEGMENT_SIZE", "InvalidEnvelope", "decrypt", "encrypt", "open_blob", "seal_blob"]
 
 MAGIC = b"KMSE"
-VERSION = 1
+# 2: the wrapped key is bound to the context by kmsd too. 1 (the same
+# layout; its key bound to no context) is still read.
+VERSION = 2
+_READABLE = frozenset({1, 2})
 DEFAULT_SEGMENT_SIZE = 1 << 20
 MIN_SEGMENT_SIZE = 16
 MAX_SEGMENT_SIZE = 1 << 24
@@ -173,7 +176,7 @@ def read_header(read: Callable[[int], bytes]) -> tuple[bytes, int, bytes, bytes,
     if len(fixed) != _FIXED.size:
         raise InvalidEnvelope()
     magic, version, segment_size, salt, commitment, wrapped_len, ctx_len = _FIXED.unpack(fixed)
-    if magic != MAGIC or version != VERSION or not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+    if magic != MAGIC or version not in _READABLE or not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
         raise InvalidEnvelope()
     rest = _read_full(read, wrapped_len + ctx_len)
     if len(rest) != wrapped_len + ctx_len:
@@ -319,10 +322,11 @@ def decrypt(
     read, close = _reader(source)
     try:
         header = read_header(read)
-        # The context the header carries is the one kmsd bound the key to:
-        # a header given another one gets no key (and its segments would
-        # not authenticate either).
-        dek = kms.decrypt_dek(header[4], token=token, context=header[5])
+        # The context the header carries is the one kmsd bound the key to
+        # (from version 2): a header given another one gets no key (and its
+        # segments would not authenticate either).
+        bound = header[5] if header[0][4] >= 2 else None
+        dek = kms.decrypt_dek(header[4], token=token, context=bound)
         with _writer(out, whole_only=True) as (write, buffer):
             open_stream(dek, read, write, header=header, context=context, progress=progress)
     finally:
