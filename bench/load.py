@@ -49,6 +49,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -163,26 +164,49 @@ def _session(target: Target, limit: int, timeout: float, *, force_close: bool = 
     )
 
 
-async def _write_phase(
+# What a timed phase sends for its i-th request: the body (None for a GET) and
+# the headers.
+_Request = tuple[bytes | None, dict[str, str]]
+# A timed phase's look at one answer 200 to its i-th request: True if the
+# request counts as ok. It counts its own failures in the stats ("bad_body",
+# mismatches, items); ``measured`` says whether the request was sent after
+# the warm-up.
+_Check = Callable[[Stats, int, bytes, bool], bool]
+
+
+async def _settle(st: Stats, tasks: Sequence[asyncio.Task[None]], hard: float) -> None:
+    """Wait for the tasks at most ``hard`` seconds; cancel the others, each
+    counted as "timeout"."""
+    _, pending = await asyncio.wait(tasks, timeout=hard)
+    for t in pending:
+        t.cancel()
+        st.errors["timeout"] += 1
+    await asyncio.gather(*pending, return_exceptions=True)
+    st.finished = time.time()
+
+
+async def _drive(
     target: Target,
+    method: str,
+    url: str,
+    request: Callable[[int], _Request],
+    check: _Check,
+    *,
     concurrency: int,
     duration: float,
     max_requests: int,
-    prefix: str,
-    data_size: int,
-    keep_tokens: bool,
     start_at: float,
     timeout: float,
-    warmup: float = 0.0,
+    warmup: float,
 ) -> Stats:
+    """The loop of every timed phase: from start_at, ``concurrency`` workers
+    on one keep-alive session send ``request(0)``, ``request(1)``, ... until
+    warmup + duration has passed or max_requests were sent, and hand every
+    answer 200 to ``check``. Only a request sent after the warm-up is counted
+    in requests, lat and ok; errors are counted either way, the warm-up's as
+    "warmup:<name>". Workers still running duration + warmup + GRACE seconds
+    after the start are cancelled, each counted as "timeout"."""
     st = Stats()
-    url = target.url
-    # Bodies are bytes built from a template: no json.dumps per request. The
-    # user id is unique per process (prefix) and per request (counter).
-    pad = "x" * max(0, data_size - len(prefix) - 8)
-    # %-formatting on purpose: the template is filled by % per request (the fastest way).
-    template = ('{"data":"d%s-%%d%s","user_id":"%s-%%d"}' % (prefix, pad, prefix)).encode()  # noqa: UP031
-    data_template = f"d{prefix}-%d{pad}"
     counter = 0
     limit = max_requests if max_requests > 0 else math.inf
 
@@ -196,14 +220,15 @@ async def _write_phase(
         async def worker() -> None:
             nonlocal counter
             perf = time.perf_counter
+            send = session.request
             while counter < limit and perf() < deadline:
                 i = counter
                 counter += 1
-                body = template % (i, i)
+                data, headers = request(i)
                 t = perf()
                 measured = t >= measure_from
                 try:
-                    async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
+                    async with send(method, url, data=data, headers=headers) as resp:
                         raw = await resp.read()
                         status = resp.status
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -216,24 +241,46 @@ async def _write_phase(
                 if status != 200:
                     st.errors[("" if measured else "warmup:") + str(status)] += 1
                     continue
-                try:
-                    token = json.loads(raw)["access_token"]
-                except (ValueError, KeyError, TypeError):
-                    st.errors["bad_body"] += 1
-                    continue
-                st.ok += measured
-                if keep_tokens:
-                    st.tokens.append((token, data_template % i))
+                if check(st, i, raw, measured):
+                    st.ok += measured
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        hard = (duration if duration > 0 else 300.0) + warmup + GRACE
-        done, pending = await asyncio.wait(tasks, timeout=hard)
-        for t in pending:
-            t.cancel()
-            st.errors["timeout"] += 1
-        await asyncio.gather(*pending, return_exceptions=True)
-        st.finished = time.time()
+        await _settle(st, tasks, (duration if duration > 0 else 300.0) + warmup + GRACE)
     return st
+
+
+async def _write_phase(
+    target: Target,
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    prefix: str,
+    data_size: int,
+    keep_tokens: bool,
+    start_at: float,
+    timeout: float,
+    warmup: float = 0.0,
+) -> Stats:
+    # Bodies are bytes built from a template: no json.dumps per request. The
+    # user id is unique per process (prefix) and per request (counter).
+    pad = "x" * max(0, data_size - len(prefix) - 8)
+    # %-formatting on purpose: the template is filled by % per request (the fastest way).
+    template = ('{"data":"d%s-%%d%s","user_id":"%s-%%d"}' % (prefix, pad, prefix)).encode()  # noqa: UP031
+    data_template = f"d{prefix}-%d{pad}"
+
+    def check(st: Stats, i: int, raw: bytes, measured: bool) -> bool:
+        try:
+            token = json.loads(raw)["access_token"]
+        except (ValueError, KeyError, TypeError):
+            st.errors["bad_body"] += 1
+            return False
+        if keep_tokens:
+            st.tokens.append((token, data_template % i))
+        return True
+
+    return await _drive(target, "POST", target.url, lambda i: (template % (i, i), JSON_HEADERS), check,
+                        concurrency=concurrency, duration=duration, max_requests=max_requests,
+                        start_at=start_at, timeout=timeout, warmup=warmup)
 
 
 async def _read_phase(
@@ -247,63 +294,26 @@ async def _read_phase(
     timeout: float,
     warmup: float = 0.0,
 ) -> Stats:
-    st = Stats()
-    url = target.url
     if not tokens:
         raise SystemExit("read phase without tokens")
-    # Headers and expected bodies prepared once per token.
-    prepared = [({"Authorization": "Bearer " + tok}, data) for tok, data in tokens]
-    n = len(prepared)
-    counter = 0
-    limit = max_requests if max_requests > 0 else math.inf
+    # Requests and expected plaintexts prepared once per token.
+    requests: list[_Request] = [(None, {"Authorization": "Bearer " + tok}) for tok, _ in tokens]
+    expected = [data for _, data in tokens]
+    n = len(requests)
+    loads = json.loads
 
-    async with _session(target, concurrency, timeout) as session:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        t0 = time.perf_counter()
-        measure_from = t0 + warmup
-        deadline = measure_from + duration if duration > 0 else math.inf
-        st.started = time.time() + warmup
+    def check(st: Stats, i: int, raw: bytes, measured: bool) -> bool:
+        if verify:
+            try:
+                if loads(raw)["data"] != expected[i % n]:
+                    st.mismatches += 1
+            except (ValueError, KeyError, TypeError):
+                st.mismatches += 1
+        return True
 
-        async def worker() -> None:
-            nonlocal counter
-            perf = time.perf_counter
-            loads = json.loads
-            while counter < limit and perf() < deadline:
-                headers, expected = prepared[counter % n]
-                counter += 1
-                t = perf()
-                measured = t >= measure_from
-                try:
-                    async with session.get(url, headers=headers) as resp:
-                        raw = await resp.read()
-                        status = resp.status
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    st.errors[("" if measured else "warmup:") + _conn_error(exc)] += 1
-                    st.requests += measured
-                    continue
-                if measured:
-                    st.requests += 1
-                    st.lat.append(perf() - t)
-                if status != 200:
-                    st.errors[("" if measured else "warmup:") + str(status)] += 1
-                    continue
-                st.ok += measured
-                if verify:
-                    try:
-                        if loads(raw)["data"] != expected:
-                            st.mismatches += 1
-                    except (ValueError, KeyError, TypeError):
-                        st.mismatches += 1
-
-        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        hard = (duration if duration > 0 else 300.0) + warmup + GRACE
-        done, pending = await asyncio.wait(tasks, timeout=hard)
-        for t in pending:
-            t.cancel()
-            st.errors["timeout"] += 1
-        await asyncio.gather(*pending, return_exceptions=True)
-        st.finished = time.time()
-    return st
+    return await _drive(target, "GET", target.url, lambda i: requests[i % n], check,
+                        concurrency=concurrency, duration=duration, max_requests=max_requests,
+                        start_at=start_at, timeout=timeout, warmup=warmup)
 
 
 async def _datakey_phase(
@@ -320,65 +330,27 @@ async def _datakey_phase(
     """POST /api/datakey with the tokens in turn (one subject each, as the
     read phase presents them). Verifying: every answer must hold a data key
     (64 hex digits) and its wrapped form, else it counts as "bad_body"."""
-    st = Stats()
-    url = target.datakey_url
     if not tokens:
         raise SystemExit("datakey phase without tokens")
-    prepared = [{"Authorization": "Bearer " + tok, **JSON_HEADERS} for tok, _ in tokens]
-    n = len(prepared)
-    counter = 0
-    limit = max_requests if max_requests > 0 else math.inf
+    requests: list[_Request] = [(b"{}", {"Authorization": "Bearer " + tok, **JSON_HEADERS}) for tok, _ in tokens]
+    n = len(requests)
+    loads = json.loads
 
-    async with _session(target, concurrency, timeout) as session:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        t0 = time.perf_counter()
-        measure_from = t0 + warmup
-        deadline = measure_from + duration if duration > 0 else math.inf
-        st.started = time.time() + warmup
+    def check(st: Stats, i: int, raw: bytes, measured: bool) -> bool:
+        if not verify:
+            return True
+        try:
+            doc = loads(raw)
+            good = len(bytes.fromhex(doc["dek"])) == 32 and isinstance(doc["encrypted_dek"], str)
+        except (ValueError, KeyError, TypeError):
+            good = False
+        if not good:
+            st.errors[("" if measured else "warmup:") + "bad_body"] += 1
+        return good
 
-        async def worker() -> None:
-            nonlocal counter
-            perf = time.perf_counter
-            loads = json.loads
-            while counter < limit and perf() < deadline:
-                headers = prepared[counter % n]
-                counter += 1
-                t = perf()
-                measured = t >= measure_from
-                try:
-                    async with session.post(url, data=b"{}", headers=headers) as resp:
-                        raw = await resp.read()
-                        status = resp.status
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    st.errors[("" if measured else "warmup:") + _conn_error(exc)] += 1
-                    st.requests += measured
-                    continue
-                if measured:
-                    st.requests += 1
-                    st.lat.append(perf() - t)
-                if status != 200:
-                    st.errors[("" if measured else "warmup:") + str(status)] += 1
-                    continue
-                if verify:
-                    try:
-                        doc = loads(raw)
-                        good = len(bytes.fromhex(doc["dek"])) == 32 and isinstance(doc["encrypted_dek"], str)
-                    except (ValueError, KeyError, TypeError):
-                        good = False
-                    if not good:
-                        st.errors[("" if measured else "warmup:") + "bad_body"] += 1
-                        continue
-                st.ok += measured
-
-        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        hard = (duration if duration > 0 else 300.0) + warmup + GRACE
-        done, pending = await asyncio.wait(tasks, timeout=hard)
-        for t in pending:
-            t.cancel()
-            st.errors["timeout"] += 1
-        await asyncio.gather(*pending, return_exceptions=True)
-        st.finished = time.time()
-    return st
+    return await _drive(target, "POST", target.datakey_url, lambda i: requests[i % n], check,
+                        concurrency=concurrency, duration=duration, max_requests=max_requests,
+                        start_at=start_at, timeout=timeout, warmup=warmup)
 
 
 async def _batch_phase(
@@ -398,82 +370,43 @@ async def _batch_phase(
     answered 200 with exactly len(expected) entries, every one a DEK (and,
     verifying, the DEK /api/datakey gave for that item); items counts the
     entries that were, whatever became of their request."""
-    st = Stats()
-    url = target.unwrap_url
     size = len(expected)
-    counter = 0
-    limit = max_requests if max_requests > 0 else math.inf
+    request: _Request = (body, headers)
 
-    async with _session(target, concurrency, timeout) as session:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        t0 = time.perf_counter()
-        measure_from = t0 + warmup
-        deadline = measure_from + duration if duration > 0 else math.inf
-        st.started = time.time() + warmup
-
-        def check(raw: bytes, measured: bool) -> None:
-            try:
-                entries = json.loads(raw)["batch"]
-                if not isinstance(entries, list):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                st.errors[("" if measured else "warmup:") + "bad_body"] += 1
-                return
-            if verify and entries == expected:  # the usual case, one comparison in C
-                st.items += size * measured
-                st.ok += measured
-                return
-            good = 0
-            for i, entry in enumerate(entries):
-                if not isinstance(entry, dict):
-                    st.item_errors["bad_entry"] += measured
-                elif "dek" in entry:
-                    if verify and (i >= size or entry != expected[i]):
-                        st.mismatches += measured
-                    else:
-                        good += 1
+    def check(st: Stats, i: int, raw: bytes, measured: bool) -> bool:
+        try:
+            entries = json.loads(raw)["batch"]
+            if not isinstance(entries, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            st.errors[("" if measured else "warmup:") + "bad_body"] += 1
+            return False
+        if verify and entries == expected:  # the usual case, one comparison in C
+            st.items += size * measured
+            return True
+        good = 0
+        for j, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                st.item_errors["bad_entry"] += measured
+            elif "dek" in entry:
+                if verify and (j >= size or entry != expected[j]):
+                    st.mismatches += measured
                 else:
-                    st.item_errors[str(entry.get("code") or entry.get("status") or "bad_entry")] += measured
-            st.items += good * measured
-            if len(entries) != size:
-                st.errors[("" if measured else "warmup:") + "wrong_count"] += 1
-            elif good == size:
-                st.ok += measured
+                    good += 1
             else:
-                st.errors[("" if measured else "warmup:") + "item_errors"] += 1
+                st.item_errors[str(entry.get("code") or entry.get("status") or "bad_entry")] += measured
+        st.items += good * measured
+        if len(entries) != size:
+            st.errors[("" if measured else "warmup:") + "wrong_count"] += 1
+            return False
+        if good != size:
+            st.errors[("" if measured else "warmup:") + "item_errors"] += 1
+            return False
+        return True
 
-        async def worker() -> None:
-            nonlocal counter
-            perf = time.perf_counter
-            while counter < limit and perf() < deadline:
-                counter += 1
-                t = perf()
-                measured = t >= measure_from
-                try:
-                    async with session.post(url, data=body, headers=headers) as resp:
-                        raw = await resp.read()
-                        status = resp.status
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    st.errors[("" if measured else "warmup:") + _conn_error(exc)] += 1
-                    st.requests += measured
-                    continue
-                if measured:
-                    st.requests += 1
-                    st.lat.append(perf() - t)
-                if status != 200:
-                    st.errors[("" if measured else "warmup:") + str(status)] += 1
-                    continue
-                check(raw, measured)
-
-        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        hard = (duration if duration > 0 else 300.0) + warmup + GRACE
-        done, pending = await asyncio.wait(tasks, timeout=hard)
-        for t in pending:
-            t.cancel()
-            st.errors["timeout"] += 1
-        await asyncio.gather(*pending, return_exceptions=True)
-        st.finished = time.time()
-    return st
+    return await _drive(target, "POST", target.unwrap_url, lambda i: request, check,
+                        concurrency=concurrency, duration=duration, max_requests=max_requests,
+                        start_at=start_at, timeout=timeout, warmup=warmup)
 
 
 async def prepare_batch(target: Target, size: int, context: bool, prefix: str, verify: bool,
@@ -575,12 +508,7 @@ async def _burst_phase(target: Target, n: int, prefix: str, data_size: int, time
         await asyncio.sleep(max(0.0, start_at - time.time()))
         st.started = time.time()
         gate.set()
-        done, pending = await asyncio.wait(tasks, timeout=timeout + GRACE)
-        for t in pending:
-            t.cancel()
-            st.errors["timeout"] += 1
-        await asyncio.gather(*pending, return_exceptions=True)
-        st.finished = time.time()
+        await _settle(st, tasks, timeout + GRACE)
     return st
 
 
