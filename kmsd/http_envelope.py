@@ -58,6 +58,7 @@ R = TypeVar("R")
 class _Item:
     """One item's validated input."""
 
+    body: dict[str, Any]  # the item as sent: its user_id is read once the caller is known
     context: dict[str, str]
     owner: str | None = None  # whose the envelope is (encrypt, datakey), or the rewrap's target
     data: bytes = b""
@@ -208,6 +209,16 @@ def _user_id(item: dict[str, Any]) -> str | None:
     return require_user_id(item) if item.get("user_id") is not None else None
 
 
+def _check_user_id(item: dict[str, Any]) -> None:
+    _user_id(item)
+
+
+def _envelope_item(item: dict[str, Any]) -> _Item:
+    """An item naming a wrapped DEK (decrypt-dek, rewrap)."""
+    encrypted_dek = require_str(item, "encrypted_dek")
+    return _Item(item, require_context(item), encrypted_dek=encrypted_dek)
+
+
 # -- the routes ------------------------------------------------------------------
 
 
@@ -218,14 +229,17 @@ async def encrypt(request: web.Request) -> web.Response:
     encrypted under it. With no owner at all: the original's contract, an
     unbound envelope, unless ``unbound_envelopes = "refuse"``."""
     body = await read_json(request)
-    call = _start(request, "encrypt", body, lambda item: _Item(
-        require_context(item), _user_id(item), data=require_base64(item, "data"), dek=require_dek(item),
-    ))
+
+    def parse(item: dict[str, Any]) -> _Item:
+        data, dek = require_base64(item, "data"), require_dek(item)
+        return _Item(item, require_context(item), data=data, dek=dek)
+
+    call = _start(request, "encrypt", body, parse)
     claims = await caller_claims(request, required=False)
     refuse = request.app[STATE].settings.unbound_envelopes == "refuse"
 
     def bind(item: _Item) -> None:
-        item.owner = item.owner or (claims.subject if claims is not None else None)
+        item.owner = _user_id(item.body) or (claims.subject if claims is not None else None)
         if item.owner is None and refuse:
             raise BadRequest(
                 'user_id or a bearer token is required to bind the DEK to its owner (unbound_envelopes = "refuse")'
@@ -253,13 +267,13 @@ async def datakey(request: web.Request) -> web.Response:
         plaintext = item.get("plaintext", True)
         if not isinstance(plaintext, bool):
             raise BadRequest("plaintext must be true or false")
-        return _Item(require_context(item), _user_id(item), plaintext=plaintext)
+        return _Item(item, require_context(item), plaintext=plaintext)
 
     call = _start(request, "datakey", await read_json(request), parse)
     claims = await caller_claims(request, required=False)
 
     def bind(item: _Item) -> None:
-        item.owner = item.owner or (claims.subject if claims is not None else None)
+        item.owner = _user_id(item.body) or (claims.subject if claims is not None else None)
         if item.owner is None:
             # No compatibility to keep here: a data key always has an owner.
             raise BadRequest("user_id or a bearer token is required: a data key is bound to its owner")
@@ -285,17 +299,12 @@ async def decrypt_dek(request: web.Request) -> web.Response:
     """The DEK of an envelope the token's subject may open, given the
     context it was bound to."""
 
-    def parse(item: dict[str, Any]) -> _Item:
-        encrypted_dek = require_str(item, "encrypted_dek")
-        # The original key-server sends the record's user_id beside its
-        # token: checked as input, but the token alone decides whose DEK
-        # this may be.
-        _user_id(item)
-        return _Item(require_context(item), encrypted_dek=encrypted_dek)
-
-    call = _start(request, "decrypt_dek", await read_json(request), parse)
+    call = _start(request, "decrypt_dek", await read_json(request), _envelope_item)
     claims = await caller_claims(request, required=True)
     assert claims is not None
+    # The original key-server sends the record's user_id beside its token:
+    # checked as input, but the token alone decides whose DEK this may be.
+    call.refine(lambda item: _check_user_id(item.body))
     allowed = request.app[STATE].settings.unbound_envelopes == "allow"
     results = await call.run(
         lambda items: _kms(request).decrypt_dek([(i.encrypted_dek, i.bound) for i in items], claims.subject)
@@ -316,9 +325,7 @@ async def rewrap(request: web.Request) -> web.Response:
     (another subject than the caller's own needs an admin peer), else bound
     as it was, and to the same context. How applications upgrade the
     envelopes in their own tables."""
-    call = _start(request, "rewrap", await read_json(request), lambda item: _Item(
-        require_context(item), _user_id(item), encrypted_dek=require_str(item, "encrypted_dek"),
-    ))
+    call = _start(request, "rewrap", await read_json(request), _envelope_item)
     claims = await caller_claims(request, required=True)
     assert claims is not None
     admin = request.app[STATE].policy.is_admin(peer_of(request))
@@ -326,6 +333,7 @@ async def rewrap(request: web.Request) -> web.Response:
     allowed = admin or request.app[STATE].settings.unbound_envelopes == "allow"
 
     def check(item: _Item) -> None:
+        item.owner = _user_id(item.body)
         if item.owner is not None and item.owner != claims.subject and not admin:
             raise Forbidden("binding an envelope to another subject than the token's requires an admin peer")
 
