@@ -57,15 +57,22 @@ __all__ = [
     "VaultError",
     "WrongRootKey",
     "error_body",
+    "error_fields",
     "error_for_code",
 ]
+
+
+def error_fields(exc: KMSError) -> dict[str, object]:
+    """What every error answer says: the documented extra fields, then
+    ``error`` and ``code`` (a batch item's adds its ``status``)."""
+    return {**exc.extra, "error": exc.message, "code": exc.code}
 
 
 def error_body(exc: KMSError) -> bytes:
     """The JSON body of every error answer, wherever it is rendered (the
     error middleware, and the connection layer for what never reaches a
-    route): the documented extra fields, then ``error`` and ``code``."""
-    return json.dumps({**exc.extra, "error": exc.message, "code": exc.code}, separators=(",", ":")).encode()
+    route)."""
+    return json.dumps(error_fields(exc), separators=(",", ":")).encode()
 
 
 class StoreError(Unavailable):

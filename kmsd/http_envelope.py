@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 
 from . import envelope as env
-from .errors import BadRequest, Forbidden, KeyPendingDeletion, KMSError, PayloadTooLarge
+from .errors import BadRequest, Forbidden, KeyPendingDeletion, KMSError, PayloadTooLarge, error_fields
 from .http_input import (
     caller_claims,
     read_json,
@@ -175,7 +175,7 @@ def _note(values: list[Any], value: Any) -> None:
 
 def _entry(result: R | KMSError, render: Callable[[R], dict[str, Any]]) -> dict[str, Any]:
     if isinstance(result, KMSError):
-        return {**result.extra, "error": result.message, "code": result.code, "status": result.status}
+        return {**error_fields(result), "status": result.status}
     return render(result)
 
 

@@ -632,3 +632,23 @@ def test_response_heads() -> None:
     assert parse_chunk_size(b"1a;x=y\r\n") == 26
     with pytest.raises(ProtocolError):
         parse_chunk_size(b"-1\r\n")
+
+
+async def test_a_get_answered_in_part_is_not_resent(fake_server: Any) -> None:
+    """Part of an answer came: the daemon did answer, so even a GET is not
+    sent again; the call fails and the connection is dropped."""
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> bool:
+        if head.startswith(b"GET /api/keys"):
+            writer.write(answer(b'{"data": "d"}')[:-5])
+            await writer.drain()
+            return False
+        writer.write(answer(b'{"status": "ok"}'))
+        return True
+
+    fake, path = await fake_server(reply)
+    async with AsyncKMSClient(path) as client:
+        await client.health()
+        with pytest.raises(Unavailable, match="mid-answer"):
+            await client.fetch(SECRET_TOKEN)
+        assert await client.health() == {"status": "ok"}
+    assert [h.split(b" ")[1] for _, h in fake.requests] == [b"/healthz", b"/api/keys", b"/healthz"]

@@ -191,7 +191,9 @@ async def _read_answer(reader: asyncio.StreamReader, method: str) -> tuple[Respo
         if head.framing is Framing.UNTIL_CLOSE:
             return head, await _read_until_close(reader)
         return head, b""
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        # Part of the answer came: the request was answered, so it is never
+        # resent, not even a GET.
         raise ProtocolError("connection closed mid-answer") from None
     except asyncio.LimitOverrunError:
         raise ProtocolError("chunk line too long") from None
