@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -151,6 +152,16 @@ def apply_reload(app: web.Application, new: Settings) -> list[str]:
     return changed
 
 
+def _tune_gc() -> None:
+    """A batch of a thousand DEKs makes tens of thousands of short-lived
+    objects, none in a cycle: at the default threshold (700) the collector
+    ran so often that it cost a third of the daemon's time (batch unwrap
+    at c=4: 103k DEKs/s, 147k with this). What exists at startup (modules,
+    settings, the app) is frozen: no collection scans it again."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -195,6 +206,7 @@ async def serve(
     else:
         addresses = [settings.socket] + [f"{h}:{p}" for h, p in settings.listen]
     _warn_about(settings, log)
+    _tune_gc()
     log.info(
         "kmsd_started",
         listen=addresses,
