@@ -25,7 +25,6 @@ from .vault_protocol import Kind, Rewrap
 __all__ = ["KMS", "RewrapResult"]
 
 T = TypeVar("T")
-D = TypeVar("D", DEK, Kind)
 X = TypeVar("X")
 
 
@@ -394,7 +393,10 @@ class KMS:
         opened = await self._open_each(
             items, lambda todo: self.vault.unwrap_deks([(caller, _ENVELOPE_PURPOSES, w, c) for w, c in todo])
         )
-        return [await self._admit(d, d.wrapped, caller) if isinstance(d, DEK) and d.legacy else d for d in opened]
+        refused = await self._refused_unbound(
+            [(n, d.kind, d.wrapped) for n, d in enumerate(opened) if isinstance(d, DEK) and d.legacy], caller
+        )
+        return [refused.get(n, d) for n, d in enumerate(opened)]
 
     async def rewrap_envelope(
         self, items: Sequence[tuple[str, bytes, str | None]], caller: str
@@ -410,14 +412,15 @@ class KMS:
                 [(caller, _ENVELOPE_PURPOSES, w, t, c) for w, (c, t) in todo]
             ),
         )
-        out: list[tuple[str, Kind] | KMSError] = []
-        for (text, _, _), o in zip(items, opened, strict=True):
-            if isinstance(o, KMSError):
-                out.append(o)
-                continue
-            admitted = await self._admit(o.kind, env.b64d(text), caller) if o.kind.unbound else o.kind
-            out.append(admitted if isinstance(admitted, KMSError) else (env.b64e(o.wrapped), o.kind))
-        return out
+        refused = await self._refused_unbound(
+            [(n, o.kind, env.b64d(text)) for n, ((text, _, _), o) in enumerate(zip(items, opened, strict=True))
+             if not isinstance(o, KMSError) and o.kind.unbound],
+            caller,
+        )
+        return [
+            o if isinstance(o, KMSError) else refused.get(n) or (env.b64e(o.wrapped), o.kind)
+            for n, o in enumerate(opened)
+        ]
 
     async def _open_each(
         self,
@@ -475,16 +478,22 @@ class KMS:
             return KeyPendingDeletion(extra={"key_id": key_id})
         return None
 
-    async def _admit(self, opened: D, wrapped: bytes, caller: str) -> D | KMSError:
-        """``opened`` (a DEK or how one opened), unless it is another user's
-        stored record's unbound DEK."""
-        kind = opened.kind if isinstance(opened, DEK) else opened
-        assert isinstance(kind, Kind)
-        try:
-            await self._check_unbound(kind, wrapped, caller)
-        except DecryptionFailed as exc:
-            return exc
-        return opened
+    async def _refused_unbound(self, opened: Sequence[tuple[int, Kind, bytes]], caller: str) -> dict[int, KMSError]:
+        """Of the ``(index, kind, wrapped)`` that opened with no owner, those
+        that are another user's stored record's DEK: each costs two reads,
+        so a batch of them runs a few at a time, not one after another."""
+        gate = asyncio.Semaphore(_OWNER_CHECKS)
+        refused: dict[int, KMSError] = {}
+
+        async def check(index: int, kind: Kind, wrapped: bytes) -> None:
+            async with gate:
+                try:
+                    await self._check_unbound(kind, wrapped, caller)
+                except DecryptionFailed as exc:
+                    refused[index] = exc
+
+        await asyncio.gather(*(check(*item) for item in opened))
+        return refused
 
     async def _check_unbound(self, kind: Kind, wrapped: bytes, caller: str) -> None:
         """An envelope with no owner is anyone's (the original's rule) unless
@@ -520,6 +529,8 @@ class KMS:
         return checks
 
 
+# Owner checks of unbound DEKs a batch runs at once (two reads each).
+_OWNER_CHECKS = 16
 # Rounds of read-then-compare-and-set before a concurrent writer wins.
 _CAS_ATTEMPTS = 5
 

@@ -558,6 +558,28 @@ def test_a_stored_records_dek_is_refused_to_anyone_else(site: Site) -> None:
     assert status == 200 and len(bytes.fromhex(opened["dek"])) == 32
 
 
+def test_a_batch_of_unbound_envelopes_keeps_each_records_dek_to_its_owner(site: Site) -> None:
+    """In a batch, every envelope with no owner is checked against the
+    stored records on its own (a few at a time): the original's rows' DEKs
+    stay their owners', the unbound envelopes of the original's clients open
+    for any token, in order."""
+    intruder = site.token("dropin-batch-intruder")
+    rows = [site.table.select(row["user_id"])[1] for row in READABLE[:6]]  # type: ignore[index]
+    deks = [os.urandom(32) for _ in range(6)]
+    remember(*deks)
+    made = [site.tcp.call("POST", "/api/encrypt", {"data": b64(b"x"), "dek": d.hex()})[1]["encrypted_dek"] for d in deks]
+    mixed = [text for pair in zip(rows, made, strict=True) for text in pair]
+    for route in ("/api/decrypt-dek", "/api/rewrap"):
+        status, body = site.tcp.call("POST", route, {"batch": [{"encrypted_dek": t} for t in mixed]}, token=intruder)
+        assert status == 200, body
+        got = body["batch"]
+        assert [e.get("code") for e in got[0::2]] == ["decryption_failed"] * 6, (route, got)
+        if route == "/api/decrypt-dek":
+            assert [e["dek"] for e in got[1::2]] == [d.hex() for d in deks]
+        else:
+            assert all(set(e) == {"encrypted_dek"} for e in got[1::2])
+
+
 def test_a_records_dek_stays_its_owners_after_the_row_is_replaced_or_deleted(site: Site) -> None:
     """A copy of an old row (a backup) still has the data its wrapped DEK
     opens: the DEK must not become anyone's once kmsd replaces the row."""
