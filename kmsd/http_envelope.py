@@ -50,7 +50,6 @@ UNBOUND_REFUSED = (
     "an admin peer can rewrap one with an owner (POST /api/rewrap)"
 )
 
-P = TypeVar("P")
 R = TypeVar("R")
 
 

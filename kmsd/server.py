@@ -262,11 +262,11 @@ async def schedule_key_deletion(request: web.Request) -> web.Response:
     body = await read_json(request) if request.can_read_body else {}
     if set(body) - {"days"}:
         raise BadRequest("the only field is days")
-    # The type here; the range is the key ring's, for every caller.
-    days = body.get("days")
-    if "days" in body and (isinstance(days, bool) or not isinstance(days, int)):
-        raise BadRequest("days must be an integer from 7 to 30")
-    result = await _kms(request).keyring.schedule_deletion(key_id, days, _requested_by(peer))
+    # The key ring checks days for every caller (None: its default), so an
+    # explicit null is refused here, where it can be told from absent.
+    if "days" in body and body["days"] is None:
+        raise BadRequest("days must be an integer; leave it out for the default")
+    result = await _kms(request).keyring.schedule_deletion(key_id, body.get("days"), _requested_by(peer))
     request[AUDIT_DETAIL] = {"deletion_date": result["deletion_date"]}
     return json_response(result)
 

@@ -24,7 +24,6 @@ from .vault_protocol import Kind, Rewrap
 
 __all__ = ["KMS", "RewrapResult"]
 
-T = TypeVar("T")
 X = TypeVar("X")
 
 
@@ -261,16 +260,10 @@ class KMS:
         if record is None:
             raise NotFound("no key stored for this user")
         try:
-            wrapped = env.b64d(record.encrypted_dek or "")
             blob = env.b64d(record.encrypted_key or "")
         except env.InvalidToken:
             raise DecryptionFailed() from None
-        refusal = self._pending_refusal(wrapped)
-        if refusal is not None:
-            raise refusal
-        dek = await self._unwrap(user_id, _RECORD_PURPOSES, wrapped)
-        if dek.key_id in self.keyring.state.pending_deletion:  # an original row: its DEK names no key
-            raise KeyPendingDeletion(extra={"key_id": dek.key_id})
+        dek = await self._unwrap(user_id, record.encrypted_dek or "", refuse_pending=True)
         try:
             if dek.legacy:
                 plain = env.legacy_decrypt(dek.key, blob)
@@ -289,11 +282,11 @@ class KMS:
         ``DecryptionFailed`` when no master key reads it; it is then left
         as it is."""
         try:
-            wrapped = env.b64d(record.encrypted_dek or "")
             blob = env.b64d(record.encrypted_key or "")
         except env.InvalidToken:
             raise DecryptionFailed() from None
-        dek = await self._unwrap(record.user_id, _RECORD_PURPOSES, wrapped)
+        # The rotation moves records off a key pending deletion: not refused.
+        dek = await self._unwrap(record.user_id, record.encrypted_dek or "", refuse_pending=False)
         if not dek.legacy:
             return "current"
         try:
@@ -331,23 +324,16 @@ class KMS:
             await self._check_current(owner)
         raise NotFound("no key stored for this user")
 
-    async def _unwrap(self, owner: str, purposes: Sequence[env.Purpose], wrapped: bytes) -> DEK:
-        return await self._with_keys(lambda: self.vault.unwrap_dek(owner, purposes, wrapped))
-
-    async def _with_keys(self, call: Callable[[], Awaitable[T]]) -> T:
-        """A vault call on a wrapped DEK; if it names a master key this
-        daemon has not seen yet (added by another daemon), the key rows are
-        reloaded and the call is tried once more."""
-        try:
-            return await call()
-        except UnknownKey:
-            pass
-        if not await self.keyring.reload_if_stale():
-            raise DecryptionFailed()
-        try:
-            return await call()
-        except UnknownKey:
-            raise DecryptionFailed() from None
+    async def _unwrap(self, owner: str, encrypted_dek: str, *, refuse_pending: bool) -> DEK:
+        """The DEK of ``owner``'s stored record, as ``_open_each`` opens it."""
+        (dek,) = await self._open_each(
+            [(encrypted_dek, b"")],
+            lambda todo: self.vault.unwrap_deks([(owner, _RECORD_PURPOSES, w, c) for w, c in todo]),
+            refuse_pending=refuse_pending,
+        )
+        if isinstance(dek, KMSError):
+            raise dek
+        return dek
 
     # -- envelope API ----------------------------------------------------------
     #
@@ -426,6 +412,8 @@ class KMS:
         self,
         items: Sequence[tuple[str, X]],
         call: Callable[[list[tuple[bytes, X]]], Awaitable[list[OpenedT | KMSError]]],
+        *,
+        refuse_pending: bool = True,
     ) -> list[OpenedT | KMSError]:
         """``call`` on every ``(wrapped, extra)`` that may be opened: not
         malformed (``DecryptionFailed``), not under a key pending deletion
@@ -437,13 +425,13 @@ class KMS:
         # None: not answered yet (still None at the end: its key is unknown).
         out: list[OpenedT | KMSError | None] = []
         todo: list[tuple[int, tuple[bytes, X]]] = []
-        pending = self.keyring.state.pending_deletion
+        pending = self.keyring.state.pending_deletion if refuse_pending else frozenset()
         for text, extra in items:
             wrapped = _wrapped_dek(text)
             if isinstance(wrapped, KMSError):
                 refusal: KMSError | None = wrapped
             else:
-                refusal = self._pending_refusal(wrapped) if pending else None
+                refusal = self._pending_refusal(wrapped, pending) if pending else None
             if refusal is None:
                 assert not isinstance(wrapped, KMSError)
                 todo.append((len(out), (wrapped, extra)))
@@ -463,13 +451,11 @@ class KMS:
             todo = unknown if attempt == 0 and unknown and await self.keyring.reload_if_stale() else []
         return [DecryptionFailed() if o is None else o for o in out]
 
-    def _pending_refusal(self, wrapped: bytes) -> KMSError | None:
+    @staticmethod
+    def _pending_refusal(wrapped: bytes, pending: frozenset[str]) -> KMSError | None:
         """A wrapped DEK under a master key scheduled for deletion opens for
         nobody until the deletion is cancelled: its own error, naming the
         key (it is in the blob), so the caller and the operator can tell."""
-        pending = self.keyring.state.pending_deletion
-        if not pending:
-            return None
         try:
             key_id = env.dek_key_id(wrapped)
         except env.InvalidToken:

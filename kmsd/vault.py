@@ -432,13 +432,11 @@ class VaultClient:
         ])
         return [a if isinstance(a, KMSError) else a[0] for a in answers]
 
-    async def unwrap_dek(self, owner: str, purposes: Sequence[int], wrapped: bytes, context: bytes = b"") -> DEK:
-        """Open ``wrapped`` as bound to ``owner`` (and ``context``) for the
-        first of ``purposes`` it authenticates under, else as unbound or as
-        the original's CBC (the caller decides who may have those: ``DEK.kind``)."""
-        return _one(await self.unwrap_deks([(owner, purposes, wrapped, context)]))
-
     async def unwrap_deks(self, items: Sequence[tuple[str, Sequence[int], bytes, bytes]]) -> list[DEK | KMSError]:
+        """Open each ``(owner, purposes, wrapped, context)`` as bound to
+        ``owner`` (and ``context``) for the first of ``purposes`` it
+        authenticates under, else as unbound or as the original's CBC (the
+        caller decides who may have those: ``DEK.kind``)."""
         # A batch's items share their owner and purposes: each encoded once.
         encoded: dict[tuple[str, tuple[int, ...]], tuple[bytes, bytes]] = {}
         requests: list[tuple[Op, Sequence[bytes]]] = []
