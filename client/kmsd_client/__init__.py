@@ -17,7 +17,6 @@ never appear in exception messages or in ``repr()``.
 from __future__ import annotations
 
 import http.client
-import select
 import socket
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -32,6 +31,7 @@ from ._protocol import (
     datakey_body,
     decrypt_dek_body,
     encrypt_body,
+    readable_when_idle,
     reason,
     rewrap_body,
     unreachable,
@@ -94,21 +94,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def _peer_closed(sock: socket.socket) -> bool:
-    """Whether an idle keep-alive socket is no longer usable.
-
-    Between requests the server has nothing to say, so a readable socket means
-    it hung up (or sent something we never asked for). Finding that out before
-    sending is what makes reconnecting safe even for a POST.
-    """
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
-    except (OSError, ValueError):
-        return True
+    return readable_when_idle(sock.fileno())
 
 
 class KMSClient(BaseClient):

@@ -7,7 +7,8 @@ Security invariants kept here once for both clients: a token is checked
 against the bearer syntax before it goes into a header (a bad one raises
 ``Unauthorized`` without quoting it); no error message or ``repr`` carries
 a token, a body, a DEK or data; an error answer becomes the class its wire
-``code`` names (``error_for_code``).
+``code`` names (``error_for_code``). And the one thing both ask a socket
+before reusing it (``readable_when_idle``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import base64
 import json
 import os
 import re
+import select
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -464,3 +466,20 @@ def reason(exc: BaseException) -> str:
 
 def unreachable(target: Target, why: str) -> Unavailable:
     return Unavailable(f"cannot reach kmsd at {target.where}: {why}")
+
+
+def readable_when_idle(fileno: int) -> bool:
+    """Whether an idle keep-alive socket has something to read, i.e. is no
+    longer usable: between requests the daemon has nothing to say, so that
+    means it hung up (or sent something never asked for). Asked before
+    sending, it is what makes reconnecting safe even for a POST. A socket
+    that cannot be asked counts as gone."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fileno, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fileno], [], [], 0)
+        return bool(readable)
+    except (OSError, ValueError):
+        return True

@@ -30,7 +30,6 @@ or DELETE may already have taken effect, and then raises ``Unavailable``.
 from __future__ import annotations
 
 import asyncio
-import select
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -45,6 +44,7 @@ from ._protocol import (
     datakey_body,
     decrypt_dek_body,
     encrypt_body,
+    readable_when_idle,
     reason,
     rewrap_body,
     unreachable,
@@ -91,15 +91,7 @@ class _Connection:
         sock = self.writer.get_extra_info("socket")
         if sock is None:
             return True
-        try:
-            if hasattr(select, "poll"):
-                poller = select.poll()
-                poller.register(sock.fileno(), select.POLLIN)
-                return not poller.poll(0)
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
-            return not readable
-        except (OSError, ValueError):
-            return False
+        return not readable_when_idle(sock.fileno())
 
     def close(self) -> None:
         # Not awaited: closing must also work from a cancelled task, and the
